@@ -1,0 +1,3 @@
+// Package harness starts real etcd topologies for tests and for the demo: generated PKI, embedded members, the
+// stock v2 proxy and grpc-proxy, chains of proxies described as data, and the pinned etcdctl.
+package harness
