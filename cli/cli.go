@@ -1,0 +1,185 @@
+// Package cli is the etcd-proxy-proxy command: flags and environment to proxy.Config, the serve loop with its
+// signals, and the subcommands.
+package cli
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"runtime"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/hashicorp/go-multierror"
+
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
+)
+
+// Version is the release, set with -ldflags "-X .../cli.Version=...".
+var Version = "0.1.0-dev"
+
+// Exit statuses.
+const (
+	exitOK    = 0
+	exitError = 1
+	exitUsage = 2
+)
+
+// shutdownGrace bounds how long in-flight requests may finish after SIGINT/SIGTERM.
+const shutdownGrace = 10 * time.Second
+
+// Main runs the command with args (os.Args) and returns the exit status.
+func Main(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 1 {
+		switch args[1] {
+		case "demo":
+			return demo(args[2:], stdout, stderr)
+		case "version":
+			printVersion(stdout)
+			return exitOK
+		}
+	}
+	return serve(args, stdout, stderr)
+}
+
+func printVersion(w io.Writer) {
+	fmt.Fprintf(w, "etcd-proxy-proxy %s\nGo %s %s/%s\netcd API: v2, v3 (client API of etcd v3.5)\n",
+		Version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+}
+
+// parseFlags parses args into cfg, taking the environment for what the command line leaves unset. Every
+// problem — unknown flags, bad values, an invalid configuration — comes back in one error.
+func parseFlags(name string, args []string, cfg *proxy.Config, stderr io.Writer) (showVersion bool, err error) {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	cfg.AddFlags(fs)
+	fs.BoolVar(&showVersion, "version", false, "print the version and exit")
+	fs.Usage = func() { usage(stderr, fs) }
+	var errs *multierror.Error
+	known, unknown := splitUnknown(fs, args)
+	for _, u := range unknown {
+		errs = multierror.Append(errs, fmt.Errorf("unknown flag %s", u))
+	}
+	if err := fs.Parse(known); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			fs.Usage()
+			return false, flag.ErrHelp
+		}
+		errs = multierror.Append(errs, err)
+	}
+	if fs.NArg() > 0 {
+		errs = multierror.Append(errs, fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " ")))
+	}
+	if err := proxy.SetFlagsFromEnv(fs, nil); err != nil {
+		errs = multierror.Append(errs, err)
+	}
+	if showVersion {
+		return true, nil
+	}
+	if err := cfg.Validate(); err != nil {
+		errs = multierror.Append(errs, err)
+	}
+	return false, errs.ErrorOrNil()
+}
+
+// splitUnknown separates the flags fs does not define, so that they are reported together with every other
+// problem instead of stopping the parse at the first.
+func splitUnknown(fs *flag.FlagSet, args []string) (known, unknown []string) {
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if a == "--" || !strings.HasPrefix(a, "-") || a == "-" {
+			return append(known, args[i:]...), unknown
+		}
+		name := strings.TrimLeft(a, "-")
+		name, _, hasValue := strings.Cut(name, "=")
+		f := fs.Lookup(name)
+		if f == nil && name != "h" && name != "help" {
+			unknown = append(unknown, a)
+			continue
+		}
+		known = append(known, a)
+		if f == nil || hasValue {
+			continue
+		}
+		if bf, ok := f.Value.(interface{ IsBoolFlag() bool }); ok && bf.IsBoolFlag() {
+			continue
+		}
+		if i+1 < len(args) {
+			i++
+			known = append(known, args[i])
+		}
+	}
+	return known, unknown
+}
+
+func usage(w io.Writer, fs *flag.FlagSet) {
+	fmt.Fprintf(w, "Usage: %s --upstream URL [flags]\n       %s demo [--dir DIR]\n       %s version\n\n"+
+		"Every flag can also be set from the environment: --listen-client-urls is %sLISTEN_CLIENT_URLS.\n\nFlags:\n",
+		fs.Name(), fs.Name(), fs.Name(), proxy.EnvPrefix)
+	fs.SetOutput(w)
+	fs.PrintDefaults()
+	fs.SetOutput(io.Discard)
+}
+
+func serve(args []string, stdout, stderr io.Writer) int {
+	var cfg proxy.Config
+	showVersion, err := parseFlags("etcd-proxy-proxy", args[1:], &cfg, stderr)
+	switch {
+	case errors.Is(err, flag.ErrHelp):
+		return exitOK
+	case err != nil:
+		fmt.Fprintf(stderr, "etcd-proxy-proxy: invalid configuration: %v\nRun 'etcd-proxy-proxy --help' for usage.\n", err)
+		return exitUsage
+	case showVersion:
+		printVersion(stdout)
+		return exitOK
+	}
+	log := slog.New(slog.NewTextHandler(stderr, nil))
+	srv, err := proxy.New(cfg, proxy.WithLogger(log))
+	if err != nil {
+		fmt.Fprintf(stderr, "etcd-proxy-proxy: %v\n", err)
+		return exitUsage
+	}
+	if err := srv.Start(); err != nil {
+		fmt.Fprintf(stderr, "etcd-proxy-proxy: %v\n", err)
+		return exitError
+	}
+	log.Info("etcd-proxy-proxy started", "version", Version, "member-id", srv.Self().IDString(),
+		"advertise-client-urls", strings.Join(cfg.AdvertiseClientURLs, ","))
+	return waitAndShutdown(log, srv.Errors(), srv.Shutdown)
+}
+
+// waitAndShutdown waits for SIGINT/SIGTERM or a failed listener and shuts down gracefully. SIGHUP is caught
+// (Go would exit on it) and logged.
+func waitAndShutdown(log *slog.Logger, failed <-chan error, shutdown func(context.Context) error) int {
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sig)
+	status := exitOK
+	for wait := true; wait; {
+		select {
+		case s := <-sig:
+			if s == syscall.SIGHUP {
+				log.Info("SIGHUP received; nothing to reload")
+				continue
+			}
+			log.Info("shutting down", "signal", s.String())
+			wait = false
+		case err := <-failed:
+			log.Error("listener failed", "err", err)
+			status, wait = exitError, false
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+	defer cancel()
+	if err := shutdown(ctx); err != nil {
+		log.Warn("shutdown", "err", err)
+	}
+	return status
+}

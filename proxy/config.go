@@ -1,0 +1,273 @@
+package proxy
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/hashicorp/go-multierror"
+)
+
+// EnvPrefix is the prefix of the environment variable of every flag: --listen-client-urls is read from
+// ETCD_PROXY_PROXY_LISTEN_CLIENT_URLS when the command line does not set it.
+const EnvPrefix = "ETCD_PROXY_PROXY_"
+
+// Defaults of the seed tool and of etcd.
+const (
+	DefaultListenClientURLs    = "http://localhost:2379,http://localhost:4001"
+	DefaultAdvertiseClientURLs = "http://localhost:2379"
+	DefaultName                = "etcd-proxy-proxy"
+	// DefaultDialTimeout is the stock proxy's --proxy-dial-timeout (1000 ms).
+	DefaultDialTimeout = time.Second
+	// DefaultWriteTimeout is the stock proxy's --proxy-write-timeout (5000 ms).
+	DefaultWriteTimeout = 5 * time.Second
+	// DefaultMaxRuleBody bounds a response body buffered for a rule (membership lists are a few KiB).
+	DefaultMaxRuleBody = 4 << 20
+)
+
+// TLSInfo describes one TLS side as file paths, as etcd's transport.TLSInfo does. The zero value is plain TCP.
+type TLSInfo struct {
+	// CertFile and KeyFile are this side's own certificate; empty means none is presented.
+	CertFile, KeyFile string
+	// CAFile is the bundle that verifies the other side; empty means the system pool (toward the upstream) or
+	// no client verification (on a listener).
+	CAFile string
+	// ClientCertAuth, on a listener, requires a client certificate signed by CAFile.
+	ClientCertAuth bool
+	// InsecureSkipVerify, toward the upstream, accepts any server certificate (-k).
+	InsecureSkipVerify bool
+}
+
+// Config is everything the proxy needs. It owns its flags (AddFlags); Validate reports every problem at once.
+type Config struct {
+	// Upstreams are the client URLs requests are forwarded to, in order of preference. Required.
+	Upstreams []string
+	// UpstreamTLS is the TLS toward the upstream: its CA, our client certificate, -k.
+	UpstreamTLS TLSInfo
+	// ListenClientURLs are the http/https URLs to listen on; empty means DefaultListenClientURLs.
+	ListenClientURLs []string
+	// AdvertiseClientURLs are the URLs every membership view answers with; empty means DefaultAdvertiseClientURLs.
+	AdvertiseClientURLs []string
+	// ListenerTLS is the TLS of the https listeners: our server certificate and the CA of client certificates.
+	ListenerTLS TLSInfo
+	// Name is the member name membership views report; empty means DefaultName.
+	Name string
+	// ForwardMemberChanges forwards member add/update/remove upstream; false rejects them with an error.
+	ForwardMemberChanges bool
+	// ReadOnly answers every request that is not GET or HEAD with 501, as the stock proxy's readonly mode does.
+	ReadOnly bool
+	// DialTimeout bounds a connection attempt to the upstream; zero means DefaultDialTimeout.
+	DialTimeout time.Duration
+	// WriteTimeout bounds writing a request to the upstream; zero means DefaultWriteTimeout.
+	WriteTimeout time.Duration
+	// MaxRuleBody bounds a response body buffered for a rule; zero means DefaultMaxRuleBody.
+	MaxRuleBody int64
+}
+
+// listFlag is a comma-separated list flag.
+type listFlag struct{ p *[]string }
+
+func (l listFlag) String() string {
+	if l.p == nil {
+		return ""
+	}
+	return strings.Join(*l.p, ",")
+}
+
+func (l listFlag) Set(s string) error {
+	*l.p = nil
+	for _, v := range strings.Split(s, ",") {
+		if v = strings.TrimSpace(v); v != "" {
+			*l.p = append(*l.p, v)
+		}
+	}
+	return nil
+}
+
+// msFlag is a duration given in milliseconds, as the stock proxy's --proxy-*-timeout flags are.
+type msFlag struct{ p *time.Duration }
+
+func (m msFlag) String() string {
+	if m.p == nil {
+		return "0"
+	}
+	return fmt.Sprint(m.p.Milliseconds())
+}
+
+func (m msFlag) Set(s string) error {
+	var n int64
+	if _, err := fmt.Sscan(s, &n); err != nil || n < 0 {
+		return fmt.Errorf("want milliseconds as a non-negative integer, got %q", s)
+	}
+	*m.p = time.Duration(n) * time.Millisecond
+	return nil
+}
+
+// AddFlags registers the configuration's flags on fs, with the seed tool's names and etcd's spellings as aliases.
+// Defaults are filled in so that --help shows them.
+func (c *Config) AddFlags(fs *flag.FlagSet) {
+	if len(c.ListenClientURLs) == 0 {
+		c.ListenClientURLs = split(DefaultListenClientURLs)
+	}
+	if len(c.AdvertiseClientURLs) == 0 {
+		c.AdvertiseClientURLs = split(DefaultAdvertiseClientURLs)
+	}
+	if c.Name == "" {
+		c.Name = DefaultName
+	}
+	if c.DialTimeout == 0 {
+		c.DialTimeout = DefaultDialTimeout
+	}
+	if c.WriteTimeout == 0 {
+		c.WriteTimeout = DefaultWriteTimeout
+	}
+	fs.Var(listFlag{&c.Upstreams}, "upstream", "upstream client URL(s), comma-separated: an etcd member, a stock etcd proxy or another etcd-proxy-proxy (required)")
+	fs.StringVar(&c.UpstreamTLS.CAFile, "upstream-ca-file", "", "verify the upstream's certificate with this CA bundle (default: the system roots)")
+	fs.StringVar(&c.UpstreamTLS.CertFile, "upstream-cert-file", "", "client certificate presented to the upstream")
+	fs.StringVar(&c.UpstreamTLS.KeyFile, "upstream-key-file", "", "key of --upstream-cert-file")
+	fs.BoolVar(&c.UpstreamTLS.InsecureSkipVerify, "k", false, "do not verify the upstream's certificate")
+	fs.BoolVar(&c.UpstreamTLS.InsecureSkipVerify, "upstream-insecure-skip-tls-verify", false, "alias of -k")
+	fs.Var(listFlag{&c.ListenClientURLs}, "listen-client-urls", "http/https URLs to listen on for client traffic, comma-separated")
+	fs.Var(listFlag{&c.AdvertiseClientURLs}, "advertise-client-urls", "client URLs to advertise in every membership view, comma-separated")
+	fs.Var(listFlag{&c.AdvertiseClientURLs}, "client-advertise-urls", "alias of --advertise-client-urls (the seed's name)")
+	fs.StringVar(&c.ListenerTLS.CertFile, "cert-file", "", "server certificate of the https listeners")
+	fs.StringVar(&c.ListenerTLS.KeyFile, "key-file", "", "key of --cert-file")
+	fs.StringVar(&c.ListenerTLS.CAFile, "trusted-ca-file", "", "verify client certificates with this CA bundle")
+	fs.StringVar(&c.ListenerTLS.CAFile, "trust-ca-file", "", "alias of --trusted-ca-file (the seed's README spelling)")
+	fs.BoolVar(&c.ListenerTLS.ClientCertAuth, "client-cert-auth", false, "require a client certificate signed by --trusted-ca-file")
+	fs.StringVar(&c.Name, "name", c.Name, "member name reported in membership views")
+	fs.BoolVar(&c.ForwardMemberChanges, "forward-member-changes", false, "forward member add/update/remove upstream instead of rejecting them")
+	fs.BoolVar(&c.ReadOnly, "readonly", false, "answer every request but GET and HEAD with 501, as the stock readonly proxy does")
+	fs.Var(msFlag{&c.DialTimeout}, "proxy-dial-timeout", "milliseconds to wait for a connection to the upstream")
+	fs.Var(msFlag{&c.WriteTimeout}, "proxy-write-timeout", "milliseconds to wait for a request to be written to the upstream")
+}
+
+// SetFlagsFromEnv sets every flag that the command line left unset from its ETCD_PROXY_PROXY_ variable, as etcd's
+// pkg/flags.SetFlagsFromEnv does. Single-letter flags have no variable. Call it after fs.Parse.
+func SetFlagsFromEnv(fs *flag.FlagSet, lookup func(string) (string, bool)) error {
+	if lookup == nil {
+		lookup = os.LookupEnv
+	}
+	set := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	var errs *multierror.Error
+	fs.VisitAll(func(f *flag.Flag) {
+		if set[f.Name] || len(f.Name) == 1 {
+			return
+		}
+		key := EnvPrefix + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if v, ok := lookup(key); ok {
+			if err := fs.Set(f.Name, v); err != nil {
+				errs = multierror.Append(errs, fmt.Errorf("%s=%q: %w", key, v, err))
+			}
+		}
+	})
+	return errs.ErrorOrNil()
+}
+
+// Validate reports every problem of the configuration at once.
+func (c *Config) Validate() error {
+	var errs *multierror.Error
+	add := func(format string, args ...any) { errs = multierror.Append(errs, fmt.Errorf(format, args...)) }
+	if len(c.Upstreams) == 0 {
+		add("--upstream is required")
+	}
+	for _, u := range c.Upstreams {
+		if err := checkURL(u); err != nil {
+			add("--upstream %q: %v", u, err)
+		}
+	}
+	listen := c.listenURLs()
+	tlsListener := false
+	for _, u := range listen {
+		if err := checkURL(u); err != nil {
+			add("--listen-client-urls %q: %v", u, err)
+		}
+		tlsListener = tlsListener || strings.HasPrefix(u, "https://")
+	}
+	for _, u := range c.advertiseURLs() {
+		if err := checkURL(u); err != nil {
+			add("--advertise-client-urls %q: %v", u, err)
+		}
+	}
+	if (c.ListenerTLS.CertFile == "") != (c.ListenerTLS.KeyFile == "") {
+		add("--cert-file and --key-file go together")
+	}
+	if tlsListener && c.ListenerTLS.CertFile == "" {
+		add("an https listen URL needs --cert-file and --key-file")
+	}
+	if c.ListenerTLS.ClientCertAuth && c.ListenerTLS.CAFile == "" {
+		add("--client-cert-auth needs --trusted-ca-file")
+	}
+	if (c.UpstreamTLS.CertFile == "") != (c.UpstreamTLS.KeyFile == "") {
+		add("--upstream-cert-file and --upstream-key-file go together")
+	}
+	for flagName, path := range map[string]string{
+		"--cert-file": c.ListenerTLS.CertFile, "--key-file": c.ListenerTLS.KeyFile,
+		"--trusted-ca-file": c.ListenerTLS.CAFile, "--upstream-ca-file": c.UpstreamTLS.CAFile,
+		"--upstream-cert-file": c.UpstreamTLS.CertFile, "--upstream-key-file": c.UpstreamTLS.KeyFile,
+	} {
+		if path == "" {
+			continue
+		}
+		if _, err := os.Stat(path); err != nil {
+			add("%s: %v", flagName, errors.Unwrap(err))
+		}
+	}
+	if c.MaxRuleBody < 0 {
+		add("the maximum rule body must not be negative")
+	}
+	return sortErrors(errs)
+}
+
+// sortErrors keeps the message stable: map iteration above is random.
+func sortErrors(errs *multierror.Error) error {
+	if errs == nil {
+		return nil
+	}
+	slices.SortFunc(errs.Errors, func(a, b error) int { return strings.Compare(a.Error(), b.Error()) })
+	return errs
+}
+
+func checkURL(s string) error {
+	u, err := url.Parse(s)
+	if err != nil {
+		return errors.Unwrap(err)
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		return fmt.Errorf("scheme must be http or https")
+	}
+	if _, _, err := net.SplitHostPort(u.Host); err != nil {
+		return fmt.Errorf("want host:port")
+	}
+	if u.Path != "" && u.Path != "/" {
+		return fmt.Errorf("must not have a path")
+	}
+	return nil
+}
+
+func (c *Config) listenURLs() []string {
+	if len(c.ListenClientURLs) == 0 {
+		return split(DefaultListenClientURLs)
+	}
+	return c.ListenClientURLs
+}
+
+func (c *Config) advertiseURLs() []string {
+	if len(c.AdvertiseClientURLs) == 0 {
+		return split(DefaultAdvertiseClientURLs)
+	}
+	return c.AdvertiseClientURLs
+}
+
+func split(s string) []string {
+	var l []string
+	_ = listFlag{&l}.Set(s)
+	return l
+}

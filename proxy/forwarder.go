@@ -1,0 +1,295 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
+)
+
+// Forwarder is an httputil.ReverseProxy whose Rewrite runs the request side of the rule chain, whose
+// ModifyResponse runs the response side, and whose one ErrorHandler answers every failure in etcd's style.
+type Forwarder struct {
+	rp        httputil.ReverseProxy
+	chain     chain
+	upstreams []*url.URL
+	transport *http.Transport
+	log       *slog.Logger
+}
+
+// exchangeKey carries the answer of a rule that replied (or failed) from Rewrite to the transport and
+// ModifyResponse; requests that no rule answers carry nothing.
+type exchangeKey struct{}
+
+type exchange struct {
+	reply *http.Response
+	err   error
+	n     int // rules whose response side runs
+}
+
+// NewForwarder builds the forwarder toward cfg.Upstreams with the given rules.
+func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, error) {
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	f := &Forwarder{chain: chain{rules: rs, maxBody: cfg.MaxRuleBody}, log: log}
+	for _, s := range cfg.Upstreams {
+		u, err := url.Parse(s)
+		if err != nil {
+			return nil, fmt.Errorf("upstream %q: %w", s, err)
+		}
+		f.upstreams = append(f.upstreams, u)
+	}
+	if len(f.upstreams) == 0 {
+		return nil, errors.New("no upstream")
+	}
+	tlsConf, err := cfg.UpstreamTLS.clientConfig()
+	if err != nil {
+		return nil, fmt.Errorf("upstream TLS: %w", err)
+	}
+	dialTimeout := cfg.DialTimeout
+	if dialTimeout <= 0 {
+		dialTimeout = DefaultDialTimeout
+	}
+	dialer := &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
+	writeTimeout := cfg.WriteTimeout
+	f.transport = &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := dialer.DialContext(ctx, network, addr)
+			if err != nil || writeTimeout <= 0 {
+				return c, err
+			}
+			return &writeTimeoutConn{Conn: c, timeout: writeTimeout}, nil
+		},
+		TLSClientConfig:     tlsConf,
+		TLSHandshakeTimeout: dialTimeout,
+		ForceAttemptHTTP2:   true,
+		// Enough idle connections for c=64 load: the default 2 per host turns it into a reconnect storm.
+		MaxIdleConns:        0,
+		MaxIdleConnsPerHost: 1024,
+		IdleConnTimeout:     90 * time.Second,
+		// No ResponseHeaderTimeout: a v2 watch (?wait=true) answers only when something changes.
+	}
+	f.rp = httputil.ReverseProxy{
+		Rewrite:        f.rewrite,
+		Transport:      roundTripper{f},
+		ModifyResponse: f.modifyResponse,
+		ErrorHandler:   f.handleError,
+		BufferPool:     bufferPool{},
+		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
+	return f, nil
+}
+
+// ServeHTTP implements http.Handler.
+func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if isWatch(r) {
+		w = &headerFlusher{ResponseWriter: w}
+	}
+	f.rp.ServeHTTP(w, r)
+}
+
+// Close drops idle upstream connections.
+func (f *Forwarder) Close() { f.transport.CloseIdleConnections() }
+
+// isWatch reports a v2 long-poll: its answer may be a long time coming, so its headers must go out at once.
+func isWatch(r *http.Request) bool { return strings.Contains(r.URL.RawQuery, "wait=true") }
+
+func (f *Forwarder) rewrite(pr *httputil.ProxyRequest) {
+	pr.SetXForwarded()
+	// The first upstream for now; the transport moves on to the next one when a connection cannot be made.
+	pr.SetURL(f.upstreams[0])
+	reply, n, err := f.chain.request(pr.Out)
+	if reply != nil || err != nil {
+		pr.Out = pr.Out.WithContext(context.WithValue(pr.Out.Context(), exchangeKey{}, &exchange{reply, err, n}))
+	}
+}
+
+// roundTripper answers the requests a rule replied to and sends the others upstream.
+type roundTripper struct{ f *Forwarder }
+
+func (rt roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
+	if ex, ok := req.Context().Value(exchangeKey{}).(*exchange); ok {
+		if ex.err != nil {
+			return nil, ex.err
+		}
+		return ex.reply, nil
+	}
+	return rt.f.send(req)
+}
+
+// send tries the upstreams in order. Moving on is safe only when no connection was made, so nothing of the
+// request can have reached the previous one; and only for requests without a body, which a failed dial may
+// already have consumed.
+func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
+	var err error
+	for i, u := range f.upstreams {
+		if i > 0 {
+			if req.Body != nil && req.Body != http.NoBody {
+				break
+			}
+			req.URL.Scheme, req.URL.Host = u.Scheme, u.Host
+		}
+		var resp *http.Response
+		resp, err = f.transport.RoundTrip(req)
+		if err == nil {
+			return resp, nil
+		}
+		if !isDialError(err) {
+			return nil, err
+		}
+	}
+	return nil, &noEndpointError{err}
+}
+
+func (f *Forwarder) modifyResponse(resp *http.Response) error {
+	n := len(f.chain.rules)
+	if ex, ok := resp.Request.Context().Value(exchangeKey{}).(*exchange); ok {
+		n = ex.n
+	}
+	if err := f.chain.response(resp, n); err != nil {
+		return err
+	}
+	f.fixLocation(resp)
+	return nil
+}
+
+// fixLocation points a redirect at an upstream back at the host the client used.
+func (f *Forwarder) fixLocation(resp *http.Response) {
+	loc := resp.Header.Get("Location")
+	if loc == "" {
+		return
+	}
+	u, err := url.Parse(loc)
+	if err != nil || u.Host == "" {
+		return
+	}
+	for _, up := range f.upstreams {
+		if strings.EqualFold(u.Host, up.Host) {
+			req := resp.Request
+			u.Host = req.Header.Get("X-Forwarded-Host")
+			u.Scheme = req.Header.Get("X-Forwarded-Proto")
+			resp.Header.Set("Location", u.String())
+			return
+		}
+	}
+}
+
+// noEndpointError: no upstream endpoint could be reached.
+type noEndpointError struct{ err error }
+
+func (e *noEndpointError) Error() string { return "no upstream endpoint available: " + e.err.Error() }
+func (e *noEndpointError) Unwrap() error { return e.err }
+
+func isDialError(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "dial"
+}
+
+// handleError is the one place failures are answered: status from the kind of failure, a fixed message, never
+// the error's own text (it names upstream addresses). The full error goes to the log.
+func (f *Forwarder) handleError(w http.ResponseWriter, r *http.Request, err error) {
+	if r.Context().Err() != nil && errors.Is(err, context.Canceled) {
+		// The client went away (nginx's 499): nobody is left to answer.
+		f.log.Debug("client gone", "method", r.Method, "path", r.URL.Path, "err", err)
+		return
+	}
+	status, msg := classify(err)
+	f.log.Warn("request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
+	writeError(w, status, msg)
+}
+
+// classify maps an error to a status and a message that is safe to show a client.
+func classify(err error) (int, string) {
+	var (
+		re   *ruleError
+		ne   *noEndpointError
+		nerr net.Error
+	)
+	switch {
+	case errors.As(err, &re) && errors.Is(err, errBodyTooLarge):
+		return http.StatusBadGateway, "etcd-proxy-proxy: upstream response too large to rewrite (rule " + re.Rule + ")"
+	case errors.As(err, &re):
+		return http.StatusBadGateway, "etcd-proxy-proxy: rule " + re.Rule + " could not handle the upstream response"
+	case isTLSError(err):
+		return http.StatusBadGateway, "etcd-proxy-proxy: TLS handshake with the upstream failed"
+	case errors.As(err, &ne):
+		return http.StatusServiceUnavailable, "etcd-proxy-proxy: no upstream endpoint available"
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &nerr) && nerr.Timeout():
+		return http.StatusGatewayTimeout, "etcd-proxy-proxy: upstream timed out"
+	default:
+		return http.StatusBadGateway, "etcd-proxy-proxy: unable to get a response from the upstream"
+	}
+}
+
+func isTLSError(err error) bool {
+	var (
+		unknownCA x509.UnknownAuthorityError
+		hostname  x509.HostnameError
+		invalid   x509.CertificateInvalidError
+		verify    *tls.CertificateVerificationError
+		record    tls.RecordHeaderError
+		alert     tls.AlertError
+	)
+	return errors.As(err, &unknownCA) || errors.As(err, &hostname) || errors.As(err, &invalid) ||
+		errors.As(err, &verify) || errors.As(err, &record) || errors.As(err, &alert) ||
+		strings.Contains(err.Error(), "tls: ")
+}
+
+// writeError writes {"message": msg} with status, as etcd writes its errors.
+func writeError(w http.ResponseWriter, status int, msg string) {
+	b, _ := json.Marshal(&rules.Error{Message: msg})
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_, _ = w.Write(append(b, '\n'))
+}
+
+// headerFlusher sends a response's headers as soon as they are written when the length is unknown, so a
+// long-polling client sees the answer start before the first event.
+type headerFlusher struct{ http.ResponseWriter }
+
+func (h *headerFlusher) WriteHeader(code int) {
+	h.ResponseWriter.WriteHeader(code)
+	if h.Header().Get("Content-Length") == "" {
+		_ = http.NewResponseController(h.ResponseWriter).Flush()
+	}
+}
+
+func (h *headerFlusher) Unwrap() http.ResponseWriter { return h.ResponseWriter }
+
+// Flush lets ReverseProxy flush every write of a streamed answer.
+func (h *headerFlusher) Flush() { _ = http.NewResponseController(h.ResponseWriter).Flush() }
+
+// writeTimeoutConn bounds every write toward the upstream, as the stock proxy's --proxy-write-timeout does.
+type writeTimeoutConn struct {
+	net.Conn
+	timeout time.Duration
+}
+
+func (c *writeTimeoutConn) Write(b []byte) (int, error) {
+	if err := c.Conn.SetWriteDeadline(time.Now().Add(c.timeout)); err != nil {
+		return 0, err
+	}
+	return c.Conn.Write(b)
+}
+
+// bufferPool shares ReverseProxy's 32 KiB copy buffers between requests.
+type bufferPool struct{}
+
+var buffers = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+func (bufferPool) Get() []byte  { return *buffers.Get().(*[]byte) }
+func (bufferPool) Put(b []byte) { buffers.Put(&b) }

@@ -1,0 +1,191 @@
+package proxy
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-multierror"
+
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
+)
+
+// Server serves the client API on every listen URL and forwards it through the rule chain.
+type Server struct {
+	cfg       Config
+	self      rules.Self
+	forwarder *Forwarder
+	log       *slog.Logger
+	listeners map[string]net.Listener // by listen URL; pre-opened ones come from WithListener
+	servers   []*http.Server
+	// buildRules, when set by WithRules, turns the default chain into the one served.
+	buildRules func(defaults []rules.Rule, self rules.Self) []rules.Rule
+	urls      []string
+	wg        sync.WaitGroup
+	errs      chan error
+}
+
+// Option configures a Server beyond its Config.
+type Option func(*Server) error
+
+// WithLogger sets the logger; the default writes text to stderr.
+func WithLogger(l *slog.Logger) Option {
+	return func(s *Server) error { s.log = l; return nil }
+}
+
+// WithListener serves listenURL (one of Config.ListenClientURLs) on l instead of opening it, so a caller can
+// pick a free port first and advertise it.
+func WithListener(listenURL string, l net.Listener) Option {
+	return func(s *Server) error {
+		if l == nil {
+			return errors.New("WithListener: nil listener")
+		}
+		s.listeners[listenURL] = l
+		return nil
+	}
+}
+
+// WithRules replaces the default rule chain (rules.Default); extra rules are built with s.Self().
+func WithRules(build func(defaults []rules.Rule, self rules.Self) []rules.Rule) Option {
+	return func(s *Server) error { s.buildRules = build; return nil }
+}
+
+// New validates cfg and builds the server; Start opens the listeners.
+func New(cfg Config, opts ...Option) (*Server, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	cfg.ListenClientURLs, cfg.AdvertiseClientURLs = cfg.listenURLs(), cfg.advertiseURLs()
+	if cfg.Name == "" {
+		cfg.Name = DefaultName
+	}
+	s := &Server{cfg: cfg, listeners: map[string]net.Listener{}, log: slog.New(slog.NewTextHandler(os.Stderr, nil))}
+	for _, o := range opts {
+		if err := o(s); err != nil {
+			return nil, err
+		}
+	}
+	s.self = rules.NewSelf(cfg.Name, cfg.AdvertiseClientURLs)
+	rs := rules.Default(rules.Options{
+		Self: s.self, Instance: newInstanceID(), ForwardMemberChanges: cfg.ForwardMemberChanges, ReadOnly: cfg.ReadOnly,
+	})
+	if s.buildRules != nil {
+		rs = s.buildRules(rs, s.self)
+	}
+	fwd, err := NewForwarder(&s.cfg, rs, s.log)
+	if err != nil {
+		return nil, err
+	}
+	s.forwarder = fwd
+	return s, nil
+}
+
+// Self is the member this server presents in membership views.
+func (s *Server) Self() rules.Self { return s.self }
+
+// Start opens every listener and serves in the background. It fails, closing what it opened, when one cannot
+// be opened.
+func (s *Server) Start() error {
+	var serverTLS *tls.Config
+	if s.cfg.ListenerTLS.CertFile != "" {
+		var err error
+		if serverTLS, err = s.cfg.ListenerTLS.serverConfig(); err != nil {
+			return fmt.Errorf("listener TLS: %w", err)
+		}
+	}
+	s.errs = make(chan error, len(s.cfg.ListenClientURLs))
+	for _, raw := range s.cfg.ListenClientURLs {
+		u, _ := url.Parse(raw) // validated
+		l, ok := s.listeners[raw]
+		if !ok {
+			var err error
+			if l, err = net.Listen("tcp", u.Host); err != nil {
+				_ = s.Close()
+				return fmt.Errorf("listening on %s: %w", raw, err)
+			}
+			s.listeners[raw] = l
+		}
+		srv := &http.Server{
+			Handler:           s.forwarder,
+			ReadHeaderTimeout: 10 * time.Second,
+			IdleTimeout:       5 * time.Minute,
+			ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
+		}
+		// HTTP/1.1 and HTTP/2 on every listener, as an etcd client port serves them: ALPN h2 on TLS, h2c with
+		// prior knowledge on plain TCP.
+		srv.Protocols = new(http.Protocols)
+		srv.Protocols.SetHTTP1(true)
+		srv.Protocols.SetHTTP2(true)
+		srv.Protocols.SetUnencryptedHTTP2(u.Scheme == "http")
+		srv.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: 1 << 20}
+		serve := func() error { return srv.Serve(l) }
+		if u.Scheme == "https" {
+			srv.TLSConfig = serverTLS.Clone()
+			serve = func() error { return srv.ServeTLS(l, "", "") }
+		}
+		s.servers = append(s.servers, srv)
+		s.urls = append(s.urls, u.Scheme+"://"+l.Addr().String())
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			if err := serve(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				s.errs <- fmt.Errorf("serving %s: %w", raw, err)
+			}
+		}()
+		s.log.Info("listening", "url", raw, "addr", l.Addr().String())
+	}
+	return nil
+}
+
+// URLs are the URLs actually listened on (with the ports chosen for :0).
+func (s *Server) URLs() []string { return s.urls }
+
+// Errors delivers a listener that stopped serving.
+func (s *Server) Errors() <-chan error { return s.errs }
+
+// Shutdown stops accepting, waits for in-flight requests until ctx ends, then closes what is left.
+func (s *Server) Shutdown(ctx context.Context) error {
+	var errs *multierror.Error
+	for _, srv := range s.servers {
+		if err := srv.Shutdown(ctx); err != nil {
+			errs = multierror.Append(errs, err, srv.Close())
+		}
+	}
+	s.wg.Wait()
+	s.forwarder.Close()
+	return errs.ErrorOrNil()
+}
+
+// Close stops at once, dropping open requests and watches.
+func (s *Server) Close() error {
+	var errs *multierror.Error
+	for _, srv := range s.servers {
+		errs = multierror.Append(errs, srv.Close())
+	}
+	if len(s.servers) == 0 {
+		for _, l := range s.listeners {
+			errs = multierror.Append(errs, l.Close())
+		}
+	}
+	s.wg.Wait()
+	if s.forwarder != nil {
+		s.forwarder.Close()
+	}
+	return errs.ErrorOrNil()
+}
+
+func newInstanceID() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
