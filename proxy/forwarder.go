@@ -26,7 +26,9 @@ type Forwarder struct {
 	rp        httputil.ReverseProxy
 	chain     chain
 	upstreams []*url.URL
-	transport *http.Transport
+	transport *http.Transport // HTTP/1.1, or HTTP/2 where TLS negotiates it
+	grpc      *http.Transport // HTTP/2 only: h2c toward http:// upstreams
+	gateway   *gateway        // the v3 JSON gateway, calling back into rp over gRPC
 	log       *slog.Logger
 }
 
@@ -83,6 +85,12 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 		IdleConnTimeout:     90 * time.Second,
 		// No ResponseHeaderTimeout: a v2 watch (?wait=true) answers only when something changes.
 	}
+	// gRPC needs HTTP/2 end to end; with HTTP/1 enabled an http:// upstream would be spoken to over HTTP/1.
+	f.grpc = f.transport.Clone()
+	f.grpc.Protocols = new(http.Protocols)
+	f.grpc.Protocols.SetHTTP2(true)
+	f.grpc.Protocols.SetUnencryptedHTTP2(true)
+	f.grpc.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: 1 << 20}
 	f.rp = httputil.ReverseProxy{
 		Rewrite:        f.rewrite,
 		Transport:      roundTripper{f},
@@ -91,19 +99,31 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 		BufferPool:     bufferPool{},
 		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelDebug),
 	}
+	if f.gateway, err = newGateway(&f.rp); err != nil {
+		return nil, err
+	}
 	return f, nil
 }
 
 // ServeHTTP implements http.Handler.
 func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if isWatch(r) {
+	switch {
+	case rules.IsGRPC(r):
+	case isGatewayPath(r.URL.Path):
+		f.gateway.handler.ServeHTTP(w, r)
+		return
+	case isWatch(r):
 		w = &headerFlusher{ResponseWriter: w}
 	}
 	f.rp.ServeHTTP(w, r)
 }
 
 // Close drops idle upstream connections.
-func (f *Forwarder) Close() { f.transport.CloseIdleConnections() }
+func (f *Forwarder) Close() {
+	f.gateway.close()
+	f.transport.CloseIdleConnections()
+	f.grpc.CloseIdleConnections()
+}
 
 // isWatch reports a v2 long-poll: its answer may be a long time coming, so its headers must go out at once.
 func isWatch(r *http.Request) bool { return strings.Contains(r.URL.RawQuery, "wait=true") }
@@ -135,6 +155,10 @@ func (rt roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 // request can have reached the previous one; and only for requests without a body, which a failed dial may
 // already have consumed.
 func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
+	t := f.transport
+	if rules.IsGRPC(req) {
+		t = f.grpc
+	}
 	var err error
 	for i, u := range f.upstreams {
 		if i > 0 {
@@ -144,7 +168,7 @@ func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
 			req.URL.Scheme, req.URL.Host = u.Scheme, u.Host
 		}
 		var resp *http.Response
-		resp, err = f.transport.RoundTrip(req)
+		resp, err = t.RoundTrip(req)
 		if err == nil {
 			return resp, nil
 		}
@@ -209,6 +233,20 @@ func (f *Forwarder) handleError(w http.ResponseWriter, r *http.Request, err erro
 	}
 	status, msg := classify(err)
 	f.log.Warn("request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
+	if rules.IsGRPC(r) {
+		code := rules.CodeUnavailable
+		switch status {
+		case http.StatusGatewayTimeout:
+			code = rules.CodeDeadlineExceeded
+		case http.StatusBadGateway:
+			if errors.As(err, new(*ruleError)) {
+				code = rules.CodeInternal
+			}
+		}
+		rules.SetGRPCStatus(w.Header(), code, msg)
+		w.WriteHeader(http.StatusOK)
+		return
+	}
 	writeError(w, status, msg)
 }
 

@@ -30,9 +30,9 @@ type Server struct {
 	servers   []*http.Server
 	// buildRules, when set by WithRules, turns the default chain into the one served.
 	buildRules func(defaults []rules.Rule, self rules.Self) []rules.Rule
-	urls      []string
-	wg        sync.WaitGroup
-	errs      chan error
+	urls       []string
+	wg         sync.WaitGroup
+	errs       chan error
 }
 
 // Option configures a Server beyond its Config.

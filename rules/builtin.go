@@ -22,7 +22,7 @@ type Options struct {
 	ReadOnly bool
 }
 
-// Default is the default chain. Requests see it top to bottom, responses bottom to top.
+// Default is the default chain, the one place its order is written down. Requests see it top to bottom, responses bottom to top.
 func Default(o Options) []Rule {
 	return []Rule{
 		&Loop{Instance: o.Instance},    // first: a looping request must reach nothing else, not even the upstream
@@ -30,6 +30,7 @@ func Default(o Options) []Rule {
 		&Hidden{},                      // debug and proxy-config endpoints of the hops below reveal their addresses
 		&Members{Self: o.Self, Forward: o.ForwardMemberChanges}, // membership views answered with ourselves
 		&Machines{Self: o.Self},                                 // /v2/machines, the oldest membership view
+		&GRPCStatus{},                                           // gRPC status messages of the hops below name their addresses
 		&Headers{},                                              // last on the way up, so its response side runs first and every rule sees clean headers
 	}
 }
@@ -62,7 +63,8 @@ func (l *Loop) Request(req *http.Request) (*http.Response, error) {
 	return nil, nil
 }
 
-// ReadOnly answers 501 Not Implemented to every request but GET and HEAD, as etcd's readonly proxy does.
+// ReadOnly answers 501 Not Implemented to every request but GET and HEAD, as etcd's readonly proxy does, and
+// PermissionDenied to every gRPC call that could change something.
 type ReadOnly struct {
 	Passthrough
 	// Enabled switches the rule on.
@@ -72,9 +74,40 @@ type ReadOnly struct {
 // Name implements Rule.
 func (*ReadOnly) Name() string { return "readonly" }
 
+// readOnlyMethods are the gRPC calls that change nothing.
+var readOnlyMethods = map[string]bool{
+	"/etcdserverpb.KV/Range":              true,
+	"/etcdserverpb.Watch/Watch":           true,
+	"/etcdserverpb.Lease/LeaseTimeToLive": true,
+	"/etcdserverpb.Lease/LeaseLeases":     true,
+	"/etcdserverpb.Cluster/MemberList":    true,
+	"/etcdserverpb.Maintenance/Status":    true,
+	"/etcdserverpb.Maintenance/Hash":      true,
+	"/etcdserverpb.Maintenance/HashKV":    true,
+	"/etcdserverpb.Maintenance/Snapshot":  true,
+	"/etcdserverpb.Auth/Authenticate":     true,
+	"/etcdserverpb.Auth/UserGet":          true,
+	"/etcdserverpb.Auth/UserList":         true,
+	"/etcdserverpb.Auth/RoleGet":          true,
+	"/etcdserverpb.Auth/RoleList":         true,
+	"/etcdserverpb.Auth/AuthStatus":       true,
+	"/v3electionpb.Election/Leader":       true,
+	"/v3electionpb.Election/Observe":      true,
+	"/grpc.health.v1.Health/Check":        true,
+	"/grpc.health.v1.Health/Watch":        true,
+}
+
 // Request implements Rule.
 func (r *ReadOnly) Request(req *http.Request) (*http.Response, error) {
-	if !r.Enabled || req.Method == http.MethodGet || req.Method == http.MethodHead {
+	switch {
+	case !r.Enabled:
+		return nil, nil
+	case IsGRPC(req):
+		if readOnlyMethods[req.URL.Path] {
+			return nil, nil
+		}
+		return GRPCReply(req, CodePermissionDenied, "etcd-proxy-proxy: read-only proxy"), nil
+	case req.Method == http.MethodGet || req.Method == http.MethodHead:
 		return nil, nil
 	}
 	return Reply(req, http.StatusNotImplemented, "etcd-proxy-proxy: read-only proxy"), nil

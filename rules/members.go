@@ -4,16 +4,14 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"strconv"
 	"strings"
 )
 
 // Paths of etcd's membership views.
 const (
-	membersPath   = "/v2/members"
-	leaderPath    = "/v2/members/leader"
-	machinesPath  = "/v2/machines"
-	gwClusterPath = "/cluster/member/" // under /v3/ and /v3beta/
+	membersPath  = "/v2/members"
+	leaderPath   = "/v2/members/leader"
+	machinesPath = "/v2/machines"
 )
 
 // v2Member is etcd's v2 member JSON (etcdserver/api/v2http/httptypes.Member): the lower-case keys every client
@@ -29,8 +27,9 @@ func (s Self) v2() v2Member {
 	return v2Member{ID: s.IDString(), Name: s.Name, PeerURLs: []string{}, ClientURLs: s.ClientURLs}
 }
 
-// Members answers every membership view with Self: GET /v2/members, /v2/members/leader and the v3 JSON gateway's
-// member list. The request still goes upstream, so the answer carries the upstream's cluster ID header and fails
+// Members answers every membership view with Self: GET /v2/members, /v2/members/leader, and the v3 Cluster
+// service's member lists (the JSON gateway's too: it is served by the proxy through the same gRPC path) and
+// Maintenance.Status. The request still goes upstream, so the answer carries the upstream's cluster ID header and fails
 // when the upstream does. Membership changes are rejected unless Forward is set; forwarded, their answers have the
 // member URLs replaced so that no upstream address leaks.
 type Members struct {
@@ -42,37 +41,25 @@ type Members struct {
 // Name implements Rule.
 func (*Members) Name() string { return "members" }
 
-// gatewayMemberOp returns the operation of a v3 JSON gateway cluster call ("list", "add", ...), or "".
-func gatewayMemberOp(path string) string {
-	for _, prefix := range []string{"/v3", "/v3beta"} {
-		if rest, ok := strings.CutPrefix(path, prefix+gwClusterPath); ok {
-			return rest
-		}
-	}
-	return ""
-}
-
 // isMembersPath reports whether path is /v2/members or below it.
 func isMembersPath(path string) bool {
 	rest, ok := strings.CutPrefix(path, membersPath)
 	return ok && (rest == "" || rest[0] == '/')
 }
 
+// memberChangeRejected is the answer to a membership change when Forward is off.
+const memberChangeRejected = "etcd-proxy-proxy: membership changes are not forwarded (start the proxy with --forward-member-changes to allow them)"
+
 // Request implements Rule.
 func (m *Members) Request(req *http.Request) (*http.Response, error) {
-	path := req.URL.Path
-	change := false
-	switch {
-	case isMembersPath(path):
-		change = req.Method != http.MethodGet && req.Method != http.MethodHead
-	case gatewayMemberOp(path) != "":
-		change = gatewayMemberOp(path) != "list"
-	default:
+	if IsGRPC(req) {
+		return m.grpcRequest(req)
+	}
+	if !isMembersPath(req.URL.Path) {
 		return nil, nil
 	}
-	if change && !m.Forward {
-		return Reply(req, http.StatusForbidden,
-			"etcd-proxy-proxy: membership changes are not forwarded (start the proxy with --forward-member-changes to allow them)"), nil
+	if req.Method != http.MethodGet && req.Method != http.MethodHead && !m.Forward {
+		return Reply(req, http.StatusForbidden, memberChangeRejected), nil
 	}
 	// Bodies we rewrite must come back unencoded.
 	req.Header.Del("Accept-Encoding")
@@ -85,6 +72,9 @@ func (m *Members) Response(resp *http.Response) (BodyFunc, error) {
 	if req == nil || resp.StatusCode/100 != 2 || req.Method == http.MethodHead {
 		return nil, nil
 	}
+	if IsGRPC(req) {
+		return m.grpcResponse(resp), nil
+	}
 	path := strings.TrimSuffix(req.URL.Path, "/")
 	switch {
 	case path == membersPath && req.Method == http.MethodGet:
@@ -93,8 +83,6 @@ func (m *Members) Response(resp *http.Response) (BodyFunc, error) {
 		return m.v2Leader, nil
 	case isMembersPath(path):
 		return m.v2Change, nil
-	case gatewayMemberOp(path) != "":
-		return m.gateway, nil
 	}
 	return nil, nil
 }
@@ -118,36 +106,6 @@ func (m *Members) v2Change(body []byte) ([]byte, error) {
 	}
 	got.PeerURLs, got.ClientURLs = []string{}, []string{}
 	return marshalLine(got)
-}
-
-// gateway rewrites the v3 JSON gateway's cluster answers ({"header":…, "members":[…], "member":…}): every member
-// list becomes Self, and a changed member keeps only its ID and name.
-func (m *Members) gateway(body []byte) ([]byte, error) {
-	var msg map[string]json.RawMessage
-	if err := json.Unmarshal(body, &msg); err != nil {
-		return nil, fmt.Errorf("decoding a gateway member answer: %w", err)
-	}
-	self, err := json.Marshal(map[string]any{
-		"ID": strconv.FormatUint(m.Self.ID, 10), "name": m.Self.Name, "clientURLs": m.Self.ClientURLs,
-	})
-	if err != nil {
-		return nil, err
-	}
-	if _, ok := msg["members"]; ok {
-		msg["members"] = json.RawMessage("[" + string(self) + "]")
-	}
-	if raw, ok := msg["member"]; ok {
-		var changed map[string]json.RawMessage
-		if err := json.Unmarshal(raw, &changed); err != nil {
-			return nil, fmt.Errorf("decoding a gateway member: %w", err)
-		}
-		delete(changed, "peerURLs")
-		delete(changed, "clientURLs")
-		if msg["member"], err = json.Marshal(changed); err != nil {
-			return nil, err
-		}
-	}
-	return json.Marshal(msg)
 }
 
 // Machines answers GET /v2/machines with the advertise URLs, formatted as etcd does (", "-separated text).

@@ -1,0 +1,159 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	gw "github.com/grpc-ecosystem/grpc-gateway/runtime"
+	"github.com/tmc/grpc-websocket-proxy/wsproxy"
+	etcdgw "go.etcd.io/etcd/api/v3/etcdserverpb/gw"
+	electiongw "go.etcd.io/etcd/server/v3/etcdserver/api/v3election/v3electionpb/gw"
+	lockgw "go.etcd.io/etcd/server/v3/etcdserver/api/v3lock/v3lockpb/gw"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+)
+
+// GatewayTimeout bounds a unary call made through the JSON gateway; streams (watch, keep-alive, observe,
+// snapshot) are bounded by the client.
+const GatewayTimeout = 30 * time.Second
+
+// gateway serves etcd's v3 JSON gateway (/v3/...) in the proxy itself, with etcd's own generated handlers. Its
+// calls go through the proxy's own gRPC path over an in-memory connection, so every rule applies to them and the
+// gateway works behind upstreams that serve none (the stock grpc-proxy).
+type gateway struct {
+	handler http.Handler
+	conn    *grpc.ClientConn
+	srv     *http.Server
+	ln      *pipeListener
+	cancel  context.CancelFunc
+}
+
+func newGateway(grpcHandler http.Handler) (*gateway, error) {
+	g := &gateway{ln: newPipeListener()}
+	g.srv = &http.Server{Handler: grpcHandler, Protocols: new(http.Protocols)}
+	g.srv.Protocols.SetUnencryptedHTTP2(true)
+	g.srv.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: 1 << 20}
+	go func() { _ = g.srv.Serve(g.ln) }()
+	conn, err := grpc.NewClient("passthrough:///etcd-proxy-proxy",
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return g.ln.dial(ctx) }),
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32)),
+	)
+	if err != nil {
+		_ = g.srv.Close()
+		return nil, fmt.Errorf("gateway connection: %w", err)
+	}
+	g.conn = conn
+	var ctx context.Context
+	ctx, g.cancel = context.WithCancel(context.Background())
+	mux := gw.NewServeMux()
+	for _, register := range []func(context.Context, *gw.ServeMux, *grpc.ClientConn) error{
+		etcdgw.RegisterKVHandler,
+		etcdgw.RegisterWatchHandler,
+		etcdgw.RegisterLeaseHandler,
+		etcdgw.RegisterClusterHandler,
+		etcdgw.RegisterMaintenanceHandler,
+		etcdgw.RegisterAuthHandler,
+		lockgw.RegisterLockHandler,
+		electiongw.RegisterElectionHandler,
+	} {
+		if err := register(ctx, mux, conn); err != nil {
+			g.close()
+			return nil, fmt.Errorf("gateway: %w", err)
+		}
+	}
+	// As etcd does: streams over websockets too, always as POST.
+	ws := wsproxy.WebsocketProxy(mux,
+		wsproxy.WithRequestMutator(func(_ *http.Request, out *http.Request) *http.Request { out.Method = http.MethodPost; return out }),
+		wsproxy.WithMaxRespBodyBufferSize(math.MaxInt32))
+	g.handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if rest, ok := strings.CutPrefix(r.URL.Path, "/v3beta/"); ok { // etcd's backward-compatible prefix
+			r.URL.Path = "/v3/" + rest
+		}
+		if !isGatewayStream(r.URL.Path) {
+			ctx, cancel := context.WithTimeout(r.Context(), GatewayTimeout)
+			defer cancel()
+			r = r.WithContext(ctx)
+		}
+		ws.ServeHTTP(w, r)
+	})
+	return g, nil
+}
+
+// isGatewayPath reports a v3 JSON gateway call.
+func isGatewayPath(path string) bool {
+	return strings.HasPrefix(path, "/v3/") || strings.HasPrefix(path, "/v3beta/")
+}
+
+// isGatewayStream reports the gateway calls that stream for as long as the client wants.
+func isGatewayStream(path string) bool {
+	switch path {
+	case "/v3/watch", "/v3/lease/keepalive", "/v3/election/observe", "/v3/maintenance/snapshot":
+		return true
+	}
+	return false
+}
+
+func (g *gateway) close() {
+	if g.cancel != nil {
+		g.cancel()
+	}
+	if g.conn != nil {
+		_ = g.conn.Close()
+	}
+	_ = g.srv.Close()
+}
+
+// pipeListener is an in-memory listener: dial hands one end of a net.Pipe to Accept.
+type pipeListener struct {
+	conns  chan net.Conn
+	done   chan struct{}
+	closed sync.Once
+}
+
+func newPipeListener() *pipeListener {
+	return &pipeListener{conns: make(chan net.Conn), done: make(chan struct{})}
+}
+
+var errListenerClosed = errors.New("gateway listener closed")
+
+func (l *pipeListener) dial(ctx context.Context) (net.Conn, error) {
+	client, server := net.Pipe()
+	select {
+	case l.conns <- server:
+		return client, nil
+	case <-l.done:
+	case <-ctx.Done():
+	}
+	_ = client.Close()
+	_ = server.Close()
+	return nil, errListenerClosed
+}
+
+func (l *pipeListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.done:
+		return nil, errListenerClosed
+	}
+}
+
+func (l *pipeListener) Close() error {
+	l.closed.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *pipeListener) Addr() net.Addr { return pipeAddr{} }
+
+type pipeAddr struct{}
+
+func (pipeAddr) Network() string { return "pipe" }
+func (pipeAddr) String() string  { return "etcd-proxy-proxy-gateway" }
