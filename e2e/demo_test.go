@@ -1,0 +1,150 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
+)
+
+var (
+	buildOnce sync.Once
+	binPath   string
+	buildErr  error
+)
+
+// proxyBinary builds cmd/etcd-proxy-proxy once per test run.
+func proxyBinary(t *testing.T, ctx context.Context) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		root, err := harness.ModuleRoot()
+		if err != nil {
+			buildErr = err
+			return
+		}
+		dir, err := os.MkdirTemp("", "epp-bin-")
+		if err != nil {
+			buildErr = err
+			return
+		}
+		binPath = filepath.Join(dir, "etcd-proxy-proxy")
+		cmd := exec.CommandContext(ctx, "go", "build", "-o", binPath, "./cmd/etcd-proxy-proxy")
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binPath
+}
+
+// TestDemo runs `etcd-proxy-proxy demo` as a user does: it must print working etcdctl lines (run here exactly
+// as printed, v2 and v3) and exit 0 soon after SIGINT. Everything runs in that one process, so its exit closes
+// every port it opened.
+func TestDemo(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 3*time.Minute)
+	bin := proxyBinary(t, ctx)
+	etcdctl, err := harness.Tool(ctx, "etcdctl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.CommandContext(ctx, bin, "demo", "--dir", filepath.Join(t.TempDir(), "demo"))
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill() })
+
+	var lines []string
+	sc := bufio.NewScanner(stdout)
+	for sc.Scan() {
+		lines = append(lines, sc.Text())
+		if strings.HasPrefix(sc.Text(), "Press Ctrl-C") {
+			break
+		}
+	}
+	if len(lines) == 0 || !strings.HasPrefix(lines[len(lines)-1], "Press Ctrl-C") {
+		t.Fatalf("demo did not come up; stdout:\n%s\nstderr:\n%s", strings.Join(lines, "\n"), stderr.String())
+	}
+	go func() { // keep draining so the demo never blocks on a full pipe
+		for sc.Scan() {
+		}
+	}()
+	out := strings.Join(lines, "\n")
+
+	run := func(line string, env ...string) string {
+		t.Helper()
+		fields := strings.Fields(line)
+		var vars []string
+		for len(fields) > 0 && strings.Contains(fields[0], "=") && !strings.HasPrefix(fields[0], "-") {
+			vars, fields = append(vars, fields[0]), fields[1:]
+		}
+		if fields[0] != "etcdctl" {
+			t.Fatalf("not an etcdctl line: %q", line)
+		}
+		c := exec.CommandContext(ctx, etcdctl, fields[1:]...)
+		c.Env = append(append(os.Environ(), env...), vars...)
+		b, err := c.CombinedOutput()
+		if err != nil {
+			t.Fatalf("%s: %v\n%s", line, err, b)
+		}
+		return string(b)
+	}
+	find := func(re string) []string {
+		t.Helper()
+		m := regexp.MustCompile(re).FindAllString(out, -1)
+		if len(m) == 0 {
+			t.Fatalf("no line matching %s in:\n%s", re, out)
+		}
+		return m
+	}
+	// v2 lines through the stock v2 proxy chain.
+	for _, line := range find(`(?m)^etcdctl .* (set foo bar|get foo|member list)$`) {
+		got := run(line, "ETCDCTL_API=2")
+		if strings.HasSuffix(line, "member list") && (strings.Count(got, "\n") != 1 || !strings.Contains(got, "name=etcd-proxy-proxy")) {
+			t.Errorf("%s printed %q, want exactly the proxy-proxy", line, got)
+		}
+		if strings.HasSuffix(line, "get foo") && strings.TrimSpace(got) != "bar" {
+			t.Errorf("%s printed %q", line, got)
+		}
+	}
+	// v3 lines through the proxy-proxy chain.
+	for _, line := range find(`(?m)^ETCDCTL_API=3 etcdctl .* (put foo bar|get foo|member list)$`) {
+		got := run(line)
+		if strings.HasSuffix(line, "member list") && (strings.Count(got, "\n") != 1 || !strings.Contains(got, "etcd-proxy-proxy")) {
+			t.Errorf("%s printed %q, want exactly the proxy-proxy", line, got)
+		}
+	}
+
+	if err := cmd.Process.Signal(syscall.SIGINT); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("demo exit: %v\nstderr:\n%s", err, stderr.String())
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatalf("demo did not stop within 30s of SIGINT")
+	}
+}
