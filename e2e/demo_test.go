@@ -24,7 +24,7 @@ var (
 )
 
 // proxyBinary builds cmd/etcd-proxy-proxy once per test run.
-func proxyBinary(t *testing.T, ctx context.Context) string {
+func proxyBinary(t testing.TB, ctx context.Context) string {
 	t.Helper()
 	buildOnce.Do(func() {
 		root, err := harness.ModuleRoot()

@@ -13,6 +13,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -129,6 +130,11 @@ func (f *Forwarder) Close() {
 func isWatch(r *http.Request) bool { return strings.Contains(r.URL.RawQuery, "wait=true") }
 
 func (f *Forwarder) rewrite(pr *httputil.ProxyRequest) {
+	// Append to the client's X-Forwarded-For (ReverseProxy strips it from Out before Rewrite), so that a chain
+	// of proxies keeps the whole list.
+	if xff := pr.In.Header.Values("X-Forwarded-For"); len(xff) > 0 {
+		pr.Out.Header["X-Forwarded-For"] = slices.Clone(xff)
+	}
 	pr.SetXForwarded()
 	// The first upstream for now; the transport moves on to the next one when a connection cannot be made.
 	pr.SetURL(f.upstreams[0])
@@ -146,6 +152,9 @@ func (rt roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 		if ex.err != nil {
 			return nil, ex.err
 		}
+		// The request that carries the exchange, as a transport would set it: modifyResponse reads from it
+		// how many rules' response sides run.
+		ex.reply.Request = req
 		return ex.reply, nil
 	}
 	return rt.f.send(req)
@@ -243,6 +252,10 @@ func (f *Forwarder) handleError(w http.ResponseWriter, r *http.Request, err erro
 				code = rules.CodeInternal
 			}
 		}
+		if strings.Contains(err.Error(), "http2: ") && !errors.As(err, new(*ruleError)) {
+			// An HTTP/1-only upstream (etcd's v2 proxy) answers the HTTP/2 preface with an HTTP/1 error.
+			msg = "etcd-proxy-proxy: the upstream does not serve gRPC (HTTP/2); etcd's v2 proxy relays only the v2 API"
+		}
 		rules.SetGRPCStatus(w.Header(), code, msg)
 		w.WriteHeader(http.StatusOK)
 		return
@@ -327,7 +340,7 @@ func (c *writeTimeoutConn) Write(b []byte) (int, error) {
 // bufferPool shares ReverseProxy's 32 KiB copy buffers between requests.
 type bufferPool struct{}
 
-var buffers = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+var buffers = sync.Pool{New: func() any { b := make([]byte, 4<<10); return &b }}
 
 func (bufferPool) Get() []byte  { return *buffers.Get().(*[]byte) }
 func (bufferPool) Put(b []byte) { buffers.Put(&b) }
