@@ -101,6 +101,10 @@ func splitUnknown(fs *flag.FlagSet, args []string) (known, unknown []string) {
 		f := fs.Lookup(name)
 		if f == nil && name != "h" && name != "help" {
 			unknown = append(unknown, a)
+			// Its value, if it has one, goes with it: it must not end the flags.
+			if !hasValue && i+1 < len(args) && !strings.HasPrefix(args[i+1], "-") {
+				i++
+			}
 			continue
 		}
 		known = append(known, a)

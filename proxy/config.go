@@ -7,7 +7,9 @@ import (
 	"net"
 	"net/url"
 	"os"
+	"reflect"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -101,8 +103,9 @@ func (m msFlag) String() string {
 }
 
 func (m msFlag) Set(s string) error {
-	var n int64
-	if _, err := fmt.Sscan(s, &n); err != nil || n < 0 {
+	// Not fmt.Sscan: it stops at the first non-digit and would read "1s" as 1 ms.
+	n, err := strconv.ParseInt(strings.TrimSpace(s), 10, 64)
+	if err != nil || n < 0 {
 		return fmt.Errorf("want milliseconds as a non-negative integer, got %q", s)
 	}
 	*m.p = time.Duration(n) * time.Millisecond
@@ -154,11 +157,13 @@ func SetFlagsFromEnv(fs *flag.FlagSet, lookup func(string) (string, bool)) error
 	if lookup == nil {
 		lookup = os.LookupEnv
 	}
-	set := map[string]bool{}
-	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	// A flag counts as set when the command line set it or one of its aliases (the same Value): otherwise
+	// ETCD_PROXY_PROXY_TRUST_CA_FILE would override --trusted-ca-file given on the command line.
+	var set []flag.Value
+	fs.Visit(func(f *flag.Flag) { set = append(set, f.Value) })
 	var errs *multierror.Error
 	fs.VisitAll(func(f *flag.Flag) {
-		if set[f.Name] || len(f.Name) == 1 {
+		if len(f.Name) == 1 || slices.ContainsFunc(set, func(v flag.Value) bool { return sameValue(v, f.Value) }) {
 			return
 		}
 		key := EnvPrefix + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
@@ -169,6 +174,12 @@ func SetFlagsFromEnv(fs *flag.FlagSet, lookup func(string) (string, bool)) error
 		}
 	})
 	return errs.ErrorOrNil()
+}
+
+// sameValue reports whether two flags are aliases: registered on the same variable.
+func sameValue(a, b flag.Value) bool {
+	ta := reflect.TypeOf(a)
+	return ta == reflect.TypeOf(b) && ta.Comparable() && a == b
 }
 
 // Validate reports every problem of the configuration at once.

@@ -200,7 +200,7 @@ func (f *Forwarder) modifyResponse(resp *http.Response) error {
 	return nil
 }
 
-// fixLocation points a redirect at an upstream back at the host the client used.
+// fixLocation points a redirect at an upstream back at the host the client used, and drops its body.
 func (f *Forwarder) fixLocation(resp *http.Response) {
 	loc := resp.Header.Get("Location")
 	if loc == "" {
@@ -216,6 +216,10 @@ func (f *Forwarder) fixLocation(resp *http.Response) {
 			u.Host = req.Header.Get("X-Forwarded-Host")
 			u.Scheme = req.Header.Get("X-Forwarded-Proto")
 			resp.Header.Set("Location", u.String())
+			// The body of a redirect (Go's http.Redirect writes an HTML link) names the upstream too.
+			_ = resp.Body.Close()
+			resp.Body, resp.ContentLength = http.NoBody, 0
+			resp.Header.Set("Content-Length", "0")
 			return
 		}
 	}

@@ -39,7 +39,10 @@ func GRPCReply(req *http.Request, code int, message string) *http.Response {
 	resp := JSONResponse(req, http.StatusOK, nil)
 	SetGRPCStatus(resp.Header, code, message)
 	resp.Header.Del("Content-Length")
-	resp.ContentLength = -1
+	// Known to be empty: with an unknown length (-1) httputil.ReverseProxy starts a flush timer that fires at
+	// once and can send the headers before the handler ends, splitting the trailers-only answer into headers
+	// and an empty end of stream ("server closed the stream without sending trailers").
+	resp.ContentLength = 0
 	resp.Proto, resp.ProtoMajor, resp.ProtoMinor = "HTTP/2.0", 2, 0
 	return resp
 }

@@ -117,6 +117,14 @@ type Machines struct {
 // Name implements Rule.
 func (*Machines) Name() string { return "machines" }
 
+// Request implements Rule: the body it rewrites must come back unencoded.
+func (*Machines) Request(req *http.Request) (*http.Response, error) {
+	if strings.TrimSuffix(req.URL.Path, "/") == machinesPath {
+		req.Header.Del("Accept-Encoding")
+	}
+	return nil, nil
+}
+
 // Response implements Rule.
 func (m *Machines) Response(resp *http.Response) (BodyFunc, error) {
 	if req := resp.Request; req == nil || req.Method != http.MethodGet || resp.StatusCode != http.StatusOK ||
