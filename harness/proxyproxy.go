@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"time"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
@@ -42,7 +43,8 @@ type ProxyProxy struct {
 }
 
 // StartProxyProxy starts an etcd-proxy-proxy in front of below, on a free loopback port that it also
-// advertises. It counts as started when GET /version through it succeeds. Its placeholders are pp, pp-2, …
+// advertises. It counts as started when it answers GET /version: with any status, since the layer below may
+// serve no HTTP (etcd's grpc-proxy answers 404), and that layer has been waited for already. Its placeholders are pp, pp-2, …
 // for its address and pp-id, pp-2-id, … for its member ID.
 func (e *Env) StartProxyProxy(ctx context.Context, below Endpoint, h ProxyProxyHop) (*ProxyProxy, error) {
 	name := e.nextName("pp")
@@ -99,11 +101,35 @@ func (e *Env) StartProxyProxy(ctx context.Context, below Endpoint, h ProxyProxyH
 	})
 	e.Register(l.Addr().String(), name)
 	e.Register(srv.Self().IDString(), name+"-id")
-	if err := waitHTTP(ctx, u+"/version", ep.TLS); err != nil {
+	if err := waitAnswer(ctx, u+"/version", ep.TLS); err != nil {
 		return nil, fmt.Errorf("%s: not serving: %w", name, err)
 	}
 	e.logf("harness: %s up at %s in front of %s", name, u, below.Name)
 	return &ProxyProxy{Server: srv, Config: cfg, Endpoint: ep}, nil
+}
+
+// waitAnswer polls GET url until the server answers at all, or ctx ends.
+func waitAnswer(ctx context.Context, url string, tf TLSFiles) error {
+	tc, err := tf.ClientConfig()
+	if err != nil {
+		return err
+	}
+	cl := &http.Client{Transport: &http.Transport{TLSClientConfig: tc, DisableKeepAlives: true}, Timeout: 2 * time.Second}
+	for {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		if err != nil {
+			return err
+		}
+		resp, err := cl.Do(req)
+		if err == nil {
+			return resp.Body.Close()
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (last: %v)", ctx.Err(), err)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
 }
 
 type logfWriter func(format string, args ...any)
