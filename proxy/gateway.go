@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"math"
 	"net"
 	"net/http"
@@ -82,9 +83,32 @@ func newGateway(grpcHandler http.Handler) (*gateway, error) {
 			defer cancel()
 			r = r.WithContext(ctx)
 		}
+		if r.URL.Path == "/v3/watch" && r.Body != nil {
+			// The gateway half-closes the gRPC stream when the request body ends. A member keeps watching
+			// after a half-close, but the stock grpc-proxy ends the whole watch: keep the stream open for as
+			// long as the client stays.
+			r.Body = &holdOpenBody{ReadCloser: r.Body, done: r.Context().Done()}
+		}
 		ws.ServeHTTP(w, r)
 	})
 	return g, nil
+}
+
+// holdOpenBody delays the end of a request body until done is closed.
+type holdOpenBody struct {
+	io.ReadCloser
+	done <-chan struct{}
+}
+
+func (b *holdOpenBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if errors.Is(err, io.EOF) {
+		if n > 0 {
+			return n, nil // the next Read waits
+		}
+		<-b.done
+	}
+	return n, err
 }
 
 // isGatewayPath reports a v3 JSON gateway call.
