@@ -16,7 +16,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/hashicorp/go-multierror"
+	"go.etcd.io/etcd/api/v3/version"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
 )
@@ -49,16 +51,53 @@ func Main(args []string, stdout, stderr io.Writer) int {
 }
 
 func printVersion(w io.Writer) {
-	fmt.Fprintf(w, "etcd-proxy-proxy %s\nGo %s %s/%s\netcd API: v2, v3 (client API of etcd v3.5)\n",
-		Version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+	fmt.Fprintf(w, "etcd-proxy-proxy %s\nGo %s %s/%s\n"+
+		"etcd API: v2 (HTTP), v3 (gRPC and the JSON gateway /v3), as etcd %s serves them (cluster version %s)\n",
+		Version, runtime.Version(), runtime.GOOS, runtime.GOARCH, version.Version, version.APIVersion)
+}
+
+// logFlags are the command's own logging flags (the proxy's flags are proxy.Config's).
+type logFlags struct {
+	level  slog.Level
+	format string
+}
+
+func (l *logFlags) addFlags(fs *flag.FlagSet) {
+	l.format = "text"
+	fs.TextVar(&l.level, "log-level", slog.LevelInfo, "log level: debug, info, warn or error")
+	fs.StringVar(&l.format, "log-format", l.format, "log format: text (key=value) or json (one object per line)")
+}
+
+func (l *logFlags) validate() error {
+	if l.format != "text" && l.format != "json" {
+		return fmt.Errorf("--log-format %q: want text or json", l.format)
+	}
+	return nil
+}
+
+// logger is the process's logger: log/slog from the standard library (no dependency), key=value text for
+// people, JSON for log pipelines.
+func (l *logFlags) logger(w io.Writer) *slog.Logger {
+	opts := &slog.HandlerOptions{Level: l.level}
+	if l.format == "json" {
+		return slog.New(slog.NewJSONHandler(w, opts))
+	}
+	return slog.New(slog.NewTextHandler(w, opts))
 }
 
 // parseFlags parses args into cfg, taking the environment for what the command line leaves unset. Every
 // problem — unknown flags, bad values, an invalid configuration — comes back in one error.
 func parseFlags(name string, args []string, cfg *proxy.Config, stderr io.Writer) (showVersion bool, err error) {
+	var lf logFlags
+	return parseAllFlags(name, args, cfg, &lf, stderr)
+}
+
+// parseAllFlags is parseFlags with the logging flags.
+func parseAllFlags(name string, args []string, cfg *proxy.Config, lf *logFlags, stderr io.Writer) (showVersion bool, err error) {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
 	cfg.AddFlags(fs)
+	lf.addFlags(fs)
 	fs.BoolVar(&showVersion, "version", false, "print the version and exit")
 	fs.Usage = func() { usage(stderr, fs) }
 	var errs *multierror.Error
@@ -83,6 +122,9 @@ func parseFlags(name string, args []string, cfg *proxy.Config, stderr io.Writer)
 		return true, nil
 	}
 	if err := cfg.Validate(); err != nil {
+		errs = multierror.Append(errs, err)
+	}
+	if err := lf.validate(); err != nil {
 		errs = multierror.Append(errs, err)
 	}
 	return false, errs.ErrorOrNil()
@@ -132,8 +174,20 @@ func usage(w io.Writer, fs *flag.FlagSet) {
 }
 
 func serve(args []string, stdout, stderr io.Writer) int {
-	var cfg proxy.Config
-	showVersion, err := parseFlags("etcd-proxy-proxy", args[1:], &cfg, stderr)
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sig)
+	return serveUntil(args, stdout, stderr, sig)
+}
+
+// serveUntil serves until a signal on sig (SIGINT/SIGTERM stop, SIGHUP reloads the certificates) or a failed
+// listener.
+func serveUntil(args []string, stdout, stderr io.Writer, sig <-chan os.Signal) int {
+	var (
+		cfg proxy.Config
+		lf  logFlags
+	)
+	showVersion, err := parseAllFlags("etcd-proxy-proxy", args[1:], &cfg, &lf, stderr)
 	switch {
 	case errors.Is(err, flag.ErrHelp):
 		return exitOK
@@ -144,7 +198,7 @@ func serve(args []string, stdout, stderr io.Writer) int {
 		printVersion(stdout)
 		return exitOK
 	}
-	log := slog.New(slog.NewTextHandler(stderr, nil))
+	log := lf.logger(stderr)
 	srv, err := proxy.New(cfg, proxy.WithLogger(log))
 	if err != nil {
 		fmt.Fprintf(stderr, "etcd-proxy-proxy: %v\n", err)
@@ -156,21 +210,40 @@ func serve(args []string, stdout, stderr io.Writer) int {
 	}
 	log.Info("etcd-proxy-proxy started", "version", Version, "member-id", srv.Self().IDString(),
 		"advertise-client-urls", strings.Join(cfg.AdvertiseClientURLs, ","))
-	return waitAndShutdown(log, srv.Errors(), srv.Shutdown)
+	notify(log, daemon.SdNotifyReady) // every listener is open
+	status := waitAndShutdown(log, sig, srv.Errors(), srv.ReloadCertificates, func(ctx context.Context) error {
+		notify(log, daemon.SdNotifyStopping)
+		return srv.Shutdown(ctx)
+	})
+	return status
 }
 
-// waitAndShutdown waits for SIGINT/SIGTERM or a failed listener and shuts down gracefully. SIGHUP is caught
-// (Go would exit on it) and logged.
-func waitAndShutdown(log *slog.Logger, failed <-chan error, shutdown func(context.Context) error) int {
-	sig := make(chan os.Signal, 1)
-	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
-	defer signal.Stop(sig)
+// notify tells systemd about a state change (Type=notify units) with the sd_notify datagram protocol, through
+// go-systemd's daemon package; without $NOTIFY_SOCKET it does nothing.
+func notify(log *slog.Logger, state string) {
+	if sent, err := daemon.SdNotify(false, state); err != nil {
+		log.Warn("sd_notify failed", "state", state, "err", err)
+	} else if sent {
+		log.Debug("sd_notify", "state", state)
+	}
+}
+
+// waitAndShutdown waits for SIGINT/SIGTERM or a failed listener and shuts down gracefully. SIGHUP (on which Go
+// would exit) calls reload; a failed reload is logged and serving goes on.
+func waitAndShutdown(log *slog.Logger, sig <-chan os.Signal, failed <-chan error, reload func() error,
+	shutdown func(context.Context) error) int {
 	status := exitOK
 	for wait := true; wait; {
 		select {
 		case s := <-sig:
 			if s == syscall.SIGHUP {
-				log.Info("SIGHUP received; nothing to reload")
+				if reload == nil {
+					log.Info("SIGHUP received; nothing to reload")
+				} else if err := reload(); err != nil {
+					log.Error("SIGHUP: reload failed; serving on with the previous certificates", "err", err)
+				} else {
+					log.Info("SIGHUP: certificates reloaded")
+				}
 				continue
 			}
 			log.Info("shutting down", "signal", s.String())

@@ -8,8 +8,10 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
@@ -76,7 +78,10 @@ func demo(args []string, stdout, stderr io.Writer) int {
 		return exitError
 	}
 	printDemo(stdout, env, seed, v3)
-	return waitAndShutdown(log, nil, func(context.Context) error { return nil })
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
+	defer signal.Stop(sig)
+	return waitAndShutdown(log, sig, nil, nil, func(context.Context) error { return nil })
 }
 
 func printDemo(w io.Writer, env *harness.Env, seed, v3 *harness.Running) {

@@ -70,6 +70,9 @@ type Config struct {
 	WriteTimeout time.Duration
 	// MaxRuleBody bounds a response body buffered for a rule; zero means DefaultMaxRuleBody.
 	MaxRuleBody int64
+	// OpsConfig holds the metrics/health listeners, the upstream probe, certificate reload and the access log
+	// (ops.go); its fields are promoted.
+	OpsConfig
 }
 
 // listFlag is a comma-separated list flag.
@@ -149,6 +152,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.ReadOnly, "readonly", false, "answer every request but GET and HEAD with 501, as the stock readonly proxy does")
 	fs.Var(msFlag{&c.DialTimeout}, "proxy-dial-timeout", "milliseconds to wait for a connection to the upstream")
 	fs.Var(msFlag{&c.WriteTimeout}, "proxy-write-timeout", "milliseconds to wait for a request to be written to the upstream")
+	c.OpsConfig.addFlags(fs) // metrics, health, reload, access log (ops.go)
 }
 
 // SetFlagsFromEnv sets every flag that the command line left unset from its ETCD_PROXY_PROXY_ variable, as etcd's
@@ -234,6 +238,7 @@ func (c *Config) Validate() error {
 	if c.MaxRuleBody < 0 {
 		add("the maximum rule body must not be negative")
 	}
+	c.OpsConfig.validate(c, add) // ops.go
 	return sortErrors(errs)
 }
 

@@ -33,6 +33,7 @@ type Server struct {
 	urls       []string
 	wg         sync.WaitGroup
 	errs       chan error
+	ops        *ops // metrics, readiness, certificate reload, metrics listeners (health.go)
 }
 
 // Option configures a Server beyond its Config.
@@ -75,6 +76,9 @@ func New(cfg Config, opts ...Option) (*Server, error) {
 			return nil, err
 		}
 	}
+	if err := s.initOps(); err != nil { // health.go
+		return nil, err
+	}
 	s.self = rules.NewSelf(cfg.Name, cfg.AdvertiseClientURLs)
 	rs := rules.Default(rules.Options{
 		Self: s.self, Instance: newInstanceID(), ForwardMemberChanges: cfg.ForwardMemberChanges, ReadOnly: cfg.ReadOnly,
@@ -82,11 +86,13 @@ func New(cfg Config, opts ...Option) (*Server, error) {
 	if s.buildRules != nil {
 		rs = s.buildRules(rs, s.self)
 	}
+	rs = s.ops.m.countRules(rs) // etcd_proxy_proxy_rule_actions_total
 	fwd, err := NewForwarder(&s.cfg, rs, s.log)
 	if err != nil {
 		return nil, err
 	}
 	s.forwarder = fwd
+	s.attachOps(fwd) // error counts, reloadable upstream TLS, the upstream probe
 	return s, nil
 }
 
@@ -99,7 +105,8 @@ func (s *Server) Start() error {
 	var serverTLS *tls.Config
 	if s.cfg.ListenerTLS.CertFile != "" {
 		var err error
-		if serverTLS, err = s.cfg.ListenerTLS.serverConfig(); err != nil {
+		// Reloadable: every handshake takes the certificates loaded last (reload.go).
+		if serverTLS, err = s.ops.certs.startListener(s.cfg.ListenerTLS); err != nil {
 			return fmt.Errorf("listener TLS: %w", err)
 		}
 	}
@@ -116,7 +123,7 @@ func (s *Server) Start() error {
 			s.listeners[raw] = l
 		}
 		srv := &http.Server{
-			Handler:           s.forwarder,
+			Handler:           s.handler(), // the forwarder, counted and access-logged (metrics.go)
 			ReadHeaderTimeout: 10 * time.Second,
 			IdleTimeout:       5 * time.Minute,
 			ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
@@ -128,10 +135,11 @@ func (s *Server) Start() error {
 		srv.Protocols.SetHTTP2(true)
 		srv.Protocols.SetUnencryptedHTTP2(u.Scheme == "http")
 		srv.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: 1 << 20}
-		serve := func() error { return srv.Serve(l) }
+		cl := s.countBytes(l) // etcd_proxy_proxy_client_{received,sent}_bytes_total
+		serve := func() error { return srv.Serve(cl) }
 		if u.Scheme == "https" {
 			srv.TLSConfig = serverTLS.Clone()
-			serve = func() error { return srv.ServeTLS(l, "", "") }
+			serve = func() error { return srv.ServeTLS(cl, "", "") }
 		}
 		s.servers = append(s.servers, srv)
 		s.urls = append(s.urls, u.Scheme+"://"+l.Addr().String())
@@ -139,10 +147,15 @@ func (s *Server) Start() error {
 		go func() {
 			defer s.wg.Done()
 			if err := serve(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				s.ops.failed.Store(true) // /readyz
 				s.errs <- fmt.Errorf("serving %s: %w", raw, err)
 			}
 		}()
 		s.log.Info("listening", "url", raw, "addr", l.Addr().String())
+	}
+	if err := s.startOps(); err != nil { // metrics listeners, probe, certificate poller (health.go)
+		_ = s.Close()
+		return err
 	}
 	return nil
 }
@@ -156,12 +169,14 @@ func (s *Server) Errors() <-chan error { return s.errs }
 // Shutdown stops accepting, waits for in-flight requests until ctx ends, then closes what is left.
 func (s *Server) Shutdown(ctx context.Context) error {
 	var errs *multierror.Error
+	s.ops.stopping.Store(true) // /readyz says so while requests drain
 	for _, srv := range s.servers {
 		if err := srv.Shutdown(ctx); err != nil {
 			errs = multierror.Append(errs, err, srv.Close())
 		}
 	}
 	s.wg.Wait()
+	errs = multierror.Append(errs, s.stopOps())
 	s.forwarder.Close()
 	return errs.ErrorOrNil()
 }
@@ -178,6 +193,7 @@ func (s *Server) Close() error {
 		}
 	}
 	s.wg.Wait()
+	errs = multierror.Append(errs, s.stopOps())
 	if s.forwarder != nil {
 		s.forwarder.Close()
 	}

@@ -1,0 +1,304 @@
+package proxy
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-multierror"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// ops is the operational side of a Server: metrics, readiness, the upstream probe, certificate reload and the
+// metrics listeners. Its hooks in server.go are one line each.
+type ops struct {
+	m      *metrics
+	certs  *certReloader
+	probe  *prober // nil when the probe is off
+	access *accessLogger
+
+	listening atomic.Bool // every client listener is open
+	failed    atomic.Bool // a client listener stopped serving
+	stopping  atomic.Bool // Shutdown began
+
+	servers []*http.Server
+	urls    []string
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	stop    sync.Once
+}
+
+// initOps builds the metrics and loads the upstream certificates (New).
+func (s *Server) initOps() error {
+	s.ops = &ops{}
+	s.ops.m = newMetrics(func() float64 {
+		if ok, _ := s.Ready(); ok {
+			return 1
+		}
+		return 0
+	})
+	if s.cfg.AccessLog {
+		s.ops.access = &accessLogger{l: s.log}
+	}
+	var err error
+	s.ops.certs, err = newCertReloader(&s.cfg, s.log, s.ops.m)
+	return err
+}
+
+// attachOps hooks the forwarder (New, before anything is served): errors are counted, new upstream connections
+// take the reloadable TLS, and the probe gets a transport of its own with the same TLS.
+func (s *Server) attachOps(f *Forwarder) {
+	s.ops.m.countErrors(f)
+	s.ops.certs.useUpstreamTLS(f)
+	if iv := s.cfg.healthInterval(); iv > 0 {
+		s.ops.probe = newProber(f, s.cfg.UpstreamHealthCheck, iv, s.ops.m)
+	}
+}
+
+// handler is the client API handler with metrics and the access log around it.
+func (s *Server) handler() http.Handler {
+	return &instrumented{next: s.forwarder, m: s.ops.m, accessLog: s.ops.access}
+}
+
+// countBytes counts the client bytes of a listener's connections.
+func (s *Server) countBytes(l net.Listener) net.Listener {
+	return countingListener{Listener: l, m: s.ops.m}
+}
+
+// startOps opens the metrics listeners and starts the probe and the certificate poller (Start, after the client
+// listeners are open).
+func (s *Server) startOps() error {
+	o := s.ops
+	ctx, cancel := context.WithCancel(context.Background())
+	o.cancel = cancel
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(o.m.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/livez", func(w http.ResponseWriter, _ *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]any{"live": true})
+	})
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if ok, reason := s.Ready(); !ok {
+			writeJSON(w, http.StatusServiceUnavailable, map[string]any{"ready": false, "reason": reason})
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]any{"ready": true})
+	})
+	for _, raw := range s.cfg.ListenMetricsURLs {
+		u, _ := url.Parse(raw) // validated
+		l, ok := s.listeners[raw]
+		if !ok {
+			var err error
+			if l, err = net.Listen("tcp", u.Host); err != nil {
+				return fmt.Errorf("listening on %s: %w", raw, err)
+			}
+			s.listeners[raw] = l
+		}
+		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 5 * time.Minute}
+		serve := func() error { return srv.Serve(l) }
+		if u.Scheme == "https" {
+			c, err := o.certs.startListener(s.cfg.ListenerTLS)
+			if err != nil {
+				_ = l.Close()
+				return fmt.Errorf("metrics listener TLS: %w", err)
+			}
+			srv.TLSConfig = c
+			serve = func() error { return srv.ServeTLS(l, "", "") }
+		}
+		o.servers = append(o.servers, srv)
+		o.urls = append(o.urls, u.Scheme+"://"+l.Addr().String())
+		o.wg.Add(1)
+		go func() {
+			defer o.wg.Done()
+			if err := serve(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				s.log.Error("metrics listener stopped", "url", raw, "err", err)
+			}
+		}()
+		s.log.Info("metrics listening", "url", raw, "addr", l.Addr().String())
+	}
+	if o.probe != nil {
+		o.wg.Add(1)
+		go func() { defer o.wg.Done(); o.probe.run(ctx) }()
+	}
+	if iv := s.cfg.reloadInterval(); iv > 0 && len(o.certs.sides) > 0 {
+		o.wg.Add(1)
+		go func() { defer o.wg.Done(); o.certs.poll(ctx, iv) }()
+	}
+	o.listening.Store(true)
+	return nil
+}
+
+// stopOps closes the metrics listeners and stops the background work. It is idempotent.
+func (s *Server) stopOps() error {
+	o := s.ops
+	if o == nil {
+		return nil
+	}
+	var errs *multierror.Error
+	o.stop.Do(func() {
+		o.stopping.Store(true)
+		if o.cancel != nil {
+			o.cancel()
+		}
+		for _, srv := range o.servers {
+			if err := srv.Close(); err != nil {
+				errs = multierror.Append(errs, err)
+			}
+		}
+		o.wg.Wait()
+	})
+	return errs.ErrorOrNil()
+}
+
+// Ready reports whether the server is ready for clients: every client listener open and serving, not shutting
+// down, and — unless the probe is off — at least one upstream endpoint healthy at the last probe. The reason
+// never names an upstream address.
+func (s *Server) Ready() (bool, string) {
+	o := s.ops
+	switch {
+	case o.stopping.Load():
+		return false, "shutting down"
+	case !o.listening.Load():
+		return false, "not listening yet"
+	case o.failed.Load():
+		return false, "a client listener stopped serving"
+	case o.probe == nil:
+		return true, ""
+	}
+	return o.probe.ready()
+}
+
+// MetricsURLs are the metrics URLs actually listened on (with the ports chosen for :0).
+func (s *Server) MetricsURLs() []string { return s.ops.urls }
+
+// ReloadCertificates re-reads the certificate, key and CA files of both TLS sides now, as SIGHUP does. New
+// connections get the new certificates; open ones keep theirs. A side that fails to load keeps its previous
+// certificates; the error says why.
+func (s *Server) ReloadCertificates() error { return s.ops.certs.Reload() }
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	b, _ := json.Marshal(v)
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	_, _ = w.Write(append(b, '\n'))
+}
+
+// prober checks every upstream endpoint in the background.
+type prober struct {
+	targets  []*url.URL
+	check    string
+	interval time.Duration
+	timeout  time.Duration
+	client   *http.Client
+	dialer   net.Dialer
+	healthy  []atomic.Bool
+	probed   atomic.Bool
+	gauges   []prometheus.Gauge
+	fails    []prometheus.Counter
+}
+
+func newProber(f *Forwarder, check string, interval time.Duration, m *metrics) *prober {
+	// A probe may take as long as the interval (rounds never overlap), at least 1 s, at most 10 s.
+	timeout := min(max(interval, time.Second), 10*time.Second)
+	p := &prober{targets: f.upstreams, check: check, interval: interval, timeout: timeout,
+		healthy: make([]atomic.Bool, len(f.upstreams))}
+	if p.check == "" {
+		p.check = HealthCheckHTTP
+	}
+	// Its own connection pool, with the upstream TLS (set up before: useUpstreamTLS runs first).
+	t := f.transport.Clone()
+	t.MaxIdleConnsPerHost = 1
+	p.client = &http.Client{Transport: t, Timeout: timeout,
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	for i := range f.upstreams {
+		ep := fmt.Sprint(i)
+		p.gauges = append(p.gauges, m.upstream.WithLabelValues(ep))
+		p.fails = append(p.fails, m.probeFails.WithLabelValues(ep))
+	}
+	return p
+}
+
+func (p *prober) run(ctx context.Context) {
+	defer p.client.CloseIdleConnections()
+	t := time.NewTicker(p.interval)
+	defer t.Stop()
+	for {
+		p.round(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// round probes every endpoint at once and records the results.
+func (p *prober) round(ctx context.Context) {
+	var wg sync.WaitGroup
+	for i, u := range p.targets {
+		wg.Go(func() {
+			ok := p.probeOne(ctx, u) == nil
+			if ctx.Err() != nil {
+				return // stopping: the result says nothing about the upstream
+			}
+			p.healthy[i].Store(ok)
+			if ok {
+				p.gauges[i].Set(1)
+			} else {
+				p.gauges[i].Set(0)
+				p.fails[i].Inc()
+			}
+		})
+	}
+	wg.Wait()
+	if ctx.Err() == nil {
+		p.probed.Store(true)
+	}
+}
+
+func (p *prober) probeOne(ctx context.Context, u *url.URL) error {
+	ctx, cancel := context.WithTimeout(ctx, p.timeout)
+	defer cancel()
+	if p.check == HealthCheckTCP {
+		c, err := p.dialer.DialContext(ctx, "tcp", u.Host)
+		if err != nil {
+			return err
+		}
+		return c.Close()
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.Scheme+"://"+u.Host+"/health", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := p.client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("GET /health: %s", resp.Status)
+	}
+	return nil
+}
+
+func (p *prober) ready() (bool, string) {
+	if !p.probed.Load() {
+		return false, "upstream not probed yet"
+	}
+	for i := range p.healthy {
+		if p.healthy[i].Load() {
+			return true, ""
+		}
+	}
+	return false, fmt.Sprintf("no upstream endpoint is healthy (0 of %d answered the %s probe)", len(p.targets), p.check)
+}

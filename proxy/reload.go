@@ -1,0 +1,319 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-multierror"
+)
+
+// Sides of the certificate reload, as logged and as the side label of the cert metrics.
+const (
+	sideListener = "listener"
+	sideUpstream = "upstream"
+)
+
+// certSide is one TLS side whose files are re-read on SIGHUP and when they change. New connections get what was
+// loaded last; open connections keep the certificates they were made with. A reload that fails keeps the
+// previous state and logs why.
+type certSide struct {
+	name  string
+	info  TLSInfo
+	load  func(TLSInfo) (*tlsState, error)
+	state atomic.Pointer[tlsState]
+
+	mu     sync.Mutex // serialises reloads and guards stamps
+	stamps []fileStamp
+}
+
+// tlsState is what one load of a side's files produced.
+type tlsState struct {
+	server   *tls.Config       // listener: the whole configuration of a handshake
+	cert     *tls.Certificate  // upstream: our client certificate; nil when none is configured
+	roots    *x509.CertPool    // upstream: the CA bundle; nil for the system roots
+	leaf     *x509.Certificate // the certificate we present, for logs and the expiry gauge; nil when none
+	notAfter time.Time
+}
+
+// fileStamp is what the poller compares: a change of either means the file was rewritten.
+type fileStamp struct {
+	modTime time.Time
+	size    int64
+	err     bool
+}
+
+func (s *certSide) files() []string {
+	var fs []string
+	for _, f := range []string{s.info.CertFile, s.info.KeyFile, s.info.CAFile} {
+		if f != "" {
+			fs = append(fs, f)
+		}
+	}
+	return fs
+}
+
+func (s *certSide) currentStamps() []fileStamp {
+	var st []fileStamp
+	for _, f := range s.files() {
+		fi, err := os.Stat(f) // follows symlinks: a Kubernetes Secret volume swaps a symlink
+		if err != nil {
+			st = append(st, fileStamp{err: true})
+			continue
+		}
+		st = append(st, fileStamp{modTime: fi.ModTime(), size: fi.Size()})
+	}
+	return st
+}
+
+// reload re-reads the side's files. With onlyIfChanged it does so only when a file's modification time or
+// size moved since the last attempt (an attempt that failed is not retried until the files change again).
+func (s *certSide) reload(onlyIfChanged bool) (changed bool, err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	stamps := s.currentStamps()
+	if onlyIfChanged && slices.Equal(stamps, s.stamps) {
+		return false, nil
+	}
+	s.stamps = stamps
+	st, err := s.load(s.info)
+	if err != nil {
+		return true, err
+	}
+	s.state.Store(st)
+	return true, nil
+}
+
+// loadListener builds a listener side's handshake configuration, with ALPN for HTTP/2 and HTTP/1.1 (the
+// configuration returned by GetConfigForClient replaces the server's, NextProtos included).
+func loadListener(t TLSInfo) (*tlsState, error) {
+	c, err := t.serverConfig()
+	if err != nil {
+		return nil, err
+	}
+	c.NextProtos = []string{"h2", "http/1.1"}
+	st := &tlsState{server: c}
+	st.setLeaf(&c.Certificates[0])
+	return st, nil
+}
+
+// loadUpstream reads our client certificate and the CA bundle toward the upstream.
+func loadUpstream(t TLSInfo) (*tlsState, error) {
+	st := &tlsState{}
+	if t.CertFile != "" {
+		cert, err := tls.LoadX509KeyPair(t.CertFile, t.KeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("loading the client certificate: %w", err)
+		}
+		st.cert = &cert
+		st.setLeaf(&cert)
+	}
+	if t.CAFile != "" {
+		pool, err := loadPool(t.CAFile)
+		if err != nil {
+			return nil, err
+		}
+		st.roots = pool
+	}
+	return st, nil
+}
+
+func (st *tlsState) setLeaf(c *tls.Certificate) {
+	if c.Leaf != nil {
+		st.leaf = c.Leaf
+	} else if len(c.Certificate) > 0 {
+		st.leaf, _ = x509.ParseCertificate(c.Certificate[0])
+	}
+	if st.leaf != nil {
+		st.notAfter = st.leaf.NotAfter
+	}
+}
+
+// serverTLS is the configuration of the https listeners: every handshake takes the side's latest state.
+func (s *certSide) serverTLS() *tls.Config {
+	return &tls.Config{
+		MinVersion: tls.VersionTLS12,
+		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+			return s.state.Load().server, nil
+		},
+	}
+}
+
+// clientTLS is the configuration toward the upstream: the client certificate comes from GetClientCertificate
+// and, with a CA file, the server certificate is verified in VerifyConnection against the latest bundle (a
+// tls.Config's RootCAs cannot be swapped while transports clone it). hosts are the upstream hosts: Go does not
+// tell VerifyConnection which one was dialled when it is an IP address (no SNI), so an IP-addressed upstream's
+// certificate must be valid for one of them.
+func (s *certSide) clientTLS(hosts []string) *tls.Config {
+	c := &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: s.info.InsecureSkipVerify} //nolint:gosec // -k is the user's explicit choice
+	if s.info.CertFile != "" {
+		c.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			return s.state.Load().cert, nil
+		}
+	}
+	if s.info.CAFile != "" && !s.info.InsecureSkipVerify {
+		c.InsecureSkipVerify = true //nolint:gosec // verified below, against the reloadable bundle
+		c.VerifyConnection = func(cs tls.ConnectionState) error {
+			return verifyUpstream(cs, s.state.Load().roots, hosts)
+		}
+	}
+	return c
+}
+
+// verifyUpstream does what crypto/tls does for a client: the chain against roots, the name against the host.
+func verifyUpstream(cs tls.ConnectionState, roots *x509.CertPool, hosts []string) error {
+	if len(cs.PeerCertificates) == 0 {
+		return errors.New("tls: the upstream sent no certificate")
+	}
+	leaf := cs.PeerCertificates[0]
+	opts := x509.VerifyOptions{Roots: roots, DNSName: cs.ServerName, Intermediates: x509.NewCertPool()}
+	for _, c := range cs.PeerCertificates[1:] {
+		opts.Intermediates.AddCert(c)
+	}
+	_, err := leaf.Verify(opts)
+	if err == nil && cs.ServerName == "" {
+		err = x509.HostnameError{Certificate: leaf, Host: hosts[0]}
+		for _, h := range hosts {
+			if leaf.VerifyHostname(h) == nil {
+				err = nil
+				break
+			}
+		}
+	}
+	if err != nil {
+		return &tls.CertificateVerificationError{UnverifiedCertificates: cs.PeerCertificates, Err: err}
+	}
+	return nil
+}
+
+// certReloader owns both sides and the poller.
+type certReloader struct {
+	log      *slog.Logger
+	m        *metrics
+	sides    []*certSide // those with files
+	listener *certSide   // nil without listener TLS
+	upstream *certSide   // nil without upstream TLS files
+}
+
+// newCertReloader loads the upstream side now; the listener side is loaded by startListener (Start), where a
+// broken listener certificate has always been reported.
+func newCertReloader(cfg *Config, log *slog.Logger, m *metrics) (*certReloader, error) {
+	r := &certReloader{log: log, m: m}
+	u := cfg.UpstreamTLS
+	if u.CertFile != "" || u.CAFile != "" {
+		r.upstream = &certSide{name: sideUpstream, info: u, load: loadUpstream}
+		if _, err := r.upstream.reload(false); err != nil {
+			return nil, fmt.Errorf("upstream TLS: %w", err)
+		}
+		r.loaded(r.upstream)
+		r.sides = append(r.sides, r.upstream)
+	}
+	return r, nil
+}
+
+// startListener loads the listener side and returns the configuration every https listener serves.
+func (r *certReloader) startListener(t TLSInfo) (*tls.Config, error) {
+	if r.listener == nil {
+		r.listener = &certSide{name: sideListener, info: t, load: loadListener}
+		if _, err := r.listener.reload(false); err != nil {
+			r.listener = nil
+			return nil, err
+		}
+		r.loaded(r.listener)
+		r.sides = append(r.sides, r.listener)
+	}
+	return r.listener.serverTLS(), nil
+}
+
+// useUpstreamTLS makes the forwarder's transports take the reloadable upstream configuration for their new
+// connections. It runs in New, before any request, and keeps the ALPN protocols the transports set up.
+func (r *certReloader) useUpstreamTLS(f *Forwarder) {
+	if r.upstream == nil {
+		return
+	}
+	base := r.upstream.clientTLS(hostsOf(f.upstreams))
+	for _, t := range []*http.Transport{f.transport, f.grpc} {
+		c := base.Clone()
+		if t.TLSClientConfig != nil {
+			c.NextProtos = slices.Clone(t.TLSClientConfig.NextProtos)
+		}
+		t.TLSClientConfig = c
+	}
+}
+
+// Reload re-reads every side now (SIGHUP). A side that fails keeps its previous certificates.
+func (r *certReloader) Reload() error {
+	var errs *multierror.Error
+	for _, s := range r.sides {
+		if _, err := s.reload(false); err != nil {
+			errs = multierror.Append(errs, r.failed(s, err))
+			continue
+		}
+		r.loaded(s)
+	}
+	return errs.ErrorOrNil()
+}
+
+// poll reloads a side whose files changed, every interval, until ctx ends.
+func (r *certReloader) poll(ctx context.Context, interval time.Duration) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		for _, s := range r.sides {
+			changed, err := s.reload(true)
+			switch {
+			case err != nil:
+				_ = r.failed(s, err)
+			case changed:
+				r.loaded(s)
+			}
+		}
+	}
+}
+
+func (r *certReloader) loaded(s *certSide) {
+	st := s.state.Load()
+	r.m.certReloads.WithLabelValues(s.name, "success").Inc()
+	attrs := []any{"side", s.name}
+	if st.leaf != nil {
+		r.m.certNotAfter.WithLabelValues(s.name).Set(float64(st.notAfter.Unix()))
+		attrs = append(attrs, "subject", st.leaf.Subject.String(), "serial", st.leaf.SerialNumber.Text(16),
+			"not-after", st.notAfter.UTC().Format(time.RFC3339))
+	}
+	r.log.Info("certificates loaded", attrs...)
+}
+
+func (r *certReloader) failed(s *certSide, err error) error {
+	r.m.certReloads.WithLabelValues(s.name, "failure").Inc()
+	r.log.Error("certificate reload failed; keeping the previous certificates", "side", s.name, "err", err)
+	return fmt.Errorf("%s TLS: %w", s.name, err)
+}
+
+// hostsOf are the host names of URLs, for verifyUpstream.
+func hostsOf(us []*url.URL) []string {
+	var hs []string
+	for _, u := range us {
+		h := u.Hostname()
+		if ip := net.ParseIP(h); ip != nil {
+			h = ip.String()
+		}
+		hs = append(hs, h)
+	}
+	return hs
+}
