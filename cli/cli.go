@@ -106,8 +106,7 @@ func parseAllFlags(name string, args []string, cfg *proxy.Config, lf *logFlags, 
 		errs = multierror.Append(errs, fmt.Errorf("unknown flag %s", u))
 	}
 	if err := fs.Parse(known); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			fs.Usage()
+		if errors.Is(err, flag.ErrHelp) { // the flag package has printed the usage
 			return false, flag.ErrHelp
 		}
 		errs = multierror.Append(errs, err)

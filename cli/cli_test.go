@@ -90,6 +90,9 @@ func TestHelp(t *testing.T) {
 				t.Errorf("exit status = %d, want 0", code)
 			}
 			help := stdout + stderr
+			if n := strings.Count(help, "Usage:"); n != 1 {
+				t.Errorf("the usage is printed %d times, want once", n)
+			}
 			var cfg proxy.Config
 			fs := flag.NewFlagSet("x", flag.ContinueOnError)
 			cfg.AddFlags(fs)
