@@ -27,7 +27,8 @@ type Forwarder struct {
 	rp        httputil.ReverseProxy
 	chain     chain
 	upstreams []*url.URL
-	transport *http.Transport // HTTP/1.1, or HTTP/2 where TLS negotiates it
+	h1        *h1Transport    // plain-HTTP upstreams, HTTP/1.1 (h1.go)
+	transport *http.Transport // TLS upstreams: HTTP/1.1, or HTTP/2 where TLS negotiates it; upgrades
 	grpc      *http.Transport // HTTP/2 only: h2c toward http:// upstreams
 	gateway   *gateway        // the v3 JSON gateway, calling back into rp over gRPC
 	log       *slog.Logger
@@ -86,6 +87,7 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 		IdleConnTimeout:     90 * time.Second,
 		// No ResponseHeaderTimeout: a v2 watch (?wait=true) answers only when something changes.
 	}
+	f.h1 = &h1Transport{dial: dialer.DialContext, writeTimeout: writeTimeout, maxIdle: 1024}
 	// gRPC needs HTTP/2 end to end; with HTTP/1 enabled an http:// upstream would be spoken to over HTTP/1.
 	f.grpc = f.transport.Clone()
 	f.grpc.Protocols = new(http.Protocols)
@@ -122,6 +124,7 @@ func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // Close drops idle upstream connections.
 func (f *Forwarder) Close() {
 	f.gateway.close()
+	f.h1.CloseIdleConnections()
 	f.transport.CloseIdleConnections()
 	f.grpc.CloseIdleConnections()
 }
@@ -164,10 +167,6 @@ func (rt roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 // request can have reached the previous one; and only for requests without a body, which a failed dial may
 // already have consumed.
 func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
-	t := f.transport
-	if rules.IsGRPC(req) {
-		t = f.grpc
-	}
 	var err error
 	for i, u := range f.upstreams {
 		if i > 0 {
@@ -177,7 +176,7 @@ func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
 			req.URL.Scheme, req.URL.Host = u.Scheme, u.Host
 		}
 		var resp *http.Response
-		resp, err = t.RoundTrip(req)
+		resp, err = f.transportFor(req).RoundTrip(req)
 		if err == nil {
 			return resp, nil
 		}
@@ -186,6 +185,17 @@ func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
 		}
 	}
 	return nil, &noEndpointError{err}
+}
+
+// transportFor picks the transport of a request: gRPC needs HTTP/2, plain HTTP/1.1 takes the lean path.
+func (f *Forwarder) transportFor(req *http.Request) http.RoundTripper {
+	switch {
+	case rules.IsGRPC(req):
+		return f.grpc
+	case f.h1.usable(req):
+		return f.h1
+	}
+	return f.transport
 }
 
 func (f *Forwarder) modifyResponse(resp *http.Response) error {
