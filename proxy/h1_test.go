@@ -55,7 +55,7 @@ func TestH1StaleIdleConnection(t *testing.T) {
 	base := startForwarder(t, Config{Upstreams: []string{up.URL}}, defaultRules())
 	for _, method := range []string{http.MethodGet, http.MethodPut} {
 		get(t, http.MethodGet, base+"/v2/keys/a", nil) // leaves an idle upstream connection
-		up.CloseClientConnections()                   // the upstream drops it
+		up.CloseClientConnections()                    // the upstream drops it
 		var body io.Reader
 		if method == http.MethodPut {
 			body = strings.NewReader("value=1")
