@@ -162,7 +162,8 @@ func TestSeedSpellings(t *testing.T) {
 		},
 		{
 			name: "trust-ca-file",
-			args: []string{"-upstream", "http://10.0.0.1:2379", "-trust-ca-file", ca, "-client-cert-auth"},
+			args: []string{"-upstream", "http://10.0.0.1:2379", "-trust-ca-file", ca, "-client-cert-auth",
+				"-cert-file", ca, "-key-file", ca, "-listen-client-urls", "https://127.0.0.1:2379"},
 			check: func(t *testing.T, c *proxy.Config) {
 				if c.ListenerTLS.CAFile != ca || !c.ListenerTLS.ClientCertAuth || c.UpstreamTLS.CAFile != "" {
 					t.Errorf("ListenerTLS = %+v, UpstreamTLS = %+v", c.ListenerTLS, c.UpstreamTLS)
@@ -224,5 +225,22 @@ func TestSplitUnknown(t *testing.T) {
 	}
 	if want := []string{"--nope", "--x=1", "--bogus"}; !slices.Equal(unknown, want) {
 		t.Errorf("unknown = %q, want %q", unknown, want)
+	}
+}
+
+// The demo empties its directory on start: only one it made itself, never a directory with other files.
+func TestDemoRefusesForeignDir(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	keep := filepath.Join(dir, "precious")
+	if err := os.WriteFile(keep, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, _, stderr := run("demo", "--dir", dir)
+	if code != exitUsage || !strings.Contains(stderr, "not made by the demo") {
+		t.Errorf("demo --dir with other files: exit %d, %q", code, stderr)
+	}
+	if _, err := os.Stat(keep); err != nil {
+		t.Errorf("the demo removed a file it did not make: %v", err)
 	}
 }

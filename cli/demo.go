@@ -31,7 +31,7 @@ func demo(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("etcd-proxy-proxy demo", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	dir := fs.String("dir", filepath.Join(os.TempDir(), "etcd-proxy-proxy-demo"),
-		"directory for the certificates and the members' data (emptied first)")
+		"directory for the certificates and the members' data; emptied first if an earlier demo made it, refused if it holds anything else")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return exitOK
@@ -42,11 +42,14 @@ func demo(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "demo: unexpected arguments: %s\n", strings.Join(fs.Args(), " "))
 		return exitUsage
 	}
-	if err := os.RemoveAll(*dir); err != nil {
+	if err := clearDemoDir(*dir); err != nil {
 		fmt.Fprintf(stderr, "demo: %v\n", err)
-		return exitError
+		return exitUsage
 	}
 	env, err := harness.NewEnv(*dir)
+	if err == nil {
+		err = os.WriteFile(filepath.Join(env.Dir, demoMarker), nil, 0o600)
+	}
 	if err != nil {
 		fmt.Fprintf(stderr, "demo: %v\n", err)
 		return exitError
@@ -139,4 +142,24 @@ func chainString(r *harness.Running) string {
 
 func curlLine(ep harness.Endpoint) string {
 	return fmt.Sprintf("curl --cacert %s --cert %s --key %s", ep.TLS.CAFile, ep.TLS.CertFile, ep.TLS.KeyFile)
+}
+
+// demoMarker marks a directory the demo made, and so may empty again.
+const demoMarker = ".etcd-proxy-proxy-demo"
+
+// clearDemoDir empties dir for a new run, refusing a directory with files that an earlier demo did not make.
+func clearDemoDir(dir string) error {
+	entries, err := os.ReadDir(dir)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return nil
+	case err != nil:
+		return err
+	case len(entries) == 0:
+		return nil
+	}
+	if _, err := os.Stat(filepath.Join(dir, demoMarker)); err != nil {
+		return fmt.Errorf("%s is not empty and was not made by the demo: choose another --dir", dir)
+	}
+	return os.RemoveAll(dir)
 }

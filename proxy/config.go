@@ -220,6 +220,13 @@ func (c *Config) Validate() error {
 	if c.ListenerTLS.ClientCertAuth && c.ListenerTLS.CAFile == "" {
 		add("--client-cert-auth needs --trusted-ca-file")
 	}
+	if c.ListenerTLS.ClientCertAuth {
+		for _, u := range listen {
+			if strings.HasPrefix(u, "http://") {
+				add("--client-cert-auth: %s would serve without any authentication; listen on https URLs only", u)
+			}
+		}
+	}
 	if (c.UpstreamTLS.CertFile == "") != (c.UpstreamTLS.KeyFile == "") {
 		add("--upstream-cert-file and --upstream-key-file go together")
 	}

@@ -74,8 +74,8 @@ func TestValidate(t *testing.T) {
 		{name: "IPv6 and https", cfg: Config{Upstreams: []string{"https://[::1]:2379/", "http://h:1"}}},
 		{name: "https listener with cert", cfg: Config{Upstreams: []string{"http://h:1"},
 			ListenClientURLs: []string{"https://127.0.0.1:0"}, ListenerTLS: TLSInfo{CertFile: file, KeyFile: file}}},
-		{name: "client cert auth with CA", cfg: Config{Upstreams: []string{"http://h:1"},
-			ListenerTLS: TLSInfo{CAFile: file, ClientCertAuth: true}}},
+		{name: "client cert auth with CA", cfg: Config{Upstreams: []string{"http://h:1"}, ListenClientURLs: []string{"https://127.0.0.1:2379"},
+			ListenerTLS: TLSInfo{CertFile: file, KeyFile: file, CAFile: file, ClientCertAuth: true}}},
 		{name: "default listen URLs are valid", cfg: Config{Upstreams: []string{"http://h:1"},
 			UpstreamTLS: TLSInfo{CertFile: file, KeyFile: file, CAFile: file}}},
 		{name: "https listener without cert", cfg: Config{Upstreams: []string{"http://h:1"},
@@ -242,5 +242,21 @@ func TestMillisecondsFlag(t *testing.T) {
 				t.Errorf("Set(%q) = %v, %v; want %v, ok %v", tt.in, d, err, tt.want, tt.ok)
 			}
 		})
+	}
+}
+
+// --client-cert-auth on a plain listener would serve it without authentication: refused, whatever else is set.
+func TestClientCertAuthNeedsHTTPS(t *testing.T) {
+	t.Parallel()
+	file := filepath.Join(t.TempDir(), "f")
+	if err := os.WriteFile(file, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := Config{Upstreams: []string{"http://h:1"}, ListenClientURLs: []string{"https://127.0.0.1:1", "http://127.0.0.1:2"},
+		ListenerTLS: TLSInfo{CertFile: file, KeyFile: file, CAFile: file, ClientCertAuth: true}}
+	err := c.Validate()
+	if err == nil || !strings.Contains(err.Error(), "http://127.0.0.1:2 would serve without any authentication") ||
+		strings.Contains(err.Error(), "https://127.0.0.1:1") {
+		t.Errorf("Validate = %v, want the http listener refused", err)
 	}
 }

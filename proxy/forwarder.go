@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
@@ -33,6 +34,13 @@ type Forwarder struct {
 	gateway   *gateway        // the v3 JSON gateway, calling back into rp over gRPC
 	log       *slog.Logger
 }
+
+// HTTP/2 health checks of upstream connections: a ping after pingAfter of silence, the connection closed when
+// no answer comes within pingTimeout.
+const (
+	pingAfter   = 30 * time.Second
+	pingTimeout = 15 * time.Second
+)
 
 // exchangeKey carries the answer of a rule that replied (or failed) from Rewrite to the transport and
 // ModifyResponse; requests that no rule answers carry nothing.
@@ -93,7 +101,10 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 	f.grpc.Protocols = new(http.Protocols)
 	f.grpc.Protocols.SetHTTP2(true)
 	f.grpc.Protocols.SetUnencryptedHTTP2(true)
-	f.grpc.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: 1 << 20}
+	f.grpc.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: 1 << 20, SendPingTimeout: pingAfter, PingTimeout: pingTimeout}
+	// An upstream that vanished without closing (a host gone, a partition) is found by pings, not by the kernel's
+	// keep-alive minutes later: watches and unary calls on that connection then fail instead of hanging.
+	f.transport.HTTP2 = &http.HTTP2Config{SendPingTimeout: pingAfter, PingTimeout: pingTimeout}
 	f.rp = httputil.ReverseProxy{
 		Rewrite:        f.rewrite,
 		Transport:      roundTripper{f},
@@ -130,7 +141,9 @@ func (f *Forwarder) Close() {
 }
 
 // isWatch reports a v2 long-poll: its answer may be a long time coming, so its headers must go out at once.
-func isWatch(r *http.Request) bool { return strings.Contains(r.URL.RawQuery, "wait=true") }
+func isWatch(r *http.Request) bool {
+	return strings.Contains(r.URL.RawQuery, "wait=true") && r.URL.Query().Get("wait") == "true"
+}
 
 func (f *Forwarder) rewrite(pr *httputil.ProxyRequest) {
 	// Append to the client's X-Forwarded-For (ReverseProxy strips it from Out before Rewrite), so that a chain
@@ -164,14 +177,19 @@ func (rt roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 }
 
 // send tries the upstreams in order. Moving on is safe only when no connection was made, so nothing of the
-// request can have reached the previous one; and only for requests without a body, which a failed dial may
-// already have consumed.
+// request can have reached the previous one, and when no byte of the body has been read: the body is then
+// intact for the next (ReverseProxy keeps the transport from closing the client's body).
 func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
+	var body *countingBody
+	if req.Body != nil && req.Body != http.NoBody && len(f.upstreams) > 1 {
+		body = &countingBody{ReadCloser: req.Body}
+		req.Body = body
+	}
 	var err error
 	for i, u := range f.upstreams {
 		if i > 0 {
-			if req.Body != nil && req.Body != http.NoBody {
-				break
+			if body != nil && body.n > 0 {
+				break // some of it went out: the request may have been received
 			}
 			req.URL.Scheme, req.URL.Host = u.Scheme, u.Host
 		}
@@ -210,29 +228,40 @@ func (f *Forwarder) modifyResponse(resp *http.Response) error {
 	return nil
 }
 
-// fixLocation points a redirect at an upstream back at the host the client used, and drops its body.
+// fixLocation makes an absolute redirect relative, so that the client stays on the proxy whichever hop below
+// named itself, and drops the redirect's body (Go's http.Redirect repeats the URL there).
 func (f *Forwarder) fixLocation(resp *http.Response) {
 	loc := resp.Header.Get("Location")
 	if loc == "" {
 		return
 	}
 	u, err := url.Parse(loc)
-	if err != nil || u.Host == "" {
+	if err != nil {
+		resp.Header.Del("Location")
+	} else if u.Host == "" && u.Scheme == "" {
 		return
-	}
-	for _, up := range f.upstreams {
-		if strings.EqualFold(u.Host, up.Host) {
-			req := resp.Request
-			u.Host = req.Header.Get("X-Forwarded-Host")
-			u.Scheme = req.Header.Get("X-Forwarded-Proto")
-			resp.Header.Set("Location", u.String())
-			// The body of a redirect (Go's http.Redirect writes an HTML link) names the upstream too.
-			_ = resp.Body.Close()
-			resp.Body, resp.ContentLength = http.NoBody, 0
-			resp.Header.Set("Content-Length", "0")
-			return
+	} else {
+		u.Scheme, u.Host, u.User = "", "", nil
+		if u.Path == "" {
+			u.Path = "/"
 		}
+		resp.Header.Set("Location", u.String())
 	}
+	_ = resp.Body.Close()
+	resp.Body, resp.ContentLength = http.NoBody, 0
+	resp.Header.Set("Content-Length", "0")
+}
+
+// countingBody counts what the transport read of a request body.
+type countingBody struct {
+	io.ReadCloser
+	n int64
+}
+
+func (b *countingBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	b.n += int64(n)
+	return n, err
 }
 
 // noEndpointError: no upstream endpoint could be reached.

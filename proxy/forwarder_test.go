@@ -411,10 +411,25 @@ func TestLocationRewritten(t *testing.T) {
 	if resp.StatusCode != http.StatusTemporaryRedirect {
 		t.Fatalf("status = %d", resp.StatusCode)
 	}
-	if loc := resp.Header.Get("Location"); loc != base+"/v2/keys/moved?wait=true" {
-		t.Errorf("Location = %q, want %q", loc, base+"/v2/keys/moved?wait=true")
+	// Relative: the client resolves it against the proxy's URL, whichever hop below named itself.
+	if loc := resp.Header.Get("Location"); loc != "/v2/keys/moved?wait=true" {
+		t.Errorf("Location = %q, want %q", loc, "/v2/keys/moved?wait=true")
 	}
 	noLeak(t, resp, body, up.Listener.Addr().String())
+}
+
+// A redirect to a host that is not the direct upstream (a member behind a stock proxy) must not leak either.
+func TestLocationOfDeeperHop(t *testing.T) {
+	t.Parallel()
+	up, _ := counting(t, func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, "https://member-2.internal:2379/v2/keys/x", http.StatusFound)
+	})
+	base := startForwarder(t, Config{Upstreams: []string{up.URL}}, defaultRules())
+	resp, body := get(t, http.MethodGet, base+"/v2/keys/x", nil)
+	if loc := resp.Header.Get("Location"); loc != "/v2/keys/x" {
+		t.Errorf("Location = %q, want /v2/keys/x", loc)
+	}
+	noLeak(t, resp, body, "member-2.internal")
 }
 
 func TestMembershipNeverReachesUpstream(t *testing.T) {
@@ -471,8 +486,25 @@ func TestFailover(t *testing.T) {
 	if resp.StatusCode != http.StatusOK || string(body) != "ok" {
 		t.Errorf("GET = %d %q, want the second upstream's answer", resp.StatusCode, body)
 	}
-	// A request with a body is not retried: the failed attempt may have consumed it.
-	resp, body = get(t, http.MethodPut, base+"/v2/keys/x", strings.NewReader("value=1"))
+	// A write goes to the next upstream too when the first could not even be dialled: nothing of it was read,
+	// so it arrives whole, once.
+	var got []string
+	var mu sync.Mutex
+	up2, hits := counting(t, func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		mu.Lock()
+		got = append(got, string(b))
+		mu.Unlock()
+		io.WriteString(w, "ok")
+	})
+	base2 := startForwarder(t, Config{Upstreams: []string{"http://" + down, up2.URL}}, defaultRules())
+	resp, body = get(t, http.MethodPut, base2+"/v2/keys/x", strings.NewReader("value=1"))
+	if resp.StatusCode != http.StatusOK || hits.Load() != 1 || len(got) != 1 || got[0] != "value=1" {
+		t.Errorf("PUT = %d %q; the second upstream saw %d requests with bodies %q, want 1 with value=1", resp.StatusCode, body, hits.Load(), got)
+	}
+	// Every upstream down: a clean 503 without an address.
+	base3 := startForwarder(t, Config{Upstreams: []string{"http://" + down, "http://" + deadAddr(t)}}, defaultRules())
+	resp, body = get(t, http.MethodPut, base3+"/v2/keys/x", strings.NewReader("value=1"))
 	etcdError(t, resp, body, http.StatusServiceUnavailable)
 	noLeak(t, resp, body, down)
 }

@@ -107,6 +107,7 @@ func (s *Server) Start() error {
 		var err error
 		// Reloadable: every handshake takes the certificates loaded last (reload.go).
 		if serverTLS, err = s.ops.certs.startListener(s.cfg.ListenerTLS); err != nil {
+			_ = s.Close()
 			return fmt.Errorf("listener TLS: %w", err)
 		}
 	}
@@ -170,11 +171,21 @@ func (s *Server) Errors() <-chan error { return s.errs }
 func (s *Server) Shutdown(ctx context.Context) error {
 	var errs *multierror.Error
 	s.ops.stopping.Store(true) // /readyz says so while requests drain
+	// All at once: a listener still draining a watch must not keep the others accepting.
+	var (
+		mu sync.Mutex
+		wg sync.WaitGroup
+	)
 	for _, srv := range s.servers {
-		if err := srv.Shutdown(ctx); err != nil {
-			errs = multierror.Append(errs, err, srv.Close())
-		}
+		wg.Go(func() {
+			if err := srv.Shutdown(ctx); err != nil {
+				mu.Lock()
+				errs = multierror.Append(errs, err, srv.Close())
+				mu.Unlock()
+			}
+		})
 	}
+	wg.Wait()
 	s.wg.Wait()
 	errs = multierror.Append(errs, s.stopOps())
 	s.forwarder.Close()
@@ -187,9 +198,9 @@ func (s *Server) Close() error {
 	for _, srv := range s.servers {
 		errs = multierror.Append(errs, srv.Close())
 	}
-	if len(s.servers) == 0 {
-		for _, l := range s.listeners {
-			errs = multierror.Append(errs, l.Close())
+	for _, l := range s.listeners { // also those opened or handed in but not served yet
+		if err := l.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+			errs = multierror.Append(errs, err)
 		}
 	}
 	s.wg.Wait()

@@ -206,9 +206,10 @@ func unframe(body []byte) ([]byte, error) {
 }
 
 // GRPCStatus keeps upstream addresses out of gRPC status messages. The hops below put them there: a stock
-// grpc-proxy's Unavailable reads "... dial tcp 10.0.0.1:2379: connect: connection refused". Addresses are
-// replaced by "<upstream>", in trailers-only headers at once and in trailers when the stream ends; messages
-// themselves stream through untouched.
+// grpc-proxy's Unavailable reads "... dial tcp 10.0.0.1:2379: connect: connection refused", a failed name lookup
+// or certificate check names hosts. A message about the transport below is replaced as a whole (see
+// ScrubGRPCMessage); in any other, addresses become "<upstream>". Trailers-only headers are fixed at once,
+// trailers when the stream ends; the messages of the stream pass untouched.
 type GRPCStatus struct{ Passthrough }
 
 // Name implements Rule.
@@ -245,7 +246,10 @@ func (t *trailerScrubber) Close() error {
 }
 
 // addressPattern matches what names a host: URLs, IPv4 and bracketed IPv6 addresses, host:port.
-var addressPattern = regexp.MustCompile(`(?i)(?:[a-z][a-z0-9+.-]*://[^\s"',]+)|(?:\[[0-9a-f:.%]+\](?::\d+)?)|(?:\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b)|(?:\b[a-z0-9][a-z0-9.-]*:\d{1,5}\b)`)
+var addressPattern = regexp.MustCompile(`(?i)(?:[a-z][a-z0-9+.-]*://[^\s"',]+)|(?:\[[0-9a-f:.%]+\](?::\d+)?)|(?:\b[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}(?:%[a-z0-9]+)?)|(?:\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b)|(?:\b[a-z0-9][a-z0-9.-]*:\d{1,5}\b)`)
+
+// GRPCDetailsHeader carries the status as a protobuf, message included.
+const GRPCDetailsHeader = "Grpc-Status-Details-Bin"
 
 func scrubGRPCMessage(h http.Header) {
 	v := h.Get(GRPCMessageHeader)
@@ -256,9 +260,26 @@ func scrubGRPCMessage(h http.Header) {
 	if err != nil {
 		msg = v
 	}
-	if clean := ScrubAddresses(msg); clean != msg {
+	if clean := ScrubGRPCMessage(msg); clean != msg {
 		h.Set(GRPCMessageHeader, encodeGRPCMessage(clean))
+		h.Del(GRPCDetailsHeader) // it repeats the message
 	}
+}
+
+// transportWords mark an error of the connections below the proxy: such a message names hosts in more ways than
+// a pattern can catch (host names of failed lookups, certificate names), so none of it is kept.
+var transportWords = regexp.MustCompile(`(?i)\b(lookup|dial|x509|tls|transport|certificate|connection error|connect)\b`)
+
+// TransportFailure replaces a status message about the transport below the proxy.
+const TransportFailure = "etcd-proxy-proxy: the connection to the upstream failed below the proxy"
+
+// ScrubGRPCMessage returns a status message fit for a client: a transport error is replaced as a whole, and in
+// any other message every address becomes "<upstream>".
+func ScrubGRPCMessage(msg string) string {
+	if transportWords.MatchString(msg) {
+		return TransportFailure
+	}
+	return ScrubAddresses(msg)
 }
 
 // ScrubAddresses replaces every URL, IP address and host:port in s with "<upstream>".
