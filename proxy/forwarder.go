@@ -283,7 +283,7 @@ func (f *Forwarder) handleError(w http.ResponseWriter, r *http.Request, err erro
 		f.log.Debug("client gone", "method", r.Method, "path", r.URL.Path, "err", err)
 		return
 	}
-	status, msg := classify(err)
+	status, msg, _ := classify(err)
 	f.log.Warn("request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
 	if rules.IsGRPC(r) {
 		code := rules.CodeUnavailable
@@ -306,8 +306,9 @@ func (f *Forwarder) handleError(w http.ResponseWriter, r *http.Request, err erro
 	writeError(w, status, msg)
 }
 
-// classify maps an error to a status and a message that is safe to show a client.
-func classify(err error) (int, string) {
+// classify maps an error to a status, a message that is safe to show a client, and the reason label of
+// etcd_proxy_proxy_errors_total: the one place failures are told apart.
+func classify(err error) (status int, msg, reason string) {
 	var (
 		re   *ruleError
 		ne   *noEndpointError
@@ -315,17 +316,17 @@ func classify(err error) (int, string) {
 	)
 	switch {
 	case errors.As(err, &re) && errors.Is(err, errBodyTooLarge):
-		return http.StatusBadGateway, "etcd-proxy-proxy: upstream response too large to rewrite (rule " + re.Rule + ")"
+		return http.StatusBadGateway, "etcd-proxy-proxy: upstream response too large to rewrite (rule " + re.Rule + ")", reasonRule
 	case errors.As(err, &re):
-		return http.StatusBadGateway, "etcd-proxy-proxy: rule " + re.Rule + " could not handle the upstream response"
+		return http.StatusBadGateway, "etcd-proxy-proxy: rule " + re.Rule + " could not handle the upstream response", reasonRule
 	case isTLSError(err):
-		return http.StatusBadGateway, "etcd-proxy-proxy: TLS handshake with the upstream failed"
+		return http.StatusBadGateway, "etcd-proxy-proxy: TLS handshake with the upstream failed", reasonTLS
 	case errors.As(err, &ne):
-		return http.StatusServiceUnavailable, "etcd-proxy-proxy: no upstream endpoint available"
+		return http.StatusServiceUnavailable, "etcd-proxy-proxy: no upstream endpoint available", reasonNoEndpoint
 	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &nerr) && nerr.Timeout():
-		return http.StatusGatewayTimeout, "etcd-proxy-proxy: upstream timed out"
+		return http.StatusGatewayTimeout, "etcd-proxy-proxy: upstream timed out", reasonTimeout
 	default:
-		return http.StatusBadGateway, "etcd-proxy-proxy: unable to get a response from the upstream"
+		return http.StatusBadGateway, "etcd-proxy-proxy: unable to get a response from the upstream", reasonSendFailed
 	}
 }
 

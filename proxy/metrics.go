@@ -268,28 +268,14 @@ func code(api string, status int, h http.Header) string {
 	return httpCodes[status]
 }
 
-// errorReason maps a failure handed to the forwarder's ErrorHandler to a reason label, in the order classify
-// decides its status.
+// errorReason maps a failure handed to the forwarder's ErrorHandler to a reason label: a client that went
+// away, or what classify decides.
 func errorReason(r *http.Request, err error) string {
-	var (
-		re   *ruleError
-		ne   *noEndpointError
-		nerr net.Error
-	)
-	switch {
-	case r.Context().Err() != nil && errors.Is(err, context.Canceled):
+	if r.Context().Err() != nil && errors.Is(err, context.Canceled) {
 		return reasonClientGone
-	case errors.As(err, &re):
-		return reasonRule
-	case isTLSError(err):
-		return reasonTLS
-	case errors.As(err, &ne):
-		return reasonNoEndpoint
-	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &nerr) && nerr.Timeout():
-		return reasonTimeout
-	default:
-		return reasonSendFailed
 	}
+	_, _, reason := classify(err)
+	return reason
 }
 
 // countErrors wraps the forwarder's one ErrorHandler so that every failure is counted by reason before it is
