@@ -93,3 +93,13 @@ func (g *goldens) check(t *testing.T, path string, res harness.Result, norm func
 		t.Errorf("%s: this topology differs from the one that wrote the golden file:\n%s", filepath.Base(path), got)
 	}
 }
+
+// issueCert issues a certificate from ca, or fails the test.
+func issueCert(t *testing.T, ca *harness.CA, name string, opts ...harness.CertOption) harness.TLSFiles {
+	t.Helper()
+	f, err := ca.Issue(name, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f
+}

@@ -69,18 +69,11 @@ func TestReadme(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	issue := func(ca *harness.CA, name string, opts ...harness.CertOption) harness.TLSFiles {
-		f, err := ca.Issue(name, opts...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return f
-	}
 	// client.crt of examples 2 and 3 is presented to the members (Cluster CA) and, in example 3, to the
 	// proxy's listener too, whose root-ca.crt must then be the Cluster CA as well.
-	clusterServer := issue(e.PKI.Cluster, "readme-server", harness.ServerAuth())
-	dmzServer := issue(e.PKI.Client, "readme-dmz-server", harness.ServerAuth())
-	dmzClient := issue(e.PKI.Client, "readme-dmz-client", harness.ClientAuth())
+	clusterServer := issueCert(t, e.PKI.Cluster, "readme-server", harness.ServerAuth())
+	dmzServer := issueCert(t, e.PKI.Client, "readme-dmz-server", harness.ServerAuth())
+	dmzClient := issueCert(t, e.PKI.Client, "readme-dmz-client", harness.ClientAuth())
 
 	type example struct {
 		name string

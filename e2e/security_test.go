@@ -851,16 +851,9 @@ func TestListenerTLS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	issue := func(ca *harness.CA, name string, opts ...harness.CertOption) harness.TLSFiles {
-		f, err := ca.Issue(name, opts...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return f
-	}
-	other := issue(e.PKI.Other, "intruder", harness.ClientAuth())
-	expired := issue(e.PKI.Client, "expired-client", harness.ClientAuth(), harness.Expired())
-	serverOnly := issue(e.PKI.Client, "server-only", harness.ServerAuth())
+	other := issueCert(t, e.PKI.Other, "intruder", harness.ClientAuth())
+	expired := issueCert(t, e.PKI.Client, "expired-client", harness.ClientAuth(), harness.Expired())
+	serverOnly := issueCert(t, e.PKI.Client, "server-only", harness.ServerAuth())
 	valid := auth.Endpoint.TLS // a Client-CA client certificate
 	roots := e.PKI.Client.Pool()
 

@@ -1,14 +1,9 @@
 package e2e
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
-	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -133,7 +128,7 @@ func TestV3(t *testing.T) {
 					}
 					var res harness.Result
 					if c.stdin != "" || c.until != "" {
-						res = runEtcdctl(ctx, ctl, c.stdin, c.until, args...)
+						res = ctl.RunWith(ctx, c.stdin, c.until, args...)
 					} else {
 						res = ctl.Run(ctx, args...)
 					}
@@ -198,7 +193,7 @@ func testV3Watch(t *testing.T, ctx context.Context, s *started, ctl *harness.Etc
 	defer cancel()
 	done := make(chan harness.Result, 1)
 	go func() {
-		done <- runEtcdctl(wctx, ctl, "", "after", "watch", "watched", fmt.Sprintf("--rev=%d", resp.Header.Revision+1))
+		done <- ctl.RunWith(wctx, "", "after", "watch", "watched", fmt.Sprintf("--rev=%d", resp.Header.Revision+1))
 	}()
 	if err := s.env.Etcdctl(3, s.top).Run(ctx, "put", "watched", "after").Check(); err != nil {
 		t.Fatal(err)
@@ -210,66 +205,6 @@ func testV3Watch(t *testing.T, ctx context.Context, s *started, ctl *harness.Etc
 	if want := "PUT\nwatched\nafter\n"; res.Stdout != want {
 		t.Errorf("watch printed %q, want %q (stderr %q)", res.Stdout, want, res.Stderr)
 	}
-}
-
-// runEtcdctl runs etcdctl as Etcdctl.Run does, for what Run cannot do: stdin, if not empty, is the standard
-// input; until, if not empty, is the stdout line after which the command is sent SIGINT (watch and elect run
-// until interrupted). A command interrupted that way that dies of the signal has exit status -1 and no Err.
-func runEtcdctl(ctx context.Context, ctl *harness.Etcdctl, stdin, until string, args ...string) harness.Result {
-	full := append(ctl.Args(), args...)
-	res := harness.Result{Args: full, API: ctl.API, Exit: -1}
-	bin, err := harness.Tool(ctx, "etcdctl")
-	if err != nil {
-		res.Err = err
-		return res
-	}
-	ctx, cancel := context.WithTimeout(ctx, harness.DefaultCommandTimeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, bin, full...)
-	for _, kv := range os.Environ() {
-		if !strings.HasPrefix(kv, "ETCDCTL_") {
-			cmd.Env = append(cmd.Env, kv)
-		}
-	}
-	cmd.Env = append(cmd.Env, fmt.Sprintf("ETCDCTL_API=%d", ctl.API))
-	cmd.Env = append(cmd.Env, ctl.Env...)
-	cmd.WaitDelay = 2 * time.Second
-	cmd.Stdin = strings.NewReader(stdin)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		res.Err = err
-		return res
-	}
-	if err := cmd.Start(); err != nil {
-		res.Err = fmt.Errorf("etcdctl %s: %w", strings.Join(args, " "), err)
-		return res
-	}
-	var stdout strings.Builder
-	interrupted := false
-	sc := bufio.NewScanner(out)
-	for sc.Scan() {
-		stdout.WriteString(sc.Text() + "\n")
-		if until != "" && !interrupted && sc.Text() == until {
-			interrupted = cmd.Process.Signal(os.Interrupt) == nil
-		}
-	}
-	err = cmd.Wait()
-	res.Stdout, res.Stderr = stdout.String(), stderr.String()
-	var exit *exec.ExitError
-	switch {
-	case err == nil:
-		res.Exit = 0
-	case ctx.Err() != nil:
-		res.Err = fmt.Errorf("etcdctl %s: %w", strings.Join(args, " "), ctx.Err())
-	case errors.As(err, &exit) && exit.Exited():
-		res.Exit = exit.ExitCode()
-	case interrupted && errors.As(err, &exit):
-	default:
-		res.Err = fmt.Errorf("etcdctl %s: %w", strings.Join(args, " "), err)
-	}
-	return res
 }
 
 // TestAutoSync: a real clientv3 with AutoSyncInterval on top of a chain of proxy-proxies keeps exactly the

@@ -1,6 +1,7 @@
 package harness
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -85,6 +86,13 @@ func (c *Etcdctl) Args() []string {
 // if ctx has no deadline). For API 2 the caller's global flags (--debug, --no-sync) go before the command
 // name in args, as etcdctl v2 requires.
 func (c *Etcdctl) Run(ctx context.Context, args ...string) Result {
+	return c.RunWith(ctx, "", "", args...)
+}
+
+// RunWith is Run with stdin (empty: none) as the standard input and, if until is not empty, SIGINT sent once
+// stdout has a line equal to until — for watch and elect, which run until interrupted. A command interrupted
+// that way that dies of the signal has exit status -1 and no Err.
+func (c *Etcdctl) RunWith(ctx context.Context, stdin, until string, args ...string) Result {
 	full := append(c.Args(), args...)
 	res := Result{Args: full, API: c.API, Exit: -1}
 	bin, err := Tool(ctx, "etcdctl")
@@ -98,9 +106,28 @@ func (c *Etcdctl) Run(ctx context.Context, args ...string) Result {
 	cmd.Env = append(filteredEnviron(), fmt.Sprintf("ETCDCTL_API=%d", c.API))
 	cmd.Env = append(cmd.Env, c.Env...)
 	cmd.WaitDelay = 2 * time.Second
+	if stdin != "" {
+		cmd.Stdin = strings.NewReader(stdin)
+	}
 	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err = cmd.Run()
+	cmd.Stderr = &stderr
+	out, err := cmd.StdoutPipe()
+	if err == nil {
+		err = cmd.Start()
+	}
+	if err != nil {
+		res.Err = fmt.Errorf("harness: etcdctl %s: %w", strings.Join(args, " "), err)
+		return res
+	}
+	interrupted := false
+	sc := bufio.NewScanner(out)
+	for sc.Scan() {
+		stdout.WriteString(sc.Text() + "\n")
+		if until != "" && !interrupted && sc.Text() == until {
+			interrupted = cmd.Process.Signal(os.Interrupt) == nil
+		}
+	}
+	err = cmd.Wait()
 	res.Stdout, res.Stderr = stdout.String(), stderr.String()
 	var exit *exec.ExitError
 	switch {
@@ -110,6 +137,7 @@ func (c *Etcdctl) Run(ctx context.Context, args ...string) Result {
 		res.Err = fmt.Errorf("harness: etcdctl %s: %w", strings.Join(args, " "), ctx.Err())
 	case errors.As(err, &exit) && exit.Exited():
 		res.Exit = exit.ExitCode()
+	case interrupted && errors.As(err, &exit):
 	default:
 		res.Err = fmt.Errorf("harness: etcdctl %s: %w", strings.Join(args, " "), err)
 	}
