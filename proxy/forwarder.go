@@ -32,7 +32,9 @@ type Forwarder struct {
 	transport *http.Transport // TLS upstreams: HTTP/1.1, or HTTP/2 where TLS negotiates it; upgrades
 	grpc      *http.Transport // HTTP/2 only: h2c toward http:// upstreams
 	gateway   *gateway        // the v3 JSON gateway, calling back into rp over gRPC
-	log       *slog.Logger
+	// dialTCP opens a connection to an upstream, with the write timeout; TLS goes on top (reload.go).
+	dialTCP func(ctx context.Context, network, addr string) (net.Conn, error)
+	log     *slog.Logger
 }
 
 // HTTP/2 health checks of upstream connections: a ping after pingAfter of silence, the connection closed when
@@ -78,14 +80,15 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 	}
 	dialer := &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
 	writeTimeout := cfg.WriteTimeout
+	f.dialTCP = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dialer.DialContext(ctx, network, addr)
+		if err != nil || writeTimeout <= 0 {
+			return c, err
+		}
+		return &writeTimeoutConn{Conn: c, timeout: writeTimeout}, nil
+	}
 	f.transport = &http.Transport{
-		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			c, err := dialer.DialContext(ctx, network, addr)
-			if err != nil || writeTimeout <= 0 {
-				return c, err
-			}
-			return &writeTimeoutConn{Conn: c, timeout: writeTimeout}, nil
-		},
+		DialContext:         f.dialTCP,
 		TLSClientConfig:     tlsConf,
 		TLSHandshakeTimeout: dialTimeout,
 		ForceAttemptHTTP2:   true,

@@ -242,3 +242,38 @@ func TestReadyzWithoutUpstream(t *testing.T) {
 		t.Errorf("client port /readyz = %d, want the forwarded 503", code)
 	}
 }
+
+// Each upstream connection is verified against the host it dialled, IP addresses included: a certificate that is
+// valid only for another of the --upstream hosts is refused.
+func TestUpstreamCertificateForAnotherUpstream(t *testing.T) {
+	t.Parallel()
+	pki, err := harness.NewPKI(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := pki.Cluster.Issue("upstream-127-0-0-2", harness.ServerAuth(), harness.Hosts("127.0.0.2"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := tls.LoadX509KeyPair(other.CertFile, other.KeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	up := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.WriteString(w, "{}")
+	}))
+	up.TLS = &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+		return &tls.Config{Certificates: []tls.Certificate{cert}}, nil
+	}}
+	up.StartTLS()
+	t.Cleanup(up.Close)
+	_, u := startServer(t, proxy.Config{
+		Upstreams:   []string{up.URL, "https://127.0.0.2:1"},
+		UpstreamTLS: proxy.TLSInfo{CAFile: pki.Cluster.CertFile},
+		OpsConfig:   proxy.OpsConfig{CertReloadInterval: -1, UpstreamHealthInterval: -1},
+	}, io.Discard)
+	req, _ := http.NewRequest(http.MethodGet, u+"/version", nil)
+	if code, body := do(t, req); code != http.StatusBadGateway || !strings.Contains(body, "TLS") {
+		t.Errorf("upstream 127.0.0.1 with a certificate for 127.0.0.2: %d %s, want 502 TLS", code, body)
+	}
+}

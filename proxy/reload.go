@@ -4,12 +4,10 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
-	"net/url"
 	"os"
 	"slices"
 	"sync"
@@ -150,51 +148,17 @@ func (s *certSide) serverTLS() *tls.Config {
 	}
 }
 
-// clientTLS is the configuration toward the upstream: the client certificate comes from GetClientCertificate
-// and, with a CA file, the server certificate is verified in VerifyConnection against the latest bundle (a
-// tls.Config's RootCAs cannot be swapped while transports clone it). hosts are the upstream hosts: Go does not
-// tell VerifyConnection which one was dialled when it is an IP address (no SNI), so an IP-addressed upstream's
-// certificate must be valid for one of them.
-func (s *certSide) clientTLS(hosts []string) *tls.Config {
-	c := &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: s.info.InsecureSkipVerify} //nolint:gosec // -k is the user's explicit choice
-	if s.info.CertFile != "" {
-		c.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
-			return s.state.Load().cert, nil
-		}
-	}
-	if s.info.CAFile != "" && !s.info.InsecureSkipVerify {
-		c.InsecureSkipVerify = true //nolint:gosec // verified below, against the reloadable bundle
-		c.VerifyConnection = func(cs tls.ConnectionState) error {
-			return verifyUpstream(cs, s.state.Load().roots, hosts)
-		}
+// clientTLS is the configuration of one new connection toward the upstream host serverName, from the side's
+// latest state: crypto/tls then verifies the chain against the reloaded bundle and the certificate against the
+// host dialled, IP addresses included.
+func (s *certSide) clientTLS(serverName string, nextProtos []string) *tls.Config {
+	st := s.state.Load()
+	c := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: serverName, RootCAs: st.roots, NextProtos: nextProtos,
+		InsecureSkipVerify: s.info.InsecureSkipVerify} //nolint:gosec // -k is the user's explicit choice
+	if st.cert != nil {
+		c.Certificates = []tls.Certificate{*st.cert}
 	}
 	return c
-}
-
-// verifyUpstream does what crypto/tls does for a client: the chain against roots, the name against the host.
-func verifyUpstream(cs tls.ConnectionState, roots *x509.CertPool, hosts []string) error {
-	if len(cs.PeerCertificates) == 0 {
-		return errors.New("tls: the upstream sent no certificate")
-	}
-	leaf := cs.PeerCertificates[0]
-	opts := x509.VerifyOptions{Roots: roots, DNSName: cs.ServerName, Intermediates: x509.NewCertPool()}
-	for _, c := range cs.PeerCertificates[1:] {
-		opts.Intermediates.AddCert(c)
-	}
-	_, err := leaf.Verify(opts)
-	if err == nil && cs.ServerName == "" {
-		err = x509.HostnameError{Certificate: leaf, Host: hosts[0]}
-		for _, h := range hosts {
-			if leaf.VerifyHostname(h) == nil {
-				err = nil
-				break
-			}
-		}
-	}
-	if err != nil {
-		return &tls.CertificateVerificationError{UnverifiedCertificates: cs.PeerCertificates, Err: err}
-	}
-	return nil
 }
 
 // certReloader owns both sides and the poller.
@@ -236,19 +200,38 @@ func (r *certReloader) startListener(t TLSInfo) (*tls.Config, error) {
 	return r.listener.serverTLS(), nil
 }
 
-// useUpstreamTLS makes the forwarder's transports take the reloadable upstream configuration for their new
-// connections. It runs in New, before any request, and keeps the ALPN protocols the transports set up.
+// useUpstreamTLS makes the forwarder's transports do their TLS handshakes themselves, each with the upstream
+// side's latest certificates (a tls.Config's RootCAs cannot be swapped while transports clone it). It runs
+// before any request.
 func (r *certReloader) useUpstreamTLS(f *Forwarder) {
 	if r.upstream == nil {
 		return
 	}
-	base := r.upstream.clientTLS(hostsOf(f.upstreams))
+	side := r.upstream
 	for _, t := range []*http.Transport{f.transport, f.grpc} {
-		c := base.Clone()
-		if t.TLSClientConfig != nil {
-			c.NextProtos = slices.Clone(t.TLSClientConfig.NextProtos)
+		protos := []string{"h2", "http/1.1"}
+		if t == f.grpc {
+			protos = []string{"h2"}
 		}
-		t.TLSClientConfig = c
+		timeout := t.TLSHandshakeTimeout
+		t.DialTLSContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			host, _, err := net.SplitHostPort(addr)
+			if err != nil {
+				return nil, err
+			}
+			raw, err := f.dialTCP(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			hctx, cancel := context.WithTimeout(ctx, timeout)
+			defer cancel()
+			c := tls.Client(raw, side.clientTLS(host, protos))
+			if err := c.HandshakeContext(hctx); err != nil {
+				_ = raw.Close()
+				return nil, err
+			}
+			return c, nil
+		}
 	}
 }
 
@@ -303,17 +286,4 @@ func (r *certReloader) failed(s *certSide, err error) error {
 	r.m.certReloads.WithLabelValues(s.name, "failure").Inc()
 	r.log.Error("certificate reload failed; keeping the previous certificates", "side", s.name, "err", err)
 	return fmt.Errorf("%s TLS: %w", s.name, err)
-}
-
-// hostsOf are the host names of URLs, for verifyUpstream.
-func hostsOf(us []*url.URL) []string {
-	var hs []string
-	for _, u := range us {
-		h := u.Hostname()
-		if ip := net.ParseIP(h); ip != nil {
-			h = ip.String()
-		}
-		hs = append(hs, h)
-	}
-	return hs
 }
