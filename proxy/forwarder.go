@@ -32,6 +32,9 @@ type Forwarder struct {
 	transport *http.Transport // TLS upstreams: HTTP/1.1, or HTTP/2 where TLS negotiates it; upgrades
 	grpc      *http.Transport // HTTP/2 only: h2c toward http:// upstreams
 	gateway   *gateway        // the v3 JSON gateway, calling back into rp over gRPC
+	// healthy reports what the background probe last found of upstream i (health.go); nil: no probe, every
+	// endpoint is tried in order.
+	healthy func(i int) bool
 	// dialTCP opens a connection to an upstream, with the write timeout; TLS goes on top (reload.go).
 	dialTCP func(ctx context.Context, network, addr string) (net.Conn, error)
 	log     *slog.Logger
@@ -155,7 +158,7 @@ func (f *Forwarder) rewrite(pr *httputil.ProxyRequest) {
 		pr.Out.Header["X-Forwarded-For"] = slices.Clone(xff)
 	}
 	pr.SetXForwarded()
-	// The first upstream for now; the transport moves on to the next one when a connection cannot be made.
+	// send picks the upstream endpoint; this sets the path and the Host header the way SetURL does.
 	pr.SetURL(f.upstreams[0])
 	reply, n, err := f.chain.request(pr.Out)
 	if reply != nil || err != nil {
@@ -179,7 +182,7 @@ func (rt roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 	return rt.f.send(req)
 }
 
-// send tries the upstreams in order. Moving on is safe only when no connection was made, so nothing of the
+// send tries the upstreams in order, from the first healthy one. Moving on is safe only when no connection was made, so nothing of the
 // request can have reached the previous one, and when no byte of the body has been read: the body is then
 // intact for the next (ReverseProxy keeps the transport from closing the client's body).
 func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
@@ -189,13 +192,13 @@ func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
 		req.Body = body
 	}
 	var err error
-	for i, u := range f.upstreams {
-		if i > 0 {
-			if body != nil && body.n > 0 {
-				break // some of it went out: the request may have been received
-			}
-			req.URL.Scheme, req.URL.Host = u.Scheme, u.Host
+	first := f.firstHealthy()
+	for i := range f.upstreams {
+		u := f.upstreams[(first+i)%len(f.upstreams)]
+		if i > 0 && body != nil && body.n > 0 {
+			break // some of it went out: the request may have been received
 		}
+		req.URL.Scheme, req.URL.Host = u.Scheme, u.Host
 		var resp *http.Response
 		resp, err = f.transportFor(req).RoundTrip(req)
 		if err == nil {
@@ -206,6 +209,21 @@ func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
 		}
 	}
 	return nil, &noEndpointError{err}
+}
+
+// firstHealthy is the first upstream, in --upstream order, that the probe found healthy: every request goes
+// there while it stays healthy (one member serves this proxy's clients, as with etcd's proxy), and the others
+// follow it in order. Without a probe, or with none healthy, it is the first.
+func (f *Forwarder) firstHealthy() int {
+	if f.healthy == nil {
+		return 0
+	}
+	for i := range f.upstreams {
+		if f.healthy(i) {
+			return i
+		}
+	}
+	return 0
 }
 
 // transportFor picks the transport of a request: gRPC needs HTTP/2, plain HTTP/1.1 takes the lean path.

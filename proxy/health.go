@@ -60,7 +60,9 @@ func (s *Server) attachOps(f *Forwarder) {
 	s.ops.m.countErrors(f)
 	s.ops.certs.useUpstreamTLS(f)
 	if iv := s.cfg.healthInterval(); iv > 0 {
-		s.ops.probe = newProber(f, s.cfg.UpstreamHealthCheck, iv, s.ops.m)
+		p := newProber(f, s.cfg.UpstreamHealthCheck, iv, s.ops.m)
+		s.ops.probe = p
+		f.healthy = func(i int) bool { return p.healthy[i].Load() } // requests start at a healthy endpoint
 	}
 }
 

@@ -277,3 +277,49 @@ func TestUpstreamCertificateForAnotherUpstream(t *testing.T) {
 		t.Errorf("upstream 127.0.0.1 with a certificate for 127.0.0.2: %d %s, want 502 TLS", code, body)
 	}
 }
+
+// Requests start at the first upstream the probe found healthy: an endpoint that answers but is unhealthy (a
+// member without a leader answers /health 503) gets nothing, and gets it all back once healthy again.
+func TestRequestsGoToAHealthyUpstream(t *testing.T) {
+	t.Parallel()
+	var sick atomic.Bool
+	sick.Store(true)
+	upstream := func(name string, healthy func() bool) *httptest.Server {
+		up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/health" && !healthy() {
+				w.WriteHeader(http.StatusServiceUnavailable)
+			}
+			_, _ = io.WriteString(w, name)
+		}))
+		t.Cleanup(up.Close)
+		return up
+	}
+	first := upstream("first", func() bool { return !sick.Load() })
+	second := upstream("second", func() bool { return true })
+	srv, u := startServer(t, proxy.Config{
+		Upstreams: []string{first.URL, second.URL},
+		OpsConfig: proxy.OpsConfig{UpstreamHealthInterval: 20 * time.Millisecond},
+	}, io.Discard)
+	answer := func() string {
+		req, _ := http.NewRequest(http.MethodGet, u+"/v2/keys/a", nil)
+		_, body := do(t, req)
+		return body
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for ok, _ := srv.Ready(); !ok; ok, _ = srv.Ready() { // the first probe round has run
+		if time.Now().After(deadline) {
+			t.Fatal("not ready after 5 s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := answer(); got != "second" {
+		t.Errorf("with the first upstream unhealthy the answer came from %q, want second", got)
+	}
+	sick.Store(false)
+	for answer() != "first" {
+		if time.Now().After(deadline) {
+			t.Fatal("requests did not go back to the first upstream within 5 s of it being healthy")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
