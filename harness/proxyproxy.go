@@ -6,7 +6,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/http"
 	"time"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
@@ -101,35 +100,11 @@ func (e *Env) StartProxyProxy(ctx context.Context, below Endpoint, h ProxyProxyH
 	})
 	e.Register(l.Addr().String(), name)
 	e.Register(srv.Self().IDString(), name+"-id")
-	if err := waitAnswer(ctx, u+"/version", ep.TLS); err != nil {
+	if err := waitHTTP(ctx, u+"/version", ep.TLS, anyStatus); err != nil {
 		return nil, fmt.Errorf("%s: not serving: %w", name, err)
 	}
 	e.logf("harness: %s up at %s in front of %s", name, u, below.Name)
 	return &ProxyProxy{Server: srv, Config: cfg, Endpoint: ep}, nil
-}
-
-// waitAnswer polls GET url until the server answers at all, or ctx ends.
-func waitAnswer(ctx context.Context, url string, tf TLSFiles) error {
-	tc, err := tf.ClientConfig()
-	if err != nil {
-		return err
-	}
-	cl := &http.Client{Transport: &http.Transport{TLSClientConfig: tc, DisableKeepAlives: true}, Timeout: 2 * time.Second}
-	for {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-		if err != nil {
-			return err
-		}
-		resp, err := cl.Do(req)
-		if err == nil {
-			return resp.Body.Close()
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%w (last: %v)", ctx.Err(), err)
-		case <-time.After(20 * time.Millisecond):
-		}
-	}
 }
 
 type logfWriter func(format string, args ...any)

@@ -167,7 +167,7 @@ func (e *Env) StartStockV2Proxy(ctx context.Context, c *Cluster, opts ...StockOp
 	e.Defer(name, p.Close)
 	e.Register(l.Addr().String(), name)
 
-	if err := waitHTTP(ctx, p.URL+"/version", p.TLS); err != nil {
+	if err := waitHTTP(ctx, p.URL+"/version", p.TLS, statusOK); err != nil {
 		return nil, fmt.Errorf("harness: %s not serving (log %s): %w", name, logPath, err)
 	}
 	e.logf("harness: %s serving on %s", name, p.URL)
@@ -189,8 +189,15 @@ func (p *StockProxy) Close() error {
 	return err
 }
 
-// waitHTTP polls GET url until it answers 200 or ctx ends.
-func waitHTTP(ctx context.Context, url string, tf TLSFiles) error {
+// Readiness by the status of GET /version: a 200, or any answer at all (a part whose own HTTP works while the
+// layer below serves none, as etcd's grpc-proxy does).
+var (
+	statusOK  = func(code int) bool { return code == http.StatusOK }
+	anyStatus = func(int) bool { return true }
+)
+
+// waitHTTP polls GET url until its status satisfies ok, or ctx ends.
+func waitHTTP(ctx context.Context, url string, tf TLSFiles, ok func(status int) bool) error {
 	tc, err := tf.ClientConfig()
 	if err != nil {
 		return err
@@ -207,7 +214,7 @@ func waitHTTP(ctx context.Context, url string, tf TLSFiles) error {
 		if err == nil {
 			_, _ = io.Copy(io.Discard, resp.Body)
 			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
+			if ok(resp.StatusCode) {
 				return nil
 			}
 			err = fmt.Errorf("GET %s: %s", url, resp.Status)
