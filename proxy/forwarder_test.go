@@ -650,6 +650,57 @@ func TestServerLoop(t *testing.T) {
 	}
 }
 
+// Two proxy-proxies that are each other's upstream: the request comes back to the first, which answers 508;
+// for v2 over HTTP/1.1 and for gRPC alike.
+func TestServerLoopThroughAnother(t *testing.T) {
+	t.Parallel()
+	var urls [2]string
+	var ls [2]net.Listener
+	for i := range ls {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		ls[i], urls[i] = l, "http://"+l.Addr().String()
+	}
+	for i := range ls {
+		srv, err := New(Config{Upstreams: []string{urls[1-i]}, ListenClientURLs: []string{urls[i]}, AdvertiseClientURLs: []string{urls[i]}},
+			WithLogger(quiet), WithListener(urls[i], ls[i]))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := srv.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { srv.Close() })
+	}
+	start := time.Now()
+	resp, body := get(t, http.MethodGet, urls[0]+"/v2/keys/x", nil)
+	if msg := etcdError(t, resp, body, http.StatusLoopDetected); !strings.Contains(msg, "loop") {
+		t.Errorf("message = %q", msg)
+	}
+	// gRPC: a trailers-only status, over h2c.
+	h2c := &http.Transport{Protocols: new(http.Protocols)}
+	h2c.Protocols.SetUnencryptedHTTP2(true)
+	t.Cleanup(h2c.CloseIdleConnections)
+	req, _ := http.NewRequest(http.MethodPost, urls[0]+"/etcdserverpb.KV/Range", strings.NewReader("\x00\x00\x00\x00\x00"))
+	req.Header.Set("Content-Type", "application/grpc")
+	req.Header.Set("Te", "trailers")
+	gresp, err := h2c.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.Copy(io.Discard, gresp.Body)
+	gresp.Body.Close()
+	status := gresp.Header.Get("Grpc-Status") + gresp.Trailer.Get("Grpc-Status")
+	if status != "9" || !strings.Contains(gresp.Header.Get("Grpc-Message")+gresp.Trailer.Get("Grpc-Message"), "loop") {
+		t.Errorf("gRPC call in a loop: grpc-status %q, want 9 (FailedPrecondition) naming the loop", status)
+	}
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("loops detected after %v", d)
+	}
+}
+
 // grpcUpstream is an h2c upstream that answers every unary gRPC call with the message answer returns.
 func grpcUpstream(t *testing.T, answer func(method string) []byte) (*httptest.Server, *atomic.Int64) {
 	t.Helper()

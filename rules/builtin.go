@@ -35,8 +35,8 @@ func Default(o Options) []Rule {
 	}
 }
 
-// Loop answers 508 Loop Detected when a request already carries this proxy's instance ID, and adds the ID
-// otherwise.
+// Loop answers 508 Loop Detected (gRPC: FailedPrecondition) when a request already carries this proxy's
+// instance ID, and adds the ID otherwise.
 type Loop struct {
 	Passthrough
 	// Instance is this process's ID; empty disables the rule.
@@ -53,10 +53,14 @@ func (l *Loop) Request(req *http.Request) (*http.Response, error) {
 	}
 	for _, v := range req.Header.Values(ViaHeader) {
 		for id := range strings.SplitSeq(v, ",") {
-			if strings.TrimSpace(id) == l.Instance {
-				return Reply(req, http.StatusLoopDetected,
-					"etcd-proxy-proxy: request loop detected (this proxy is its own upstream)"), nil
+			if strings.TrimSpace(id) != l.Instance {
+				continue
 			}
+			const msg = "etcd-proxy-proxy: request loop detected (this proxy is its own upstream)"
+			if IsGRPC(req) {
+				return GRPCReply(req, CodeFailedPrecondition, msg), nil
+			}
+			return Reply(req, http.StatusLoopDetected, msg), nil
 		}
 	}
 	req.Header.Add(ViaHeader, l.Instance)

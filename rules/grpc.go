@@ -23,10 +23,11 @@ const (
 
 // gRPC status codes used here (google.golang.org/grpc/codes).
 const (
-	CodeDeadlineExceeded = 4
-	CodePermissionDenied = 7
-	CodeInternal         = 13
-	CodeUnavailable      = 14
+	CodeDeadlineExceeded   = 4
+	CodePermissionDenied   = 7
+	CodeFailedPrecondition = 9
+	CodeInternal           = 13
+	CodeUnavailable        = 14
 )
 
 // IsGRPC reports whether req is a gRPC call.
