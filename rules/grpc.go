@@ -1,6 +1,8 @@
 package rules
 
 import (
+	"bytes"
+	"compress/gzip"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -191,20 +193,39 @@ func rewriteGRPC[T message](body []byte, msg T, edit func(T)) ([]byte, error) {
 	return framed, nil
 }
 
-// unframe returns the single uncompressed message of a gRPC body.
+// unframe returns the single message of a gRPC body, uncompressed. A compressed one (flag 1) is taken to be gzip,
+// the one compressor etcd's clients use; the message goes back uncompressed (flag 0), which is valid whatever
+// grpc-encoding says.
 func unframe(body []byte) ([]byte, error) {
 	if len(body) < 5 {
 		return nil, errors.New("gRPC body shorter than a frame header")
-	}
-	if body[0] != 0 {
-		return nil, errors.New("compressed gRPC messages are not rewritten")
 	}
 	n := binary.BigEndian.Uint32(body[1:5])
 	if uint64(len(body)-5) != uint64(n) {
 		return nil, errors.New("gRPC body is not exactly one message")
 	}
-	return body[5:], nil
+	switch body[0] {
+	case 0:
+		return body[5:], nil
+	case 1:
+		zr, err := gzip.NewReader(bytes.NewReader(body[5:]))
+		if err != nil {
+			return nil, fmt.Errorf("compressed gRPC message: %w", err)
+		}
+		msg, err := io.ReadAll(io.LimitReader(zr, maxMessage+1))
+		if err == nil && len(msg) > maxMessage {
+			err = errors.New("too large")
+		}
+		if err != nil {
+			return nil, fmt.Errorf("compressed gRPC message: %w", err)
+		}
+		return msg, nil
+	}
+	return nil, fmt.Errorf("gRPC frame flag %d", body[0])
 }
+
+// maxMessage bounds a decompressed message (membership answers are a few KiB).
+const maxMessage = 4 << 20
 
 // GRPCStatus keeps upstream addresses out of gRPC status messages. The hops below put them there: a stock
 // grpc-proxy's Unavailable reads "... dial tcp 10.0.0.1:2379: connect: connection refused", a failed name lookup

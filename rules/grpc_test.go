@@ -2,6 +2,7 @@ package rules
 
 import (
 	"bytes"
+	"compress/gzip"
 	"encoding/binary"
 	"io"
 	"net/http"
@@ -238,7 +239,7 @@ func TestMembersGRPCBadFrames(t *testing.T) {
 	tests := map[string][]byte{
 		"empty":       nil,
 		"short":       {0, 0, 0},
-		"compressed":  compressed,
+		"not gzip":    compressed,
 		"two":         append(slices.Clone(one), one...),
 		"truncated":   append([]byte{0, 0, 0, 0, 9}, 1, 2),
 		"not a proto": append([]byte{0, 0, 0, 0, 3}, 0xff, 0xff, 0xff),
@@ -364,5 +365,42 @@ func TestScrubAddresses(t *testing.T) {
 				t.Errorf("ScrubAddresses(%q) = %q, want %q", tt.in, got, tt.want)
 			}
 		})
+	}
+}
+
+// A client that asked for gzip gets the member list compressed from below; the rewrite decompresses it and
+// answers uncompressed (flag 0), which every client reads.
+func TestMembersGRPCCompressed(t *testing.T) {
+	t.Parallel()
+	plain, err := (&pb.MemberListResponse{Members: []*pb.Member{{ID: 1, Name: "m1", ClientURLs: []string{"http://10.0.0.1:2379"}}}}).Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var z bytes.Buffer
+	zw := gzip.NewWriter(&z)
+	_, _ = zw.Write(plain)
+	_ = zw.Close()
+	body := make([]byte, 5+z.Len())
+	body[0] = 1
+	binary.BigEndian.PutUint32(body[1:5], uint32(z.Len()))
+	copy(body[5:], z.Bytes())
+
+	self := NewSelf("pp", []string{"http://pp.example:2379"})
+	resp := &http.Response{StatusCode: 200, Header: http.Header{"Content-Type": {GRPCContentType}},
+		Request: grpcRequest("/etcdserverpb.Cluster/MemberList")}
+	fn, err := (&Members{Self: self}).Response(resp)
+	if err != nil || fn == nil {
+		t.Fatalf("MemberList not claimed: %v", err)
+	}
+	out, err := fn(body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out[0] != 0 {
+		t.Errorf("flag = %d, want 0 (uncompressed)", out[0])
+	}
+	got := unframeT(t, out, &pb.MemberListResponse{})
+	if len(got.Members) != 1 || got.Members[0].ID != self.ID || strings.Contains(string(out), "10.0.0.1") {
+		t.Errorf("members = %v", got.Members)
 	}
 }
