@@ -73,7 +73,8 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 	if len(f.upstreams) == 0 {
 		return nil, errors.New("no upstream")
 	}
-	tlsConf, err := cfg.UpstreamTLS.clientConfig()
+	// The files as they are now; with the operations side, reload.go takes over the handshakes (useUpstreamTLS).
+	upTLS, err := loadUpstream(cfg.UpstreamTLS)
 	if err != nil {
 		return nil, fmt.Errorf("upstream TLS: %w", err)
 	}
@@ -92,7 +93,7 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 	}
 	f.transport = &http.Transport{
 		DialContext:         f.dialTCP,
-		TLSClientConfig:     tlsConf,
+		TLSClientConfig:     upstreamConfig(cfg.UpstreamTLS, upTLS, "", nil),
 		TLSHandshakeTimeout: dialTimeout,
 		ForceAttemptHTTP2:   true,
 		// Enough idle connections for c=64 load: the default 2 per host turns it into a reconnect storm.

@@ -152,9 +152,14 @@ func (s *certSide) serverTLS() *tls.Config {
 // latest state: crypto/tls then verifies the chain against the reloaded bundle and the certificate against the
 // host dialled, IP addresses included.
 func (s *certSide) clientTLS(serverName string, nextProtos []string) *tls.Config {
-	st := s.state.Load()
+	return upstreamConfig(s.info, s.state.Load(), serverName, nextProtos)
+}
+
+// upstreamConfig is the TLS toward the upstream made of one load of its files. An empty serverName lets
+// http.Transport fill in the host it dials.
+func upstreamConfig(t TLSInfo, st *tlsState, serverName string, nextProtos []string) *tls.Config {
 	c := &tls.Config{MinVersion: tls.VersionTLS12, ServerName: serverName, RootCAs: st.roots, NextProtos: nextProtos,
-		InsecureSkipVerify: s.info.InsecureSkipVerify} //nolint:gosec // -k is the user's explicit choice
+		InsecureSkipVerify: t.InsecureSkipVerify} //nolint:gosec // -k is the user's explicit choice
 	if st.cert != nil {
 		c.Certificates = []tls.Certificate{*st.cert}
 	}

@@ -7,27 +7,6 @@ import (
 	"os"
 )
 
-// clientConfig is the TLS toward the upstream; nil when nothing is configured (the system roots then apply to
-// https upstreams).
-func (t TLSInfo) clientConfig() (*tls.Config, error) {
-	c := &tls.Config{MinVersion: tls.VersionTLS12, InsecureSkipVerify: t.InsecureSkipVerify} //nolint:gosec // -k is the user's explicit choice
-	if t.CertFile != "" {
-		cert, err := tls.LoadX509KeyPair(t.CertFile, t.KeyFile)
-		if err != nil {
-			return nil, fmt.Errorf("loading the client certificate: %w", err)
-		}
-		c.Certificates = []tls.Certificate{cert}
-	}
-	if t.CAFile != "" {
-		pool, err := loadPool(t.CAFile)
-		if err != nil {
-			return nil, err
-		}
-		c.RootCAs = pool
-	}
-	return c, nil
-}
-
 // serverConfig is the TLS of the https listeners. With a CA file client certificates are verified when given,
 // and required with ClientCertAuth.
 func (t TLSInfo) serverConfig() (*tls.Config, error) {
