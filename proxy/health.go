@@ -95,14 +95,9 @@ func (s *Server) startOps() error {
 		writeJSON(w, http.StatusOK, map[string]any{"ready": true})
 	})
 	for _, raw := range s.cfg.ListenMetricsURLs {
-		u, _ := url.Parse(raw) // validated
-		l, ok := s.listeners[raw]
-		if !ok {
-			var err error
-			if l, err = net.Listen("tcp", u.Host); err != nil {
-				return fmt.Errorf("listening on %s: %w", raw, err)
-			}
-			s.listeners[raw] = l
+		l, u, err := s.listen(raw)
+		if err != nil {
+			return err
 		}
 		srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 5 * time.Minute}
 		serve := func() error { return srv.Serve(l) }

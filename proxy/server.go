@@ -113,15 +113,10 @@ func (s *Server) Start() error {
 	}
 	s.errs = make(chan error, len(s.cfg.ListenClientURLs))
 	for _, raw := range s.cfg.ListenClientURLs {
-		u, _ := url.Parse(raw) // validated
-		l, ok := s.listeners[raw]
-		if !ok {
-			var err error
-			if l, err = net.Listen("tcp", u.Host); err != nil {
-				_ = s.Close()
-				return fmt.Errorf("listening on %s: %w", raw, err)
-			}
-			s.listeners[raw] = l
+		l, u, err := s.listen(raw)
+		if err != nil {
+			_ = s.Close()
+			return err
 		}
 		srv := &http.Server{
 			Handler:           s.handler(), // the forwarder, counted and access-logged (metrics.go)
@@ -159,6 +154,20 @@ func (s *Server) Start() error {
 		return err
 	}
 	return nil
+}
+
+// listen returns the listener of a listen URL: the one handed in with WithListener, or a new one.
+func (s *Server) listen(raw string) (net.Listener, *url.URL, error) {
+	u, _ := url.Parse(raw) // validated
+	if l, ok := s.listeners[raw]; ok {
+		return l, u, nil
+	}
+	l, err := net.Listen("tcp", u.Host)
+	if err != nil {
+		return nil, nil, fmt.Errorf("listening on %s: %w", raw, err)
+	}
+	s.listeners[raw] = l
+	return l, u, nil
 }
 
 // URLs are the URLs actually listened on (with the ports chosen for :0).
