@@ -116,14 +116,9 @@ func isGatewayPath(path string) bool {
 	return strings.HasPrefix(path, "/v3/") || strings.HasPrefix(path, "/v3beta/")
 }
 
-// isGatewayStream reports the gateway calls that stream for as long as the client wants.
-func isGatewayStream(path string) bool {
-	switch path {
-	case "/v3/watch", "/v3/lease/keepalive", "/v3/election/observe", "/v3/maintenance/snapshot":
-		return true
-	}
-	return false
-}
+// isGatewayStream reports the gateway calls that stream for as long as the client wants (the table of the
+// metrics marks them).
+func isGatewayStream(path string) bool { return gatewayPaths[path] }
 
 func (g *gateway) close() {
 	if g.cancel != nil {
