@@ -14,7 +14,6 @@ import (
 	"runtime"
 	"slices"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -22,6 +21,8 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
+
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
 )
 
 func TestVersionSaysWhatItSpeaks(t *testing.T) {
@@ -55,18 +56,6 @@ func TestLogFlags(t *testing.T) {
 	}
 }
 
-type syncWriter struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (w *syncWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.b.Write(p)
-}
-func (w *syncWriter) String() string { w.mu.Lock(); defer w.mu.Unlock(); return w.b.String() }
-
 // The serve loop tells systemd READY=1 once listening, reloads on SIGHUP, and says STOPPING=1 on SIGTERM.
 func TestServeSystemdAndSignals(t *testing.T) {
 	sock := filepath.Join(t.TempDir(), "notify.sock")
@@ -80,7 +69,7 @@ func TestServeSystemdAndSignals(t *testing.T) {
 	defer up.Close()
 
 	sig := make(chan os.Signal, 1)
-	stderr := &syncWriter{}
+	stderr := &harness.Buffer{}
 	done := make(chan int, 1)
 	go func() {
 		done <- serveUntil([]string{"etcd-proxy-proxy", "--upstream", up.URL, "--listen-client-urls", "http://127.0.0.1:0",

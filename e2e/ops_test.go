@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/base64"
@@ -15,7 +14,6 @@ import (
 	"net/url"
 	"os"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -25,24 +23,6 @@ import (
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
 )
-
-// syncBuffer is a log destination the test reads while the proxy writes.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // eventually polls cond every 20 ms until it holds or ctx ends; what is the failure message.
 func eventually(t *testing.T, ctx context.Context, what string, cond func() (bool, string)) {
@@ -71,7 +51,7 @@ func TestOps(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	logs := &syncBuffer{}
+	logs := &harness.Buffer{}
 	pp, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{
 		TLS: true,
 		Configure: func(cfg *proxy.Config) {

@@ -1,7 +1,6 @@
 package proxy_test
 
 import (
-	"bytes"
 	"crypto/tls"
 	"io"
 	"log/slog"
@@ -10,7 +9,6 @@ import (
 	"net/http/httptest"
 	"os"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -18,18 +16,6 @@ import (
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
 )
-
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuffer) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-func (l *lockedBuffer) String() string { l.mu.Lock(); defer l.mu.Unlock(); return l.b.String() }
 
 // startServer starts a proxy.Server on a free port with cfg (Upstreams set by the caller) and a logger into logs.
 func startServer(t *testing.T, cfg proxy.Config, logs io.Writer) (*proxy.Server, string) {
@@ -67,7 +53,7 @@ func TestAccessLogHasNoSecrets(t *testing.T) {
 	t.Parallel()
 	up := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "{}") }))
 	t.Cleanup(up.Close)
-	logs := &lockedBuffer{}
+	logs := &harness.Buffer{}
 	_, u := startServer(t, proxy.Config{Upstreams: []string{up.URL}, OpsConfig: proxy.OpsConfig{AccessLog: true}}, logs)
 
 	req, _ := http.NewRequest(http.MethodPut, u+"/v2/keys/app/db?value=hunter2&prevExist=false", nil)
