@@ -33,9 +33,6 @@ const (
 	exitUsage = 2
 )
 
-// shutdownGrace bounds how long in-flight requests may finish after SIGINT/SIGTERM.
-const shutdownGrace = 10 * time.Second
-
 // Main runs the command with args (os.Args) and returns the exit status.
 func Main(args []string, stdout, stderr io.Writer) int {
 	if len(args) > 1 {
@@ -210,7 +207,7 @@ func serveUntil(args []string, stdout, stderr io.Writer, sig <-chan os.Signal) i
 	log.Info("etcd-proxy-proxy started", "version", Version, "member-id", srv.Self().IDString(),
 		"advertise-client-urls", strings.Join(cfg.AdvertiseClientURLs, ","))
 	notify(log, daemon.SdNotifyReady) // every listener is open
-	status := waitAndShutdown(log, sig, srv.Errors(), srv.ReloadCertificates, func(ctx context.Context) error {
+	status := waitAndShutdown(log, sig, srv.Errors(), srv.ReloadCertificates, cfg.ShutdownGrace(), func(ctx context.Context) error {
 		notify(log, daemon.SdNotifyStopping)
 		return srv.Shutdown(ctx)
 	})
@@ -230,7 +227,7 @@ func notify(log *slog.Logger, state string) {
 // waitAndShutdown waits for SIGINT/SIGTERM or a failed listener and shuts down gracefully. SIGHUP (on which Go
 // would exit) calls reload; a failed reload is logged and serving goes on.
 func waitAndShutdown(log *slog.Logger, sig <-chan os.Signal, failed <-chan error, reload func() error,
-	shutdown func(context.Context) error) int {
+	grace time.Duration, shutdown func(context.Context) error) int {
 	status := exitOK
 	for wait := true; wait; {
 		select {
@@ -252,7 +249,7 @@ func waitAndShutdown(log *slog.Logger, sig <-chan os.Signal, failed <-chan error
 			status, wait = exitError, false
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+	ctx, cancel := context.WithTimeout(context.Background(), grace)
 	defer cancel()
 	if err := shutdown(ctx); err != nil {
 		log.Warn("shutdown", "err", err)

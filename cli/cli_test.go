@@ -44,7 +44,7 @@ func TestBadFlagsAllReported(t *testing.T) {
 		"unknown flag --bogus",
 		"unknown flag -also-unknown=1",
 		`--listen-client-urls "ftp://0.0.0.0:2379": scheme must be http or https`,
-		"--upstream is required",
+		"--upstream or --discovery-srv is required",
 		"--cert-file and --key-file go together",
 	} {
 		if !strings.Contains(stderr, want) {

@@ -84,7 +84,7 @@ func demo(args []string, stdout, stderr io.Writer) int {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sig)
-	return waitAndShutdown(log, sig, nil, nil, func(context.Context) error { return nil })
+	return waitAndShutdown(log, sig, nil, nil, 0, func(context.Context) error { return nil })
 }
 
 func printDemo(w io.Writer, env *harness.Env, seed, v3 *harness.Running) {

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"math"
 	"net"
 	"net/url"
 	"os"
@@ -31,6 +32,22 @@ const (
 	DefaultWriteTimeout = 5 * time.Second
 	// DefaultMaxRuleBody bounds a response body buffered for a rule (membership lists are a few KiB).
 	DefaultMaxRuleBody = 4 << 20
+	// DefaultFailureWait is the stock proxy's --proxy-failure-wait (5000 ms).
+	DefaultFailureWait = 5 * time.Second
+	// DefaultRefreshInterval is the stock proxy's --proxy-refresh-interval (30000 ms).
+	DefaultRefreshInterval = 30 * time.Second
+	// DefaultMaxRequestBytes bounds a request body and each gRPC message: etcd's largest recommended
+	// --max-request-bytes (10 MiB), so a proxy never refuses what its members accept.
+	DefaultMaxRequestBytes = 10 << 20
+	// DefaultMaxHeaderBytes bounds a request header, as net/http does by default.
+	DefaultMaxHeaderBytes = 1 << 20
+	// DefaultReadHeaderTimeout bounds reading a request header: a slow client cannot hold a connection open
+	// without ever sending a request.
+	DefaultReadHeaderTimeout = 10 * time.Second
+	// DefaultIdleTimeout closes a client connection that has been idle this long.
+	DefaultIdleTimeout = 5 * time.Minute
+	// DefaultShutdownTimeout bounds a graceful shutdown: in-flight requests get this long to finish.
+	DefaultShutdownTimeout = 10 * time.Second
 )
 
 // TLSInfo describes one TLS side as file paths, as etcd's transport.TLSInfo does. The zero value is plain TCP.
@@ -68,8 +85,41 @@ type Config struct {
 	DialTimeout time.Duration
 	// WriteTimeout bounds writing a request to the upstream; zero means DefaultWriteTimeout.
 	WriteTimeout time.Duration
+	// ReadTimeout bounds every read from an upstream connection, as the stock proxy's --proxy-read-timeout
+	// does; zero means none, which watches and long polls need.
+	ReadTimeout time.Duration
+	// FailureWait is how long an endpoint that could not be reached gets no new requests, unless the probe finds
+	// it healthy sooner. Zero means DefaultFailureWait; negative means no wait.
+	FailureWait time.Duration
+	// RefreshInterval is how often discovery (DiscoverySRV, DiscoverMembers) looks again. Zero means
+	// DefaultRefreshInterval; negative means only once, at start.
+	RefreshInterval time.Duration
+	// DiscoverySRV is a DNS domain whose _etcd-client-ssl._tcp and _etcd-client._tcp SRV records name the
+	// upstream endpoints (https and http), as etcd's --discovery-srv; it replaces Upstreams. Empty means none.
+	DiscoverySRV string
+	// DiscoverySRVName suffixes the SRV service names (_etcd-client-ssl-NAME._tcp), as etcd's
+	// --discovery-srv-name. Empty means none.
+	DiscoverySRVName string
+	// DiscoverMembers learns the members' client URLs from the upstream's member list and uses them as the
+	// endpoints, refreshed every RefreshInterval; Upstreams (or DiscoverySRV) are only where it asks. Off by
+	// default: behind another proxy-proxy it would bypass it.
+	DiscoverMembers bool
 	// MaxRuleBody bounds a response body buffered for a rule; zero means DefaultMaxRuleBody.
 	MaxRuleBody int64
+	// MaxRequestBytes bounds a request body, and each message of a gRPC call; zero means
+	// DefaultMaxRequestBytes.
+	MaxRequestBytes int64
+	// MaxHeaderBytes bounds a request header on the listeners; zero means DefaultMaxHeaderBytes.
+	MaxHeaderBytes int64
+	// ReadHeaderTimeout bounds reading a request header on the listeners. Zero means
+	// DefaultReadHeaderTimeout; negative means none.
+	ReadHeaderTimeout time.Duration
+	// IdleTimeout closes a client connection idle for this long. Zero means DefaultIdleTimeout; negative means
+	// never.
+	IdleTimeout time.Duration
+	// ShutdownTimeout is how long a graceful shutdown lets in-flight requests finish (open streams are ended
+	// at once). Zero means DefaultShutdownTimeout; negative means none: everything is closed at once.
+	ShutdownTimeout time.Duration
 	// OpsConfig holds the metrics/health listeners, the upstream probe, certificate reload and the access log
 	// (ops.go); its fields are promoted.
 	OpsConfig
@@ -95,11 +145,15 @@ func (l listFlag) Set(s string) error {
 	return nil
 }
 
-// msFlag is a duration given in milliseconds, as the stock proxy's --proxy-*-timeout flags are.
-type msFlag struct{ p *time.Duration }
+// msFlag is a duration given in milliseconds, as the stock proxy's --proxy-*-timeout flags are. With zeroOff,
+// 0 is stored as a negative duration, so that the zero value of the field keeps meaning "the default".
+type msFlag struct {
+	p       *time.Duration
+	zeroOff bool
+}
 
 func (m msFlag) String() string {
-	if m.p == nil {
+	if m.p == nil || *m.p < 0 {
 		return "0"
 	}
 	return fmt.Sprint(m.p.Milliseconds())
@@ -112,6 +166,28 @@ func (m msFlag) Set(s string) error {
 		return fmt.Errorf("want milliseconds as a non-negative integer, got %q", s)
 	}
 	*m.p = time.Duration(n) * time.Millisecond
+	if n == 0 && m.zeroOff {
+		*m.p = -1
+	}
+	return nil
+}
+
+// bytesFlag is a positive number of bytes.
+type bytesFlag struct{ p *int64 }
+
+func (b bytesFlag) String() string {
+	if b.p == nil {
+		return "0"
+	}
+	return fmt.Sprint(*b.p)
+}
+
+func (b bytesFlag) Set(s string) error {
+	n, err := strconv.ParseInt(strings.TrimSpace(s), 10, 64)
+	if err != nil || n <= 0 {
+		return fmt.Errorf("want a number of bytes greater than 0, got %q", s)
+	}
+	*b.p = n
 	return nil
 }
 
@@ -133,6 +209,19 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	if c.WriteTimeout == 0 {
 		c.WriteTimeout = DefaultWriteTimeout
 	}
+	for _, d := range []struct {
+		p   *time.Duration
+		def time.Duration
+	}{
+		{&c.FailureWait, DefaultFailureWait}, {&c.RefreshInterval, DefaultRefreshInterval},
+		{&c.ReadHeaderTimeout, DefaultReadHeaderTimeout}, {&c.IdleTimeout, DefaultIdleTimeout},
+		{&c.ShutdownTimeout, DefaultShutdownTimeout},
+	} {
+		if *d.p == 0 {
+			*d.p = d.def
+		}
+	}
+	c.MaxRuleBody, c.MaxRequestBytes, c.MaxHeaderBytes = c.maxRuleBody(), c.maxRequestBytes(), c.maxHeaderBytes()
 	fs.Var(listFlag{&c.Upstreams}, "upstream", "upstream client URL(s), comma-separated: an etcd member, a stock etcd proxy or another etcd-proxy-proxy (required)")
 	fs.StringVar(&c.UpstreamTLS.CAFile, "upstream-ca-file", "", "verify the upstream's certificate with this CA bundle (default: the system roots)")
 	fs.StringVar(&c.UpstreamTLS.CertFile, "upstream-cert-file", "", "client certificate presented to the upstream")
@@ -150,8 +239,20 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Name, "name", c.Name, "member name reported in membership views")
 	fs.BoolVar(&c.ForwardMemberChanges, "forward-member-changes", false, "forward member add/update/remove upstream instead of rejecting them")
 	fs.BoolVar(&c.ReadOnly, "readonly", false, "answer every request but GET and HEAD with 501, as the stock readonly proxy does")
-	fs.Var(msFlag{&c.DialTimeout}, "proxy-dial-timeout", "milliseconds to wait for a connection to the upstream")
-	fs.Var(msFlag{&c.WriteTimeout}, "proxy-write-timeout", "milliseconds to wait for a request to be written to the upstream")
+	fs.Var(msFlag{p: &c.DialTimeout}, "proxy-dial-timeout", "milliseconds to wait for a connection to the upstream")
+	fs.Var(msFlag{p: &c.WriteTimeout}, "proxy-write-timeout", "milliseconds to wait for a request to be written to the upstream")
+	fs.Var(msFlag{p: &c.ReadTimeout}, "proxy-read-timeout", "milliseconds to wait for each read from the upstream; 0 waits for ever (watches need it)")
+	fs.Var(msFlag{p: &c.FailureWait, zeroOff: true}, "proxy-failure-wait", "milliseconds an endpoint that could not be reached gets no new requests (unless the probe finds it healthy sooner)")
+	fs.Var(msFlag{p: &c.RefreshInterval, zeroOff: true}, "proxy-refresh-interval", "milliseconds between discovery refreshes (--discovery-srv, --discover-members); 0 discovers once, at start")
+	fs.StringVar(&c.DiscoverySRV, "discovery-srv", "", "DNS domain whose _etcd-client-ssl._tcp / _etcd-client._tcp SRV records name the upstream endpoints (instead of --upstream)")
+	fs.StringVar(&c.DiscoverySRVName, "discovery-srv-name", "", "suffix of the SRV service names: _etcd-client-ssl-NAME._tcp")
+	fs.BoolVar(&c.DiscoverMembers, "discover-members", false, "use the client URLs of the upstream's members as the endpoints, refreshed every --proxy-refresh-interval (off: behind another proxy-proxy it would bypass it)")
+	fs.Var(bytesFlag{&c.MaxRequestBytes}, "max-request-bytes", "largest request body, and largest message of a gRPC call, in bytes")
+	fs.Var(bytesFlag{&c.MaxRuleBody}, "max-rule-body-bytes", "largest upstream response a rule may buffer to rewrite (membership lists), in bytes")
+	fs.Var(bytesFlag{&c.MaxHeaderBytes}, "max-header-bytes", "largest request header, in bytes")
+	fs.Var(durationFlag{&c.ReadHeaderTimeout}, "listen-read-header-timeout", "how long a client may take to send a request header, e.g. 10s; 0 for no limit")
+	fs.Var(durationFlag{&c.IdleTimeout}, "listen-idle-timeout", "how long an idle client connection is kept, e.g. 5m; 0 for ever")
+	fs.Var(durationFlag{&c.ShutdownTimeout}, "shutdown-timeout", "how long in-flight requests may take to finish on SIGTERM (streams end at once), e.g. 10s; 0 closes at once")
 	c.OpsConfig.addFlags(fs) // metrics, health, reload, access log (ops.go)
 }
 
@@ -190,8 +291,14 @@ func sameValue(a, b flag.Value) bool {
 func (c *Config) Validate() error {
 	var errs *multierror.Error
 	add := func(format string, args ...any) { errs = multierror.Append(errs, fmt.Errorf(format, args...)) }
-	if len(c.Upstreams) == 0 {
-		add("--upstream is required")
+	switch {
+	case len(c.Upstreams) == 0 && c.DiscoverySRV == "":
+		add("--upstream or --discovery-srv is required")
+	case len(c.Upstreams) > 0 && c.DiscoverySRV != "":
+		add("--upstream and --discovery-srv exclude each other: give one")
+	}
+	if c.DiscoverySRVName != "" && c.DiscoverySRV == "" {
+		add("--discovery-srv-name needs --discovery-srv")
 	}
 	for _, u := range c.Upstreams {
 		if err := checkURL(u); err != nil {
@@ -242,8 +349,11 @@ func (c *Config) Validate() error {
 			add("%s: %v", flagName, errors.Unwrap(err))
 		}
 	}
-	if c.MaxRuleBody < 0 {
-		add("the maximum rule body must not be negative")
+	if c.MaxRuleBody < 0 || c.MaxRequestBytes < 0 || c.MaxHeaderBytes < 0 {
+		add("byte limits must not be negative")
+	}
+	if c.MaxHeaderBytes > math.MaxInt32 {
+		add("--max-header-bytes: at most %d", math.MaxInt32)
 	}
 	c.OpsConfig.validate(c, add) // ops.go
 	return sortErrors(errs)
@@ -293,4 +403,33 @@ func split(s string) []string {
 	var l []string
 	_ = listFlag{&l}.Set(s)
 	return l
+}
+
+func (c *Config) failureWait() time.Duration { return orDefault(c.FailureWait, DefaultFailureWait) }
+func (c *Config) refreshInterval() time.Duration {
+	return orDefault(c.RefreshInterval, DefaultRefreshInterval)
+}
+func (c *Config) readHeaderTimeout() time.Duration {
+	return orDefault(c.ReadHeaderTimeout, DefaultReadHeaderTimeout)
+}
+func (c *Config) idleTimeout() time.Duration { return orDefault(c.IdleTimeout, DefaultIdleTimeout) }
+
+// ShutdownGrace is how long Shutdown should let in-flight requests finish: ShutdownTimeout with its default.
+func (c *Config) ShutdownGrace() time.Duration {
+	return orDefault(c.ShutdownTimeout, DefaultShutdownTimeout)
+}
+
+func (c *Config) maxRuleBody() int64     { return orDefault(c.MaxRuleBody, DefaultMaxRuleBody) }
+func (c *Config) maxRequestBytes() int64 { return orDefault(c.MaxRequestBytes, DefaultMaxRequestBytes) }
+func (c *Config) maxHeaderBytes() int64  { return orDefault(c.MaxHeaderBytes, DefaultMaxHeaderBytes) }
+
+// orDefault is v with zero meaning def and a negative value meaning off (returned as zero).
+func orDefault[T int64 | time.Duration](v, def T) T {
+	switch {
+	case v == 0:
+		return def
+	case v < 0:
+		return 0
+	}
+	return v
 }

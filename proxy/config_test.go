@@ -38,7 +38,7 @@ func TestValidateReportsEverything(t *testing.T) {
 		"--cert-file: no such file or directory",
 		"--upstream-key-file: no such file or directory",
 		"--upstream-ca-file: no such file or directory",
-		"the maximum rule body must not be negative",
+		"byte limits must not be negative",
 	}
 	msg := err.Error()
 	for _, w := range want {
@@ -69,7 +69,7 @@ func TestValidate(t *testing.T) {
 		cfg  Config
 		want string // "" for valid
 	}{
-		{name: "empty", cfg: Config{}, want: "--upstream is required"},
+		{name: "empty", cfg: Config{}, want: "--upstream or --discovery-srv is required"},
 		{name: "minimal", cfg: Config{Upstreams: []string{"http://127.0.0.1:2379"}}},
 		{name: "IPv6 and https", cfg: Config{Upstreams: []string{"https://[::1]:2379/", "http://h:1"}}},
 		{name: "https listener with cert", cfg: Config{Upstreams: []string{"http://h:1"},
@@ -237,7 +237,7 @@ func TestMillisecondsFlag(t *testing.T) {
 		t.Run(tt.in, func(t *testing.T) {
 			t.Parallel()
 			var d time.Duration
-			err := msFlag{&d}.Set(tt.in)
+			err := msFlag{p: &d}.Set(tt.in)
 			if (err == nil) != tt.ok || d != tt.want {
 				t.Errorf("Set(%q) = %v, %v; want %v, ok %v", tt.in, d, err, tt.want, tt.ok)
 			}

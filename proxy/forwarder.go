@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -27,14 +28,16 @@ import (
 type Forwarder struct {
 	rp        httputil.ReverseProxy
 	chain     chain
-	upstreams []*url.URL
+	endpoints *endpointSet
 	h1        *h1Transport    // plain-HTTP upstreams, HTTP/1.1 (h1.go)
 	transport *http.Transport // TLS upstreams: HTTP/1.1, or HTTP/2 where TLS negotiates it; upgrades
 	grpc      *http.Transport // HTTP/2 only: h2c toward http:// upstreams
 	gateway   *gateway        // the v3 JSON gateway, calling back into rp over gRPC
-	// healthy reports what the background probe last found of upstream i (health.go); nil: no probe, every
-	// endpoint is tried in order.
-	healthy func(i int) bool
+	// maxRequestBytes bounds a request body, or each message of a gRPC stream.
+	maxRequestBytes int64
+	// drain ends open streams when the server shuts down (Server.Shutdown); nil while serving.
+	drain      context.Context
+	startDrain context.CancelCauseFunc
 	// dialTCP opens a connection to an upstream, with the write timeout; TLS goes on top (reload.go).
 	dialTCP func(ctx context.Context, network, addr string) (net.Conn, error)
 	log     *slog.Logger
@@ -62,17 +65,20 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(os.Stderr, nil))
 	}
-	f := &Forwarder{chain: chain{rules: rs, maxBody: cfg.MaxRuleBody}, log: log}
+	f := &Forwarder{chain: chain{rules: rs, maxBody: cfg.MaxRuleBody}, log: log, maxRequestBytes: cfg.maxRequestBytes()}
+	f.drain, f.startDrain = context.WithCancelCause(context.Background())
+	var urls []*url.URL
 	for _, s := range cfg.Upstreams {
 		u, err := url.Parse(s)
 		if err != nil {
 			return nil, fmt.Errorf("upstream %q: %w", s, err)
 		}
-		f.upstreams = append(f.upstreams, u)
+		urls = append(urls, u)
 	}
-	if len(f.upstreams) == 0 {
+	if len(urls) == 0 && cfg.DiscoverySRV == "" {
 		return nil, errors.New("no upstream")
 	}
+	f.endpoints = newEndpointSet(urls, cfg.failureWait())
 	// The files as they are now; with the operations side, reload.go takes over the handshakes (useUpstreamTLS).
 	upTLS, err := loadUpstream(cfg.UpstreamTLS)
 	if err != nil {
@@ -83,13 +89,13 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 		dialTimeout = DefaultDialTimeout
 	}
 	dialer := &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
-	writeTimeout := cfg.WriteTimeout
+	writeTimeout, readTimeout := cfg.WriteTimeout, cfg.ReadTimeout
 	f.dialTCP = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		c, err := dialer.DialContext(ctx, network, addr)
-		if err != nil || writeTimeout <= 0 {
+		if err != nil || writeTimeout <= 0 && readTimeout <= 0 {
 			return c, err
 		}
-		return &writeTimeoutConn{Conn: c, timeout: writeTimeout}, nil
+		return &timeoutConn{Conn: c, write: writeTimeout, read: readTimeout}, nil
 	}
 	f.transport = &http.Transport{
 		DialContext:         f.dialTCP,
@@ -102,7 +108,7 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 		IdleConnTimeout:     90 * time.Second,
 		// No ResponseHeaderTimeout: a v2 watch (?wait=true) answers only when something changes.
 	}
-	f.h1 = &h1Transport{dial: dialer.DialContext, writeTimeout: writeTimeout, maxIdle: 1024}
+	f.h1 = &h1Transport{dial: dialer.DialContext, writeTimeout: writeTimeout, readTimeout: readTimeout, maxIdle: 1024}
 	// gRPC needs HTTP/2 end to end; with HTTP/1 enabled an http:// upstream would be spoken to over HTTP/1.
 	f.grpc = f.transport.Clone()
 	f.grpc.Protocols = new(http.Protocols)
@@ -128,6 +134,15 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 
 // ServeHTTP implements http.Handler.
 func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	r, ok := f.limitRequest(w, r) // bounds.go
+	if !ok {
+		return
+	}
+	if drainable(r) { // drain.go
+		var done func()
+		r, done = f.drainStream(w, r)
+		defer done()
+	}
 	switch {
 	case rules.IsGRPC(r):
 	case isGatewayPath(r.URL.Path):
@@ -160,7 +175,7 @@ func (f *Forwarder) rewrite(pr *httputil.ProxyRequest) {
 	}
 	pr.SetXForwarded()
 	// send picks the upstream endpoint; this sets the path and the Host header the way SetURL does.
-	pr.SetURL(f.upstreams[0])
+	pr.SetURL(f.endpoints.someURL())
 	reply, n, err := f.chain.request(pr.Out)
 	if reply != nil || err != nil {
 		pr.Out = pr.Out.WithContext(context.WithValue(pr.Out.Context(), exchangeKey{}, &exchange{reply, err, n}))
@@ -183,48 +198,91 @@ func (rt roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 	return rt.f.send(req)
 }
 
-// send tries the upstreams in order, from the first healthy one. Moving on is safe only when no connection was made, so nothing of the
-// request can have reached the previous one, and when no byte of the body has been read: the body is then
-// intact for the next (ReverseProxy keeps the transport from closing the client's body).
+// send tries the upstream endpoints in the order the policy gives (endpoints.go). It moves on to the next when
+// the request cannot have reached the previous one — the dial or the TLS handshake failed, and no byte of the
+// body has been read, so the body is intact (ReverseProxy keeps the transport from closing the client's) — or
+// when it may have, but changes nothing there (retryable). A write that may have been delivered is never sent
+// again: the client gets the error and decides.
 func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
+	aff := affinityOf(req.Context())
+	eps := f.endpoints.order(aff)
 	var body *countingBody
-	if req.Body != nil && req.Body != http.NoBody && len(f.upstreams) > 1 {
+	if req.Body != nil && req.Body != http.NoBody && len(eps) > 1 {
+		if err := bufferRange(req, f.maxRequestBytes); err != nil {
+			return nil, err
+		}
 		body = &countingBody{ReadCloser: req.Body}
 		req.Body = body
 	}
+	retry := retryable(req)
 	var err error
-	first := f.firstHealthy()
-	for i := range f.upstreams {
-		u := f.upstreams[(first+i)%len(f.upstreams)]
-		if i > 0 && body != nil && body.n > 0 {
-			break // some of it went out: the request may have been received
+	for i, e := range eps {
+		if i > 0 {
+			if req.Context().Err() != nil {
+				break
+			}
+			if req.GetBody != nil {
+				b, _ := req.GetBody()
+				body = &countingBody{ReadCloser: b}
+				req.Body = body
+			} else if body != nil && body.n > 0 {
+				break // some of it went out: the request may have been received
+			}
 		}
-		req.URL.Scheme, req.URL.Host = u.Scheme, u.Host
+		req.URL.Scheme, req.URL.Host = e.url.Scheme, e.url.Host
 		var resp *http.Response
 		resp, err = f.transportFor(req).RoundTrip(req)
 		if err == nil {
+			if aff != nil && i > 0 {
+				aff.ep.Store(e) // the connection follows the endpoint that answered
+			}
 			return resp, nil
 		}
-		if !isDialError(err) {
+		if req.Context().Err() != nil {
 			return nil, err
 		}
+		if !unreached(err) {
+			if !retry || i == len(eps)-1 {
+				return nil, err // the upstream had it, and nobody else will
+			}
+			continue
+		}
+		f.endpoints.failed(e)
+	}
+	if err == nil {
+		err = errors.New("no upstream endpoint known")
 	}
 	return nil, &noEndpointError{err}
 }
 
-// firstHealthy is the first upstream, in --upstream order, that the probe found healthy: every request goes
-// there while it stays healthy (one member serves this proxy's clients, as with etcd's proxy), and the others
-// follow it in order. Without a probe, or with none healthy, it is the first.
-func (f *Forwarder) firstHealthy() int {
-	if f.healthy == nil {
-		return 0
+// retryable reports a request that may be sent to another endpoint even after it may have reached one: it
+// changes nothing there. v2 GET and HEAD without wait (a long poll is the client's to restart), and v3 Range
+// (linearizable or serializable), whose body bufferRange made rewindable.
+func retryable(req *http.Request) bool {
+	if rules.IsGRPC(req) {
+		return req.URL.Path == grpcRange && req.GetBody != nil
 	}
-	for i := range f.upstreams {
-		if f.healthy(i) {
-			return i
-		}
+	return (req.Method == http.MethodGet || req.Method == http.MethodHead) &&
+		(req.Body == nil || req.Body == http.NoBody) && !isWatch(req)
+}
+
+const grpcRange = "/etcdserverpb.KV/Range"
+
+// bufferRange reads the body of a v3 Range call (one small message) so that it can be sent again.
+func bufferRange(req *http.Request, limit int64) error {
+	if !rules.IsGRPC(req) || req.URL.Path != grpcRange {
+		return nil
 	}
-	return 0
+	b, err := io.ReadAll(io.LimitReader(req.Body, limit+grpcFrameHeader+1))
+	if err != nil {
+		return err
+	}
+	if int64(len(b)) > limit+grpcFrameHeader {
+		return errRequestTooLarge
+	}
+	req.Body = io.NopCloser(bytes.NewReader(b))
+	req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil }
+	return nil
 }
 
 // transportFor picks the transport of a request: gRPC needs HTTP/2, plain HTTP/1.1 takes the lean path.
@@ -247,6 +305,7 @@ func (f *Forwarder) modifyResponse(resp *http.Response) error {
 		return err
 	}
 	f.fixLocation(resp)
+	endOnDrain(resp) // drain.go
 	return nil
 }
 
@@ -292,14 +351,36 @@ type noEndpointError struct{ err error }
 func (e *noEndpointError) Error() string { return "no upstream endpoint available: " + e.err.Error() }
 func (e *noEndpointError) Unwrap() error { return e.err }
 
-func isDialError(err error) bool {
+// unreached reports an error that proves the request never reached the upstream: the connection could not be
+// made (dial) or secured (TLS handshake).
+func unreached(err error) bool {
 	var op *net.OpError
-	return errors.As(err, &op) && op.Op == "dial"
+	return errors.As(err, &op) && op.Op == "dial" || errors.As(err, new(*handshakeError))
 }
+
+// handshakeError is a failed TLS handshake with an upstream: no byte of a request went out.
+type handshakeError struct{ err error }
+
+func (e *handshakeError) Error() string { return "TLS handshake: " + e.err.Error() }
+func (e *handshakeError) Unwrap() error { return e.err }
 
 // handleError is the one place failures are answered: status from the kind of failure, a fixed message, never
 // the error's own text (it names upstream addresses). The full error goes to the log.
 func (f *Forwarder) handleError(w http.ResponseWriter, r *http.Request, err error) {
+	switch {
+	case drained(r):
+		f.log.Debug("stream ended by shutdown", "method", r.Method, "path", r.URL.Path)
+		if rules.IsGRPC(r) {
+			rules.SetGRPCStatus(w.Header(), rules.CodeUnavailable, msgShuttingDown)
+			w.WriteHeader(http.StatusOK)
+			return
+		}
+		writeError(w, http.StatusServiceUnavailable, msgShuttingDown)
+		return
+	case exceeded(r, err):
+		f.tooLarge(w, r)
+		return
+	}
 	if r.Context().Err() != nil && errors.Is(err, context.Canceled) {
 		// The client went away (nginx's 499): nobody is left to answer.
 		f.log.Debug("client gone", "method", r.Method, "path", r.URL.Path, "err", err)
@@ -390,17 +471,29 @@ func (h *headerFlusher) Unwrap() http.ResponseWriter { return h.ResponseWriter }
 // Flush lets ReverseProxy flush every write of a streamed answer.
 func (h *headerFlusher) Flush() { _ = http.NewResponseController(h.ResponseWriter).Flush() }
 
-// writeTimeoutConn bounds every write toward the upstream, as the stock proxy's --proxy-write-timeout does.
-type writeTimeoutConn struct {
+// timeoutConn bounds every write toward the upstream and every read from it, as the stock proxy's
+// --proxy-write-timeout and --proxy-read-timeout do; zero is no bound.
+type timeoutConn struct {
 	net.Conn
-	timeout time.Duration
+	write, read time.Duration
 }
 
-func (c *writeTimeoutConn) Write(b []byte) (int, error) {
-	if err := c.Conn.SetWriteDeadline(time.Now().Add(c.timeout)); err != nil {
-		return 0, err
+func (c *timeoutConn) Write(b []byte) (int, error) {
+	if c.write > 0 {
+		if err := c.Conn.SetWriteDeadline(time.Now().Add(c.write)); err != nil {
+			return 0, err
+		}
 	}
 	return c.Conn.Write(b)
+}
+
+func (c *timeoutConn) Read(b []byte) (int, error) {
+	if c.read > 0 {
+		if err := c.Conn.SetReadDeadline(time.Now().Add(c.read)); err != nil {
+			return 0, err
+		}
+	}
+	return c.Conn.Read(b)
 }
 
 // bufferPool shares ReverseProxy's copy buffers between requests: 4 KiB, since a watch holds its buffer for as

@@ -7,7 +7,9 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -21,6 +23,7 @@ import (
 type h1Transport struct {
 	dial         func(ctx context.Context, network, addr string) (net.Conn, error)
 	writeTimeout time.Duration // per request write; 0 means none
+	readTimeout  time.Duration // per read of an answer; 0 means none
 	maxIdle      int           // idle connections kept per upstream
 
 	mu   sync.Mutex
@@ -29,9 +32,28 @@ type h1Transport struct {
 
 type h1Conn struct {
 	net.Conn
-	br  *bufio.Reader
-	bw  *bufio.Writer
-	key string
+	br          *bufio.Reader
+	bw          *bufio.Writer
+	key         string
+	readTimeout time.Duration
+	aborted     atomic.Bool // the request was cancelled: no read may wait again
+}
+
+// Read bounds each read by the read timeout, if any. abort and Read order their deadline and flag so that a
+// cancellation is never overwritten by the next read's deadline.
+func (pc *h1Conn) Read(b []byte) (int, error) {
+	if pc.readTimeout > 0 {
+		_ = pc.Conn.SetReadDeadline(time.Now().Add(pc.readTimeout))
+		if pc.aborted.Load() {
+			return 0, os.ErrDeadlineExceeded
+		}
+	}
+	return pc.Conn.Read(b)
+}
+
+func (pc *h1Conn) abort() {
+	pc.aborted.Store(true)
+	_ = pc.SetDeadline(time.Unix(1, 0))
 }
 
 // usable reports whether req can go through h1Transport.
@@ -79,11 +101,12 @@ func (t *h1Transport) roundTrip(req *http.Request, mayReuse bool) (*http.Respons
 		if err != nil {
 			return nil, err
 		}
-		pc = &h1Conn{Conn: c, br: bufio.NewReaderSize(c, 4<<10), bw: bufio.NewWriterSize(c, 4<<10), key: req.URL.Host}
+		pc = &h1Conn{Conn: c, bw: bufio.NewWriterSize(c, 4<<10), key: req.URL.Host, readTimeout: t.readTimeout}
+		pc.br = bufio.NewReaderSize(pc, 4<<10)
 	}
 	// A cancelled request (the client went away, a watch ended) interrupts whatever this connection is
 	// blocked on; the connection is then closed, not reused.
-	stop := context.AfterFunc(ctx, func() { _ = pc.SetDeadline(time.Unix(1, 0)) })
+	stop := context.AfterFunc(ctx, pc.abort)
 	fail := func(err error) (*http.Response, error) {
 		stop()
 		_ = pc.Close()

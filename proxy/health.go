@@ -9,12 +9,12 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-multierror"
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
@@ -60,9 +60,7 @@ func (s *Server) attachOps(f *Forwarder) {
 	s.ops.m.countErrors(f)
 	s.ops.certs.useUpstreamTLS(f)
 	if iv := s.cfg.healthInterval(); iv > 0 {
-		p := newProber(f, s.cfg.UpstreamHealthCheck, iv, s.ops.m)
-		s.ops.probe = p
-		f.healthy = func(i int) bool { return p.healthy[i].Load() } // requests start at a healthy endpoint
+		s.ops.probe = newProber(f, s.cfg.UpstreamHealthCheck, iv, s.ops.m) // requests avoid unhealthy endpoints
 	}
 }
 
@@ -124,6 +122,10 @@ func (s *Server) startOps() error {
 	if o.probe != nil {
 		o.wg.Add(1)
 		go func() { defer o.wg.Done(); o.probe.run(ctx) }()
+	}
+	if s.discovery != nil {
+		o.wg.Add(1)
+		go func() { defer o.wg.Done(); s.discovery.run(ctx) }() // discovery.go
 	}
 	if iv := s.cfg.reloadInterval(); iv > 0 && len(o.certs.sides) > 0 {
 		o.wg.Add(1)
@@ -191,23 +193,21 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 
 // prober checks every upstream endpoint in the background.
 type prober struct {
-	targets  []*url.URL
-	check    string
-	interval time.Duration
-	timeout  time.Duration
-	client   *http.Client
-	dialer   net.Dialer
-	healthy  []atomic.Bool
-	probed   atomic.Bool
-	gauges   []prometheus.Gauge
-	fails    []prometheus.Counter
+	endpoints *endpointSet
+	check     string
+	interval  time.Duration
+	timeout   time.Duration
+	client    *http.Client
+	dialer    net.Dialer
+	probed    atomic.Bool
+	m         *metrics
+	shown     int // gauges set by the last round (only the prober's goroutine touches it)
 }
 
 func newProber(f *Forwarder, check string, interval time.Duration, m *metrics) *prober {
 	// A probe may take as long as the interval (rounds never overlap), at least 1 s, at most 10 s.
 	timeout := min(max(interval, time.Second), 10*time.Second)
-	p := &prober{targets: f.upstreams, check: check, interval: interval, timeout: timeout,
-		healthy: make([]atomic.Bool, len(f.upstreams))}
+	p := &prober{endpoints: f.endpoints, check: check, interval: interval, timeout: timeout, m: m}
 	if p.check == "" {
 		p.check = HealthCheckHTTP
 	}
@@ -216,11 +216,6 @@ func newProber(f *Forwarder, check string, interval time.Duration, m *metrics) *
 	t.MaxIdleConnsPerHost = 1
 	p.client = &http.Client{Transport: t, Timeout: timeout,
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
-	for i := range f.upstreams {
-		ep := fmt.Sprint(i)
-		p.gauges = append(p.gauges, m.upstream.WithLabelValues(ep))
-		p.fails = append(p.fails, m.probeFails.WithLabelValues(ep))
-	}
 	return p
 }
 
@@ -238,25 +233,33 @@ func (p *prober) run(ctx context.Context) {
 	}
 }
 
-// round probes every endpoint at once and records the results.
+// round probes every endpoint at once and records the results. Metrics label an endpoint by its position in
+// the list, never by its address.
 func (p *prober) round(ctx context.Context) {
+	eps := p.endpoints.current()
 	var wg sync.WaitGroup
-	for i, u := range p.targets {
+	for i, e := range eps {
 		wg.Go(func() {
-			ok := p.probeOne(ctx, u) == nil
+			ok := p.probeOne(ctx, e.url) == nil
 			if ctx.Err() != nil {
 				return // stopping: the result says nothing about the upstream
 			}
-			p.healthy[i].Store(ok)
+			e.probeOK.Store(ok)
+			label := strconv.Itoa(i)
 			if ok {
-				p.gauges[i].Set(1)
+				e.failedUntil.Store(0) // healthy again: back at once, whatever the failure wait
+				p.m.upstream.WithLabelValues(label).Set(1)
 			} else {
-				p.gauges[i].Set(0)
-				p.fails[i].Inc()
+				p.m.upstream.WithLabelValues(label).Set(0)
+				p.m.probeFails.WithLabelValues(label).Inc()
 			}
 		})
 	}
 	wg.Wait()
+	for i := len(eps); i < p.shown; i++ { // the list shrank (discovery)
+		p.m.upstream.DeleteLabelValues(strconv.Itoa(i))
+	}
+	p.shown = len(eps)
 	if ctx.Err() == nil {
 		p.probed.Store(true)
 	}
@@ -292,10 +295,11 @@ func (p *prober) ready() (bool, string) {
 	if !p.probed.Load() {
 		return false, "upstream not probed yet"
 	}
-	for i := range p.healthy {
-		if p.healthy[i].Load() {
+	eps := p.endpoints.current()
+	for _, e := range eps {
+		if e.probeOK.Load() {
 			return true, ""
 		}
 	}
-	return false, fmt.Sprintf("no upstream endpoint is healthy (0 of %d answered the %s probe)", len(p.targets), p.check)
+	return false, fmt.Sprintf("no upstream endpoint is healthy (0 of %d answered the %s probe)", len(eps), p.check)
 }

@@ -37,6 +37,8 @@ const (
 	reasonRule           = "rule"            // a rule failed on the request or on the response (502)
 	reasonResponseFailed = "response_failed" // the response broke off while it was being copied to the client
 	reasonClientGone     = "client_gone"     // the client went away before the answer (nothing is sent)
+	reasonTooLarge       = "too_large"       // the request was over --max-request-bytes (413)
+	reasonShutdown       = "shutdown"        // a stream ended by a graceful shutdown
 )
 
 // grpcMethods are the gRPC methods etcd v3.5 serves; any other path counts as "other" so that a client cannot
@@ -172,7 +174,7 @@ func newMetrics(ready func() float64) *metrics {
 		m.ruleActions, m.certReloads, m.certNotAfter, readyGauge,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, r := range []string{reasonNoEndpoint, reasonTimeout, reasonTLS, reasonSendFailed, reasonRule,
-		reasonResponseFailed, reasonClientGone} {
+		reasonResponseFailed, reasonClientGone, reasonTooLarge, reasonShutdown} {
 		m.errs[r] = m.errors.WithLabelValues(r) // present at 0 from the start, so rate() sees the first error
 	}
 	return m
@@ -271,6 +273,12 @@ func code(api string, status int, h http.Header) string {
 // errorReason maps a failure handed to the forwarder's ErrorHandler to a reason label: a client that went
 // away, or what classify decides.
 func errorReason(r *http.Request, err error) string {
+	switch {
+	case drained(r):
+		return reasonShutdown
+	case exceeded(r, err):
+		return reasonTooLarge
+	}
 	if r.Context().Err() != nil && errors.Is(err, context.Canceled) {
 		return reasonClientGone
 	}

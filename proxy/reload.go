@@ -233,7 +233,7 @@ func (r *certReloader) useUpstreamTLS(f *Forwarder) {
 			c := tls.Client(raw, side.clientTLS(host, protos))
 			if err := c.HandshakeContext(hctx); err != nil {
 				_ = raw.Close()
-				return nil, err
+				return nil, &handshakeError{err} // no byte of a request went out: another endpoint may have it
 			}
 			return c, nil
 		}

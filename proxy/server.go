@@ -13,7 +13,6 @@ import (
 	"net/url"
 	"os"
 	"sync"
-	"time"
 
 	"github.com/hashicorp/go-multierror"
 
@@ -33,7 +32,8 @@ type Server struct {
 	urls       []string
 	wg         sync.WaitGroup
 	errs       chan error
-	ops        *ops // metrics, readiness, certificate reload, metrics listeners (health.go)
+	ops        *ops        // metrics, readiness, certificate reload, metrics listeners (health.go)
+	discovery  *discoverer // nil unless --discovery-srv or --discover-members (discovery.go)
 }
 
 // Option configures a Server beyond its Config.
@@ -102,6 +102,10 @@ func (s *Server) Self() rules.Self { return s.self }
 // Start opens every listener and serves in the background. It fails, closing what it opened, when one cannot
 // be opened.
 func (s *Server) Start() error {
+	if err := s.discoverFirst(); err != nil { // discovery.go: the first endpoints, before anything is served
+		_ = s.Close()
+		return err
+	}
 	var serverTLS *tls.Config
 	if s.cfg.ListenerTLS.CertFile != "" {
 		var err error
@@ -120,8 +124,10 @@ func (s *Server) Start() error {
 		}
 		srv := &http.Server{
 			Handler:           s.handler(), // the forwarder, counted and access-logged (metrics.go)
-			ReadHeaderTimeout: 10 * time.Second,
-			IdleTimeout:       5 * time.Minute,
+			ReadHeaderTimeout: s.cfg.readHeaderTimeout(),
+			IdleTimeout:       s.cfg.idleTimeout(),
+			MaxHeaderBytes:    int(s.cfg.maxHeaderBytes()),
+			ConnContext:       withAffinity, // each client connection is pinned to one upstream (endpoints.go)
 			ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 		}
 		// HTTP/1.1 and HTTP/2 on every listener, as an etcd client port serves them: ALPN h2 on TLS, h2c with
@@ -176,10 +182,13 @@ func (s *Server) URLs() []string { return s.urls }
 // Errors delivers a listener that stopped serving.
 func (s *Server) Errors() <-chan error { return s.errs }
 
-// Shutdown stops accepting, waits for in-flight requests until ctx ends, then closes what is left.
+// Shutdown stops accepting, ends open streams cleanly at once (watches, keep-alives and observers get
+// Unavailable, v2 long polls a 503 or the end of their stream: clients reconnect), waits for in-flight requests
+// until ctx ends, then closes what is left.
 func (s *Server) Shutdown(ctx context.Context) error {
 	var errs *multierror.Error
 	s.ops.stopping.Store(true) // /readyz says so while requests drain
+	s.forwarder.startDrain(errShuttingDown)
 	// All at once: a listener still draining a watch must not keep the others accepting.
 	var (
 		mu sync.Mutex

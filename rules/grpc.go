@@ -27,6 +27,7 @@ const (
 const (
 	CodeDeadlineExceeded   = 4
 	CodePermissionDenied   = 7
+	CodeResourceExhausted  = 8
 	CodeFailedPrecondition = 9
 	CodeInternal           = 13
 	CodeUnavailable        = 14

@@ -1,0 +1,379 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
+)
+
+// startProxy starts a Server on a free loopback port with cfg (probe off unless cfg sets it) and returns it
+// with its URL.
+func startProxy(t *testing.T, cfg Config) (*Server, string) {
+	t.Helper()
+	cfg.ListenClientURLs = []string{"http://127.0.0.1:0"}
+	cfg.AdvertiseClientURLs = []string{"http://pp.example:2379"}
+	if cfg.UpstreamHealthInterval == 0 {
+		cfg.UpstreamHealthInterval = -1
+	}
+	srv, err := New(cfg, WithLogger(quiet))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = srv.Close() })
+	return srv, srv.URLs()[0]
+}
+
+// named is an upstream that answers every request with its name.
+func named(t *testing.T, name string) string {
+	t.Helper()
+	up, _ := counting(t, func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, name) })
+	return up.URL
+}
+
+// newConn is a client with its own connection to the proxy.
+func newConn() *http.Client {
+	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{MaxConnsPerHost: 1}}
+}
+
+func answer(t *testing.T, c *http.Client, method, url string, body io.Reader) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest(method, url, body)
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// Each client connection stays on one upstream; connections are spread over all of them.
+func TestConnectionAffinity(t *testing.T) {
+	t.Parallel()
+	_, u := startProxy(t, Config{Upstreams: []string{named(t, "a"), named(t, "b"), named(t, "c")}})
+	seen := map[string]int{}
+	for range 6 {
+		c := newConn()
+		_, first := answer(t, c, http.MethodGet, u+"/v2/keys/x", nil)
+		for range 5 {
+			if _, got := answer(t, c, http.MethodGet, u+"/v2/keys/x", nil); got != first {
+				t.Fatalf("one connection was answered by %q, then by %q", first, got)
+			}
+		}
+		seen[first]++
+		c.CloseIdleConnections()
+	}
+	if len(seen) != 3 {
+		t.Errorf("6 connections went to %v, want all 3 upstreams used", seen)
+	}
+}
+
+// A connection whose upstream dies moves to another, body intact, and stays there; the dead one gets no new
+// connection during the failure wait.
+func TestFailoverRepins(t *testing.T) {
+	t.Parallel()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dying := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "dying") })}
+	go dying.Serve(l)
+	var bodies atomic.Int64
+	up, _ := counting(t, func(w http.ResponseWriter, r *http.Request) {
+		if b, _ := io.ReadAll(r.Body); string(b) == "value=1" {
+			bodies.Add(1)
+		}
+		io.WriteString(w, "alive")
+	})
+	_, u := startProxy(t, Config{Upstreams: []string{"http://" + l.Addr().String(), up.URL}, FailureWait: time.Hour})
+	// Find a connection pinned to the dying upstream.
+	var c *http.Client
+	for range 10 {
+		c = newConn()
+		if _, got := answer(t, c, http.MethodGet, u+"/v2/keys/x", nil); got == "dying" {
+			break
+		}
+	}
+	_ = dying.Close()
+	if code, got := answer(t, c, http.MethodPut, u+"/v2/keys/x", strings.NewReader("value=1")); code != http.StatusOK || got != "alive" {
+		t.Errorf("PUT after the upstream died = %d %q, want the other upstream's answer", code, got)
+	}
+	if bodies.Load() != 1 {
+		t.Errorf("the other upstream got %d whole bodies, want 1", bodies.Load())
+	}
+	for range 3 {
+		if _, got := answer(t, newConn(), http.MethodGet, u+"/v2/keys/x", nil); got != "alive" {
+			t.Errorf("a new connection went to %q during the failure wait", got)
+		}
+	}
+}
+
+// A read that reached an upstream which failed to answer is sent to the next one; a write is not.
+func TestRetryOnlyReads(t *testing.T) {
+	t.Parallel()
+	var writes atomic.Int64
+	up, _ := counting(t, func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != http.MethodGet {
+			writes.Add(1)
+		}
+		io.WriteString(w, "ok")
+	})
+	_, u := startProxy(t, Config{Upstreams: []string{"http://" + halfAnswer(t), up.URL}})
+	for range 4 { // whichever upstream the connection starts at
+		if code, got := answer(t, newConn(), http.MethodGet, u+"/v2/keys/x", nil); code != http.StatusOK || got != "ok" {
+			t.Errorf("GET = %d %q, want the second upstream's answer", code, got)
+		}
+	}
+	failed := 0
+	for range 4 {
+		code, _ := answer(t, newConn(), http.MethodPut, u+"/v2/keys/x", strings.NewReader("value=1"))
+		if code == http.StatusBadGateway {
+			failed++
+		}
+	}
+	// Connections alternate between the two: the ones that started at the broken upstream failed, the others
+	// went to the good one, and none was sent twice.
+	if failed == 0 || writes.Load() != int64(4-failed) {
+		t.Errorf("%d of 4 PUTs failed and the good upstream saw %d: want some failed and the rest seen once", failed, writes.Load())
+	}
+	if code, _ := answer(t, newConn(), http.MethodGet, u+"/v2/keys/x?wait=true", nil); code != http.StatusOK {
+		t.Logf("a long poll is not retried; this one was answered %d", code) // either upstream: both outcomes are right
+	}
+}
+
+// --proxy-read-timeout: an upstream that does not answer in time gets 504.
+func TestReadTimeout(t *testing.T) {
+	t.Parallel()
+	release := make(chan struct{})
+	up, _ := counting(t, func(w http.ResponseWriter, r *http.Request) { <-release })
+	t.Cleanup(func() { close(release) }) // before up.Close, which waits for the handler
+	_, u := startProxy(t, Config{Upstreams: []string{up.URL}, ReadTimeout: 100 * time.Millisecond})
+	resp, body := get(t, http.MethodPut, u+"/v2/keys/x", strings.NewReader("value=1"))
+	etcdError(t, resp, body, http.StatusGatewayTimeout)
+	noLeak(t, resp, body, strings.TrimPrefix(up.URL, "http://"))
+}
+
+// --max-request-bytes: a body that says it is too large never reaches the upstream; one that turns out too
+// large is cut off before the upstream has it whole.
+func TestMaxRequestBytes(t *testing.T) {
+	t.Parallel()
+	var whole atomic.Int64
+	up, hits := counting(t, func(w http.ResponseWriter, r *http.Request) {
+		if _, err := io.ReadAll(r.Body); err == nil {
+			whole.Add(1)
+		}
+	})
+	_, u := startProxy(t, Config{Upstreams: []string{up.URL}, MaxRequestBytes: 1000})
+	resp, body := get(t, http.MethodPut, u+"/v2/keys/x", strings.NewReader("value="+strings.Repeat("x", 1000)))
+	etcdError(t, resp, body, http.StatusRequestEntityTooLarge)
+	if hits.Load() != 0 {
+		t.Errorf("the upstream saw %d requests with a Content-Length over the limit", hits.Load())
+	}
+	chunked := io.MultiReader(strings.NewReader("value="), bytes.NewReader(make([]byte, 5000)))
+	resp, body = get(t, http.MethodPut, u+"/v2/keys/x", io.NopCloser(chunked)) // no length: chunked
+	etcdError(t, resp, body, http.StatusRequestEntityTooLarge)
+	if whole.Load() != 0 {
+		t.Errorf("the upstream read %d whole bodies over the limit", whole.Load())
+	}
+	if code, _ := answer(t, client, http.MethodPut, u+"/v2/keys/x", strings.NewReader("value=1")); code != http.StatusOK {
+		t.Errorf("a small PUT = %d", code)
+	}
+}
+
+// A gRPC message over the limit is answered ResourceExhausted; the upstream never gets it whole.
+func TestMaxRequestBytesGRPC(t *testing.T) {
+	t.Parallel()
+	var whole atomic.Int64
+	up := h2cUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		if _, err := io.ReadAll(r.Body); err == nil {
+			whole.Add(1)
+		}
+		w.Header().Set("Grpc-Status", "0")
+	})
+	_, u := startProxy(t, Config{Upstreams: []string{up}, MaxRequestBytes: 1000})
+	resp := grpcCall(t, u+"/etcdserverpb.KV/Put", rawFrame(make([]byte, 2000)))
+	_, _ = io.ReadAll(resp.Body)
+	if got := grpcStatus(resp); got != fmt.Sprint(rules.CodeResourceExhausted) {
+		t.Errorf("grpc-status = %q, want %d (headers %v, trailers %v)", got, rules.CodeResourceExhausted, resp.Header, resp.Trailer)
+	}
+	if whole.Load() != 0 {
+		t.Errorf("the upstream read %d whole requests over the limit", whole.Load())
+	}
+	resp = grpcCall(t, u+"/etcdserverpb.KV/Put", rawFrame(make([]byte, 900)))
+	_, _ = io.ReadAll(resp.Body)
+	if got := grpcStatus(resp); got != "0" {
+		t.Errorf("a message under the limit: grpc-status %q", got)
+	}
+}
+
+// --max-header-bytes and --listen-read-header-timeout bound what a client can make the proxy hold.
+func TestListenerBounds(t *testing.T) {
+	t.Parallel()
+	_, u := startProxy(t, Config{Upstreams: []string{named(t, "a")}, MaxHeaderBytes: 4096, ReadHeaderTimeout: 200 * time.Millisecond})
+	req, _ := http.NewRequest(http.MethodGet, u+"/v2/keys/x", nil)
+	req.Header.Set("X-Big", strings.Repeat("x", 10000))
+	resp, err := client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+		t.Errorf("a 10 KB header = %d, want 431", resp.StatusCode)
+	}
+	// A client that starts a request and never finishes its header is disconnected.
+	c, err := net.Dial("tcp", strings.TrimPrefix(u, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "GET /v2/keys/x HTTP/1.1\r\nHost: x\r\n")
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	start := time.Now()
+	_, err = bufio.NewReader(c).ReadString('\n')
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		t.Fatalf("a slow client's connection still open after %v", time.Since(start))
+	}
+}
+
+// Graceful shutdown: unary requests in flight finish, open streams end at once and cleanly.
+func TestGracefulShutdown(t *testing.T) {
+	t.Parallel()
+	slowStarted := make(chan struct{}, 1)
+	release := make(chan struct{})
+	up := h2cUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.URL.Path == "/slow":
+			slowStarted <- struct{}{}
+			<-release
+			io.WriteString(w, "done")
+		case rules.IsGRPC(r): // a watch: one message, then nothing until the client goes
+			w.Header().Set("Content-Type", rules.GRPCContentType)
+			w.Write(rawFrame([]byte("event")))
+			w.(http.Flusher).Flush()
+			<-r.Context().Done()
+		case r.URL.Query().Get("stream") == "true": // a v2 stream watch: one event, then waits
+			io.WriteString(w, `{"action":"set"}`)
+			w.(http.Flusher).Flush()
+			<-r.Context().Done()
+		default: // a v2 long poll with nothing to say yet
+			<-r.Context().Done()
+		}
+	})
+	srv, u := startProxy(t, Config{Upstreams: []string{up}})
+
+	slow := make(chan string, 1)
+	go func() {
+		_, got := answer(t, newConn(), http.MethodGet, u+"/slow", nil)
+		slow <- got
+	}()
+	<-slowStarted
+	longPoll := make(chan string, 1)
+	go func() {
+		code, got := answer(t, newConn(), http.MethodGet, u+"/v2/keys/x?wait=true", nil)
+		longPoll <- fmt.Sprint(code, " ", got)
+	}()
+	stream, err := newConn().Get(u + "/v2/keys/x?wait=true&stream=true")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stream.Body.Close()
+	watch := grpcCall(t, u+"/etcdserverpb.Watch/Watch", rawFrame([]byte("create")))
+	defer watch.Body.Close()
+	first := make([]byte, len(rawFrame([]byte("event"))))
+	if _, err := io.ReadFull(watch.Body, first); err != nil {
+		t.Fatalf("watch: %v", err)
+	}
+
+	done := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		done <- srv.Shutdown(ctx)
+	}()
+	if rest, err := io.ReadAll(watch.Body); err != nil || len(rest) != 0 {
+		t.Errorf("gRPC watch after shutdown: %q, %v; want a clean end", rest, err)
+	}
+	if got := grpcStatus(watch); got != "14" || !strings.Contains(watch.Trailer.Get("Grpc-Message"), "shutting down") {
+		t.Errorf("gRPC watch ended with status %q %q, want 14 (Unavailable) shutting down", got, watch.Trailer.Get("Grpc-Message"))
+	}
+	if b, err := io.ReadAll(stream.Body); err != nil || string(b) != `{"action":"set"}` {
+		t.Errorf("v2 stream watch: %q, %v; want its event and a clean end", b, err)
+	}
+	if got := <-longPoll; !strings.HasPrefix(got, "503 ") || !strings.Contains(got, "shutting down") {
+		t.Errorf("v2 long poll = %s, want 503 shutting down", got)
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("Shutdown returned (%v) while a request was in flight", err)
+	default:
+	}
+	close(release)
+	if got := <-slow; got != "done" {
+		t.Errorf("the request in flight was answered %q, want done", got)
+	}
+	if err := <-done; err != nil {
+		t.Errorf("Shutdown: %v", err)
+	}
+}
+
+// h2cUpstream serves h with HTTP/1.1 and h2c, as an etcd member does.
+func h2cUpstream(t *testing.T, h http.HandlerFunc) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: h, Protocols: new(http.Protocols)}
+	srv.Protocols.SetHTTP1(true)
+	srv.Protocols.SetUnencryptedHTTP2(true)
+	go srv.Serve(l)
+	t.Cleanup(func() { srv.Close() })
+	return "http://" + l.Addr().String()
+}
+
+func rawFrame(msg []byte) []byte {
+	b := make([]byte, grpcFrameHeader, grpcFrameHeader+len(msg))
+	binary.BigEndian.PutUint32(b[1:], uint32(len(msg)))
+	return append(b, msg...)
+}
+
+// grpcCall sends one gRPC request over h2c and returns the response, its body unread.
+func grpcCall(t *testing.T, url string, body []byte) *http.Response {
+	t.Helper()
+	tr := &http.Transport{Protocols: new(http.Protocols)}
+	tr.Protocols.SetUnencryptedHTTP2(true)
+	t.Cleanup(tr.CloseIdleConnections)
+	req, _ := http.NewRequest(http.MethodPost, url, bytes.NewReader(body))
+	req.Header.Set("Content-Type", rules.GRPCContentType)
+	req.Header.Set("Te", "trailers")
+	resp, err := tr.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp
+}
+
+// grpcStatus is the status of a call read to its end: in the trailers, or in the headers of a trailers-only
+// answer.
+func grpcStatus(resp *http.Response) string {
+	if s := resp.Trailer.Get("Grpc-Status"); s != "" {
+		return s
+	}
+	return resp.Header.Get("Grpc-Status")
+}
