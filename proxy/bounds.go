@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"sync/atomic"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
 )
@@ -50,9 +51,12 @@ func exceeded(r *http.Request, err error) bool {
 	return errors.Is(err, errRequestTooLarge)
 }
 
+// msgTooLarge is what a client whose request went over --max-request-bytes reads.
+const msgTooLarge = "etcd-proxy-proxy: request larger than --max-request-bytes"
+
 // tooLarge answers a request over the limit: 413 as etcd's v2 API would, ResourceExhausted as gRPC servers do.
 func (f *Forwarder) tooLarge(w http.ResponseWriter, r *http.Request) {
-	msg := "etcd-proxy-proxy: request larger than the proxy's limit of " + strconv.FormatInt(f.maxRequestBytes, 10) + " bytes"
+	msg := msgTooLarge + " (" + strconv.FormatInt(f.maxRequestBytes, 10) + " bytes)"
 	if rules.IsGRPC(r) {
 		rules.SetGRPCStatus(w.Header(), rules.CodeResourceExhausted, msg)
 		w.WriteHeader(http.StatusOK)
@@ -69,8 +73,8 @@ type limitBody struct {
 }
 
 func (b *limitBody) Read(p []byte) (int, error) {
-	if int64(len(p)) > b.left+1 {
-		p = p[:b.left+1]
+	if b.left < int64(len(p)) {
+		p = p[:b.left+1] // one byte more than allowed tells a body at the limit from one over it
 	}
 	n, err := b.ReadCloser.Read(p)
 	if int64(n) > b.left {
@@ -85,10 +89,11 @@ func (b *limitBody) Read(p []byte) (int, error) {
 // grpcLimitBody fails a gRPC request stream at the first message longer than max.
 type grpcLimitBody struct {
 	io.ReadCloser
-	max  int64
-	hdr  [grpcFrameHeader]byte
-	nh   int   // bytes of the current message's header seen
-	left int64 // bytes of the current message still to come
+	max      int64
+	hdr      [grpcFrameHeader]byte
+	nh       int         // bytes of the current message's header seen
+	left     int64       // bytes of the current message still to come
+	exceeded atomic.Bool // read by the handler (drainedBody) while the transport reads the body
 }
 
 func (b *grpcLimitBody) Read(p []byte) (int, error) {
@@ -107,6 +112,7 @@ func (b *grpcLimitBody) Read(p []byte) (int, error) {
 			b.nh = 0
 			b.left = int64(binary.BigEndian.Uint32(b.hdr[1:]))
 			if b.left > b.max {
+				b.exceeded.Store(true)
 				return 0, errRequestTooLarge
 			}
 		}

@@ -85,8 +85,10 @@ type Config struct {
 	DialTimeout time.Duration
 	// WriteTimeout bounds writing a request to the upstream; zero means DefaultWriteTimeout.
 	WriteTimeout time.Duration
-	// ReadTimeout bounds every read from an upstream connection, as the stock proxy's --proxy-read-timeout
-	// does; zero means none, which watches and long polls need.
+	// ReadTimeout bounds how long an HTTP request waits for the upstream, as the stock proxy's
+	// --proxy-read-timeout does: each read of an HTTP/1.1 answer, the answer's headers over HTTP/2 (a deadline on
+	// a shared connection would end its other requests). gRPC calls carry their clients' deadlines. Zero means
+	// none, which v2 watches need.
 	ReadTimeout time.Duration
 	// FailureWait is how long an endpoint that could not be reached gets no new requests, unless the probe finds
 	// it healthy sooner. Zero means DefaultFailureWait; negative means no wait.
@@ -102,7 +104,8 @@ type Config struct {
 	DiscoverySRVName string
 	// DiscoverMembers learns the members' client URLs from the upstream's member list and uses them as the
 	// endpoints, refreshed every RefreshInterval; Upstreams (or DiscoverySRV) are only where it asks. Off by
-	// default: behind another proxy-proxy it would bypass it.
+	// default: it is for members only — another proxy-proxy answers the member list with its own advertised
+	// URLs, which may not even be reachable from here.
 	DiscoverMembers bool
 	// MaxRuleBody bounds a response body buffered for a rule; zero means DefaultMaxRuleBody.
 	MaxRuleBody int64
@@ -241,12 +244,12 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.ReadOnly, "readonly", false, "answer every request but GET and HEAD with 501, as the stock readonly proxy does")
 	fs.Var(msFlag{p: &c.DialTimeout}, "proxy-dial-timeout", "milliseconds to wait for a connection to the upstream")
 	fs.Var(msFlag{p: &c.WriteTimeout}, "proxy-write-timeout", "milliseconds to wait for a request to be written to the upstream")
-	fs.Var(msFlag{p: &c.ReadTimeout}, "proxy-read-timeout", "milliseconds to wait for each read from the upstream; 0 waits for ever (watches need it)")
+	fs.Var(msFlag{p: &c.ReadTimeout}, "proxy-read-timeout", "milliseconds an HTTP request waits for the upstream (each read over HTTP/1.1, the headers over HTTP/2; not gRPC); 0 waits for ever (v2 watches need it)")
 	fs.Var(msFlag{p: &c.FailureWait, zeroOff: true}, "proxy-failure-wait", "milliseconds an endpoint that could not be reached gets no new requests (unless the probe finds it healthy sooner)")
 	fs.Var(msFlag{p: &c.RefreshInterval, zeroOff: true}, "proxy-refresh-interval", "milliseconds between discovery refreshes (--discovery-srv, --discover-members); 0 discovers once, at start")
 	fs.StringVar(&c.DiscoverySRV, "discovery-srv", "", "DNS domain whose _etcd-client-ssl._tcp / _etcd-client._tcp SRV records name the upstream endpoints (instead of --upstream)")
 	fs.StringVar(&c.DiscoverySRVName, "discovery-srv-name", "", "suffix of the SRV service names: _etcd-client-ssl-NAME._tcp")
-	fs.BoolVar(&c.DiscoverMembers, "discover-members", false, "use the client URLs of the upstream's members as the endpoints, refreshed every --proxy-refresh-interval (off: behind another proxy-proxy it would bypass it)")
+	fs.BoolVar(&c.DiscoverMembers, "discover-members", false, "use the client URLs of the upstream's members as the endpoints, refreshed every --proxy-refresh-interval (for members only: another proxy-proxy answers with itself)")
 	fs.Var(bytesFlag{&c.MaxRequestBytes}, "max-request-bytes", "largest request body, and largest message of a gRPC call, in bytes")
 	fs.Var(bytesFlag{&c.MaxRuleBody}, "max-rule-body-bytes", "largest upstream response a rule may buffer to rewrite (membership lists), in bytes")
 	fs.Var(bytesFlag{&c.MaxHeaderBytes}, "max-header-bytes", "largest request header, in bytes")
@@ -354,6 +357,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxHeaderBytes > math.MaxInt32 {
 		add("--max-header-bytes: at most %d", math.MaxInt32)
+	}
+	if c.MaxRequestBytes > math.MaxInt32 { // a gRPC message's length has 32 bits
+		add("--max-request-bytes: at most %d", math.MaxInt32)
 	}
 	c.OpsConfig.validate(c, add) // ops.go
 	return sortErrors(errs)

@@ -16,8 +16,10 @@ import (
 	"net/url"
 	"os"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
@@ -38,9 +40,12 @@ type Forwarder struct {
 	// drain ends open streams when the server shuts down (Server.Shutdown); nil while serving.
 	drain      context.Context
 	startDrain context.CancelCauseFunc
-	// dialTCP opens a connection to an upstream, with the write timeout; TLS goes on top (reload.go).
+	// dialTCP opens a connection to an upstream, with the write timeout; dialTLS puts TLS on top.
 	dialTCP func(ctx context.Context, network, addr string) (net.Conn, error)
-	log     *slog.Logger
+	// upstreamTLS is the TLS configuration of a handshake with host: from the files as NewForwarder found them,
+	// then, with the operations side, the ones reloaded last (reload.go useUpstreamTLS).
+	upstreamTLS func(host string, protos []string) *tls.Config
+	log         *slog.Logger
 }
 
 // HTTP/2 health checks of upstream connections: a ping after pingAfter of silence, the connection closed when
@@ -92,21 +97,22 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 	writeTimeout, readTimeout := cfg.WriteTimeout, cfg.ReadTimeout
 	f.dialTCP = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		c, err := dialer.DialContext(ctx, network, addr)
-		if err != nil || writeTimeout <= 0 && readTimeout <= 0 {
+		if err != nil || writeTimeout <= 0 {
 			return c, err
 		}
-		return &timeoutConn{Conn: c, write: writeTimeout, read: readTimeout}, nil
+		return &writeTimeoutConn{Conn: c, timeout: writeTimeout}, nil
 	}
 	f.transport = &http.Transport{
-		DialContext:         f.dialTCP,
-		TLSClientConfig:     upstreamConfig(cfg.UpstreamTLS, upTLS, "", nil),
-		TLSHandshakeTimeout: dialTimeout,
-		ForceAttemptHTTP2:   true,
+		DialContext:       f.dialTCP,
+		ForceAttemptHTTP2: true,
 		// Enough idle connections for c=64 load: the default 2 per host turns it into a reconnect storm.
 		MaxIdleConns:        0,
 		MaxIdleConnsPerHost: 1024,
 		IdleConnTimeout:     90 * time.Second,
-		// No ResponseHeaderTimeout: a v2 watch (?wait=true) answers only when something changes.
+		// --proxy-read-timeout, 0 by default: a v2 watch (?wait=true) answers only when something changes. Not
+		// a deadline on the connection's reads, as on the HTTP/1.1 path: an HTTP/2 connection carries other
+		// requests, and a quiet one would take them all down.
+		ResponseHeaderTimeout: readTimeout,
 	}
 	f.h1 = &h1Transport{dial: dialer.DialContext, writeTimeout: writeTimeout, readTimeout: readTimeout, maxIdle: 1024}
 	// gRPC needs HTTP/2 end to end; with HTTP/1 enabled an http:// upstream would be spoken to over HTTP/1.
@@ -115,6 +121,12 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 	f.grpc.Protocols.SetHTTP2(true)
 	f.grpc.Protocols.SetUnencryptedHTTP2(true)
 	f.grpc.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: 1 << 20, SendPingTimeout: pingAfter, PingTimeout: pingTimeout}
+	// Every TLS handshake is made here, so that a failed one is known for what it is: nothing was sent.
+	f.upstreamTLS = func(host string, protos []string) *tls.Config {
+		return upstreamConfig(cfg.UpstreamTLS, upTLS, host, protos)
+	}
+	f.transport.DialTLSContext = f.dialTLS(dialTimeout, []string{"h2", "http/1.1"})
+	f.grpc.DialTLSContext = f.dialTLS(dialTimeout, []string{"h2"})
 	// An upstream that vanished without closing (a host gone, a partition) is found by pings, not by the kernel's
 	// keep-alive minutes later: watches and unary calls on that connection then fail instead of hanging.
 	f.transport.HTTP2 = &http.HTTP2Config{SendPingTimeout: pingAfter, PingTimeout: pingTimeout}
@@ -164,7 +176,11 @@ func (f *Forwarder) Close() {
 
 // isWatch reports a v2 long-poll: its answer may be a long time coming, so its headers must go out at once.
 func isWatch(r *http.Request) bool {
-	return strings.Contains(r.URL.RawQuery, "wait=true") && r.URL.Query().Get("wait") == "true"
+	if !strings.Contains(r.URL.RawQuery, "wait=") {
+		return false
+	}
+	wait, _ := strconv.ParseBool(r.URL.Query().Get("wait")) // as etcd reads it: 1, t, TRUE, …
+	return wait
 }
 
 func (f *Forwarder) rewrite(pr *httputil.ProxyRequest) {
@@ -200,32 +216,29 @@ func (rt roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 
 // send tries the upstream endpoints in the order the policy gives (endpoints.go). It moves on to the next when
 // the request cannot have reached the previous one — the dial or the TLS handshake failed, and no byte of the
-// body has been read, so the body is intact (ReverseProxy keeps the transport from closing the client's) — or
-// when it may have, but changes nothing there (retryable). A write that may have been delivered is never sent
-// again: the client gets the error and decides.
+// body has been read, so the body is intact — or when it may have, but changes nothing there (retryable). A
+// write that may have been delivered is never sent again: the client gets the error and decides.
 func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
 	aff := affinityOf(req.Context())
 	eps := f.endpoints.order(aff)
-	var body *countingBody
+	var body *retryBody
 	if req.Body != nil && req.Body != http.NoBody && len(eps) > 1 {
 		if err := bufferRange(req, f.maxRequestBytes); err != nil {
 			return nil, err
 		}
-		body = &countingBody{ReadCloser: req.Body}
+		body = &retryBody{rc: req.Body}
+		body.hold.Store(true)
 		req.Body = body
 	}
 	retry := retryable(req)
 	var err error
 	for i, e := range eps {
 		if i > 0 {
-			if req.Context().Err() != nil {
-				break
-			}
 			if req.GetBody != nil {
 				b, _ := req.GetBody()
-				body = &countingBody{ReadCloser: b}
+				body = &retryBody{rc: b}
 				req.Body = body
-			} else if body != nil && body.n > 0 {
+			} else if body != nil && body.n.Load() > 0 {
 				break // some of it went out: the request may have been received
 			}
 		}
@@ -233,13 +246,14 @@ func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
 		var resp *http.Response
 		resp, err = f.transportFor(req).RoundTrip(req)
 		if err == nil {
+			body.release()
 			if aff != nil && i > 0 {
 				aff.ep.Store(e) // the connection follows the endpoint that answered
 			}
 			return resp, nil
 		}
-		if req.Context().Err() != nil {
-			return nil, err
+		if cerr := req.Context().Err(); cerr != nil {
+			return nil, cerr // the client went away (or a shutdown ended the stream): nobody to try again for
 		}
 		if !unreached(err) {
 			if !retry || i == len(eps)-1 {
@@ -249,6 +263,7 @@ func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
 		}
 		f.endpoints.failed(e)
 	}
+	body.release()
 	if err == nil {
 		err = errors.New("no upstream endpoint known")
 	}
@@ -305,7 +320,7 @@ func (f *Forwarder) modifyResponse(resp *http.Response) error {
 		return err
 	}
 	f.fixLocation(resp)
-	endOnDrain(resp) // drain.go
+	endStreamCleanly(resp) // drain.go
 	return nil
 }
 
@@ -333,16 +348,39 @@ func (f *Forwarder) fixLocation(resp *http.Response) {
 	resp.Header.Set("Content-Length", "0")
 }
 
-// countingBody counts what the transport read of a request body.
-type countingBody struct {
-	io.ReadCloser
-	n int64
+// retryBody is a request body that survives a failed attempt: it counts what the transport read, and while
+// held it does not pass Close on (http.Transport closes a request's body even when the dial fails, and
+// ReverseProxy's body refuses every read after that). Once an attempt got an answer, or none is left, Close goes
+// through again, so that a transport ending a stream still unblocks a Read.
+type retryBody struct {
+	rc     io.ReadCloser
+	n      atomic.Int64
+	hold   atomic.Bool
+	closed atomic.Bool // Close was called while held
 }
 
-func (b *countingBody) Read(p []byte) (int, error) {
-	n, err := b.ReadCloser.Read(p)
-	b.n += int64(n)
+func (b *retryBody) Read(p []byte) (int, error) {
+	n, err := b.rc.Read(p)
+	b.n.Add(int64(n))
 	return n, err
+}
+
+func (b *retryBody) Close() error {
+	if b.hold.Load() {
+		b.closed.Store(true)
+		return nil
+	}
+	return b.rc.Close()
+}
+
+// release ends the hold; a Close that came while held is passed on now. Nil does nothing.
+func (b *retryBody) release() {
+	if b == nil || !b.hold.Swap(false) {
+		return
+	}
+	if b.closed.Load() {
+		_ = b.rc.Close()
+	}
 }
 
 // noEndpointError: no upstream endpoint could be reached.
@@ -350,6 +388,29 @@ type noEndpointError struct{ err error }
 
 func (e *noEndpointError) Error() string { return "no upstream endpoint available: " + e.err.Error() }
 func (e *noEndpointError) Unwrap() error { return e.err }
+
+// dialTLS opens a TLS connection to an upstream, verified against the host it dials (IP addresses too), with
+// the TLS configuration loaded last. A failed handshake is a handshakeError: nothing of a request was sent.
+func (f *Forwarder) dialTLS(timeout time.Duration, protos []string) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		host, _, err := net.SplitHostPort(addr)
+		if err != nil {
+			return nil, err
+		}
+		raw, err := f.dialTCP(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		hctx, cancel := context.WithTimeout(ctx, timeout)
+		defer cancel()
+		c := tls.Client(raw, f.upstreamTLS(host, protos))
+		if err := c.HandshakeContext(hctx); err != nil {
+			_ = raw.Close()
+			return nil, &handshakeError{err}
+		}
+		return c, nil
+	}
+}
 
 // unreached reports an error that proves the request never reached the upstream: the connection could not be
 // made (dial) or secured (TLS handshake).
@@ -471,29 +532,17 @@ func (h *headerFlusher) Unwrap() http.ResponseWriter { return h.ResponseWriter }
 // Flush lets ReverseProxy flush every write of a streamed answer.
 func (h *headerFlusher) Flush() { _ = http.NewResponseController(h.ResponseWriter).Flush() }
 
-// timeoutConn bounds every write toward the upstream and every read from it, as the stock proxy's
-// --proxy-write-timeout and --proxy-read-timeout do; zero is no bound.
-type timeoutConn struct {
+// writeTimeoutConn bounds every write toward the upstream, as the stock proxy's --proxy-write-timeout does.
+type writeTimeoutConn struct {
 	net.Conn
-	write, read time.Duration
+	timeout time.Duration
 }
 
-func (c *timeoutConn) Write(b []byte) (int, error) {
-	if c.write > 0 {
-		if err := c.Conn.SetWriteDeadline(time.Now().Add(c.write)); err != nil {
-			return 0, err
-		}
+func (c *writeTimeoutConn) Write(b []byte) (int, error) {
+	if err := c.Conn.SetWriteDeadline(time.Now().Add(c.timeout)); err != nil {
+		return 0, err
 	}
 	return c.Conn.Write(b)
-}
-
-func (c *timeoutConn) Read(b []byte) (int, error) {
-	if c.read > 0 {
-		if err := c.Conn.SetReadDeadline(time.Now().Add(c.read)); err != nil {
-			return 0, err
-		}
-	}
-	return c.Conn.Read(b)
 }
 
 // bufferPool shares ReverseProxy's copy buffers between requests: 4 KiB, since a watch holds its buffer for as

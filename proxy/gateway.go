@@ -38,8 +38,9 @@ type gateway struct {
 
 func newGateway(grpcHandler http.Handler) (*gateway, error) {
 	g := &gateway{ln: newPipeListener()}
-	// One in-memory connection carries every gateway call: the gateway is one client, pinned to one upstream.
-	g.srv = &http.Server{Handler: grpcHandler, Protocols: new(http.Protocols), ConnContext: withAffinity}
+	// One in-memory connection carries every gateway call, so its calls have no connection affinity: each goes
+	// to the next available endpoint in turn (endpoints.go).
+	g.srv = &http.Server{Handler: grpcHandler, Protocols: new(http.Protocols)}
 	g.srv.Protocols.SetUnencryptedHTTP2(true)
 	g.srv.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: 1 << 20}
 	go func() { _ = g.srv.Serve(g.ln) }()

@@ -182,6 +182,9 @@ func (b *h1Body) release(atEOF bool) {
 	}
 	b.done = true
 	if b.stop() && atEOF && b.keep && b.pc.br.Buffered() == 0 {
+		if b.pc.readTimeout > 0 {
+			_ = b.pc.SetReadDeadline(time.Time{}) // idle: alive() must not find the last read's deadline passed
+		}
 		b.t.putIdle(b.pc)
 		return
 	}

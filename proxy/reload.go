@@ -6,8 +6,6 @@ import (
 	"crypto/x509"
 	"fmt"
 	"log/slog"
-	"net"
-	"net/http"
 	"os"
 	"slices"
 	"sync"
@@ -205,38 +203,11 @@ func (r *certReloader) startListener(t TLSInfo) (*tls.Config, error) {
 	return r.listener.serverTLS(), nil
 }
 
-// useUpstreamTLS makes the forwarder's transports do their TLS handshakes themselves, each with the upstream
-// side's latest certificates (a tls.Config's RootCAs cannot be swapped while transports clone it). It runs
-// before any request.
+// useUpstreamTLS makes the forwarder's TLS handshakes (Forwarder.dialTLS) use the upstream side's latest
+// certificates (a tls.Config's RootCAs cannot be swapped while transports clone it). It runs before any request.
 func (r *certReloader) useUpstreamTLS(f *Forwarder) {
-	if r.upstream == nil {
-		return
-	}
-	side := r.upstream
-	for _, t := range []*http.Transport{f.transport, f.grpc} {
-		protos := []string{"h2", "http/1.1"}
-		if t == f.grpc {
-			protos = []string{"h2"}
-		}
-		timeout := t.TLSHandshakeTimeout
-		t.DialTLSContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
-			host, _, err := net.SplitHostPort(addr)
-			if err != nil {
-				return nil, err
-			}
-			raw, err := f.dialTCP(ctx, network, addr)
-			if err != nil {
-				return nil, err
-			}
-			hctx, cancel := context.WithTimeout(ctx, timeout)
-			defer cancel()
-			c := tls.Client(raw, side.clientTLS(host, protos))
-			if err := c.HandshakeContext(hctx); err != nil {
-				_ = raw.Close()
-				return nil, &handshakeError{err} // no byte of a request went out: another endpoint may have it
-			}
-			return c, nil
-		}
+	if r.upstream != nil {
+		f.upstreamTLS = r.upstream.clientTLS
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -151,9 +152,156 @@ func TestRetryOnlyReads(t *testing.T) {
 	if failed == 0 || writes.Load() != int64(4-failed) {
 		t.Errorf("%d of 4 PUTs failed and the good upstream saw %d: want some failed and the rest seen once", failed, writes.Load())
 	}
-	if code, _ := answer(t, newConn(), http.MethodGet, u+"/v2/keys/x?wait=true", nil); code != http.StatusOK {
-		t.Logf("a long poll is not retried; this one was answered %d", code) // either upstream: both outcomes are right
+	// A long poll (wait=1 is one, as etcd reads it) is the client's to restart: not retried either.
+	failed = 0
+	for range 4 {
+		if code, _ := answer(t, newConn(), http.MethodGet, u+"/v2/keys/x?wait=1", nil); code == http.StatusBadGateway {
+			failed++
+		}
 	}
+	if failed == 0 {
+		t.Error("no long poll failed: those that started at the broken upstream were sent again")
+	}
+}
+
+// The body of a write survives a failed dial or TLS handshake on every transport: HTTP/1.1 over TLS (whose
+// transport closes a body when the dial fails) and gRPC over h2c.
+func TestFailoverKeepsBodyTLSAndGRPC(t *testing.T) {
+	t.Parallel()
+	var whole atomic.Int64
+	good := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if b, _ := io.ReadAll(r.Body); string(b) == "value=1" {
+			whole.Add(1)
+		}
+	}))
+	t.Cleanup(good.Close)
+	// Not TLS at all: the handshake fails, and nothing of a request was sent.
+	plain, plainHits := counting(t, func(w http.ResponseWriter, r *http.Request) {})
+	_, u := startProxy(t, Config{
+		Upstreams:   []string{"https://" + deadAddr(t), "https://" + strings.TrimPrefix(plain.URL, "http://"), good.URL},
+		UpstreamTLS: TLSInfo{InsecureSkipVerify: true}, // no files: the handshakes are still the proxy's own
+		FailureWait: -1,                                // every connection starts where round-robin puts it
+	})
+	for range 6 {
+		if code, body := answer(t, newConn(), http.MethodPut, u+"/v2/keys/x", strings.NewReader("value=1")); code != http.StatusOK {
+			t.Errorf("PUT = %d %s, want the TLS upstream's answer", code, body)
+		}
+	}
+	if whole.Load() != 6 || plainHits.Load() != 0 {
+		t.Errorf("the TLS upstream read %d whole bodies, want 6; the non-TLS one saw %d requests, want 0", whole.Load(), plainHits.Load())
+	}
+
+	var grpcWhole atomic.Int64
+	want := rawFrame([]byte("put"))
+	up := h2cUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		if b, _ := io.ReadAll(r.Body); bytes.Equal(b, want) {
+			grpcWhole.Add(1)
+		}
+		w.Header().Set("Grpc-Status", "0")
+	})
+	_, gu := startProxy(t, Config{Upstreams: []string{"http://" + deadAddr(t), up}, FailureWait: -1})
+	for range 4 {
+		resp := grpcCall(t, gu+"/etcdserverpb.KV/Put", want)
+		_, _ = io.ReadAll(resp.Body)
+		if got := grpcStatus(resp); got != "0" {
+			t.Errorf("gRPC Put = status %q (%s), want 0", got, resp.Trailer.Get("Grpc-Message"))
+		}
+	}
+	if grpcWhole.Load() != 4 {
+		t.Errorf("the gRPC upstream read %d whole requests, want 4", grpcWhole.Load())
+	}
+}
+
+// A v3 Range that reached an upstream which broke the stream goes to the next; a Put never goes to two.
+func TestRangeRetried(t *testing.T) {
+	t.Parallel()
+	var brokenPuts, goodPuts atomic.Int64
+	broken := h2cUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.ReadAll(r.Body)
+		if strings.HasSuffix(r.URL.Path, "/Put") {
+			brokenPuts.Add(1)
+		}
+		panic(http.ErrAbortHandler) // RST_STREAM: the call reached it and got no answer
+	})
+	good := h2cUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.ReadAll(r.Body)
+		if strings.HasSuffix(r.URL.Path, "/Put") {
+			goodPuts.Add(1)
+		}
+		w.Header().Set("Grpc-Status", "0")
+	})
+	_, u := startProxy(t, Config{Upstreams: []string{broken, good}})
+	for range 4 {
+		resp := grpcCall(t, u+grpcRange, rawFrame([]byte("range")))
+		_, _ = io.ReadAll(resp.Body)
+		if got := grpcStatus(resp); got != "0" {
+			t.Errorf("Range = status %q, want 0 from the second upstream", got)
+		}
+	}
+	ok := 0
+	for range 4 {
+		resp := grpcCall(t, u+"/etcdserverpb.KV/Put", rawFrame([]byte("put")))
+		_, _ = io.ReadAll(resp.Body)
+		if grpcStatus(resp) == "0" {
+			ok++
+		}
+	}
+	if brokenPuts.Load()+goodPuts.Load() != 4 || goodPuts.Load() != int64(ok) || ok == 4 {
+		t.Errorf("Puts: %d answered, %d seen by the broken upstream, %d by the good one: want each seen once, and those on the broken one failed",
+			ok, brokenPuts.Load(), goodPuts.Load())
+	}
+}
+
+// An endpoint marked failed comes back as soon as a probe finds it healthy, before the failure wait ends.
+func TestProbeBringsEndpointBack(t *testing.T) {
+	t.Parallel()
+	srv, _ := startProxy(t, Config{Upstreams: []string{named(t, "a"), named(t, "b")}, FailureWait: time.Hour})
+	eps := srv.forwarder.endpoints.current()
+	srv.forwarder.endpoints.failed(eps[0])
+	if eps[0].available(time.Now().UnixNano()) {
+		t.Fatal("an endpoint just marked failed is available")
+	}
+	p := newProber(srv.forwarder, HealthCheckHTTP, time.Hour, srv.ops.m)
+	p.round(context.Background())
+	if !eps[0].available(time.Now().UnixNano()) {
+		t.Error("a probe that passed did not bring the endpoint back")
+	}
+}
+
+// A gRPC stream whose client sends a message over the limit ends with ResourceExhausted.
+func TestStreamMessageTooLarge(t *testing.T) {
+	t.Parallel()
+	up := h2cUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", rules.GRPCContentType)
+		w.Write(rawFrame([]byte("created")))
+		w.(http.Flusher).Flush()
+		_, _ = io.Copy(io.Discard, r.Body)
+	})
+	_, u := startProxy(t, Config{Upstreams: []string{up}, MaxRequestBytes: 1000})
+	pr, pw := io.Pipe()
+	tr := &http.Transport{Protocols: new(http.Protocols)}
+	tr.Protocols.SetUnencryptedHTTP2(true)
+	t.Cleanup(tr.CloseIdleConnections)
+	req, _ := http.NewRequest(http.MethodPost, u+"/etcdserverpb.Watch/Watch", pr)
+	req.Header.Set("Content-Type", rules.GRPCContentType)
+	go pw.Write(rawFrame([]byte("create")))
+	resp, err := tr.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	first := make([]byte, len(rawFrame([]byte("created"))))
+	if _, err := io.ReadFull(resp.Body, first); err != nil {
+		t.Fatal(err)
+	}
+	go pw.Write(rawFrame(make([]byte, 2000)))
+	if _, err := io.ReadAll(resp.Body); err != nil {
+		t.Errorf("the stream broke off (%v), want a clean end", err)
+	}
+	if got := grpcStatus(resp); got != fmt.Sprint(rules.CodeResourceExhausted) {
+		t.Errorf("grpc-status = %q (%s), want %d", got, resp.Trailer.Get("Grpc-Message"), rules.CodeResourceExhausted)
+	}
+	pw.Close()
 }
 
 // --proxy-read-timeout: an upstream that does not answer in time gets 504.
@@ -254,7 +402,7 @@ func TestListenerBounds(t *testing.T) {
 // Graceful shutdown: unary requests in flight finish, open streams end at once and cleanly.
 func TestGracefulShutdown(t *testing.T) {
 	t.Parallel()
-	slowStarted := make(chan struct{}, 1)
+	slowStarted, lockStarted := make(chan struct{}, 1), make(chan struct{}, 1)
 	release := make(chan struct{})
 	up := h2cUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		switch {
@@ -262,6 +410,9 @@ func TestGracefulShutdown(t *testing.T) {
 			slowStarted <- struct{}{}
 			<-release
 			io.WriteString(w, "done")
+		case r.URL.Path == "/v3lockpb.Lock/Lock": // a lock someone else holds
+			lockStarted <- struct{}{}
+			<-r.Context().Done()
 		case rules.IsGRPC(r): // a watch: one message, then nothing until the client goes
 			w.Header().Set("Content-Type", rules.GRPCContentType)
 			w.Write(rawFrame([]byte("event")))
@@ -288,6 +439,13 @@ func TestGracefulShutdown(t *testing.T) {
 		code, got := answer(t, newConn(), http.MethodGet, u+"/v2/keys/x?wait=true", nil)
 		longPoll <- fmt.Sprint(code, " ", got)
 	}()
+	lock := make(chan string, 1)
+	go func() {
+		resp := grpcCall(t, u+"/v3lockpb.Lock/Lock", rawFrame([]byte("name")))
+		_, _ = io.ReadAll(resp.Body)
+		lock <- grpcStatus(resp)
+	}()
+	<-lockStarted
 	stream, err := newConn().Get(u + "/v2/keys/x?wait=true&stream=true")
 	if err != nil {
 		t.Fatal(err)
@@ -317,6 +475,9 @@ func TestGracefulShutdown(t *testing.T) {
 	}
 	if got := <-longPoll; !strings.HasPrefix(got, "503 ") || !strings.Contains(got, "shutting down") {
 		t.Errorf("v2 long poll = %s, want 503 shutting down", got)
+	}
+	if got := <-lock; got != "14" {
+		t.Errorf("a waiting Lock ended with status %q, want 14 (Unavailable)", got)
 	}
 	select {
 	case err := <-done:
