@@ -42,6 +42,8 @@ type endpointSet struct {
 	list        atomic.Pointer[[]*endpoint]
 	next        atomic.Uint32
 	failureWait time.Duration
+	// removed, if set, is told the endpoints that set dropped (their idle connections can go).
+	removed func([]*url.URL)
 }
 
 func newEndpointSet(urls []*url.URL, failureWait time.Duration) *endpointSet {
@@ -90,6 +92,15 @@ func (s *endpointSet) set(urls []*url.URL) (changed bool) {
 		return false
 	}
 	s.list.Store(&list)
+	var gone []*url.URL
+	for _, e := range old {
+		if !slices.Contains(list, e) {
+			gone = append(gone, e.url)
+		}
+	}
+	if len(gone) > 0 && s.removed != nil {
+		s.removed(gone)
+	}
 	return true
 }
 

@@ -84,6 +84,11 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 		return nil, errors.New("no upstream")
 	}
 	f.endpoints = newEndpointSet(urls, cfg.failureWait())
+	f.endpoints.removed = func(gone []*url.URL) { // discovery dropped them: their pooled connections go too
+		for _, u := range gone {
+			f.h1.closeIdleTo(u.Host)
+		}
+	}
 	// The files as they are now; with the operations side, reload.go takes over the handshakes (useUpstreamTLS).
 	upTLS, err := loadUpstream(cfg.UpstreamTLS)
 	if err != nil {

@@ -225,6 +225,17 @@ func (t *h1Transport) putIdle(pc *h1Conn) {
 	}
 }
 
+// closeIdleTo closes the pooled connections to one upstream host:port.
+func (t *h1Transport) closeIdleTo(key string) {
+	t.mu.Lock()
+	conns := t.idle[key]
+	delete(t.idle, key)
+	t.mu.Unlock()
+	for _, pc := range conns {
+		_ = pc.Close()
+	}
+}
+
 // CloseIdleConnections closes every pooled connection.
 func (t *h1Transport) CloseIdleConnections() {
 	t.mu.Lock()

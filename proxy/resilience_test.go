@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -537,4 +538,38 @@ func grpcStatus(resp *http.Response) string {
 		return s
 	}
 	return resp.Header.Get("Grpc-Status")
+}
+
+// A new endpoint list keeps what is known of the endpoints that stay and reports those that went (their pooled
+// connections are closed).
+func TestEndpointSetReplaced(t *testing.T) {
+	t.Parallel()
+	parse := func(raw ...string) (us []*url.URL) {
+		for _, r := range raw {
+			u, _ := url.Parse(r)
+			us = append(us, u)
+		}
+		return us
+	}
+	s := newEndpointSet(parse("http://a:1", "http://b:1"), time.Hour)
+	var gone []string
+	s.removed = func(us []*url.URL) {
+		for _, u := range us {
+			gone = append(gone, u.Host)
+		}
+	}
+	s.failed(s.current()[0])
+	if !s.set(parse("http://c:1", "http://a:1")) {
+		t.Fatal("a different list did not count as a change")
+	}
+	now := time.Now().UnixNano()
+	if eps := s.current(); len(eps) != 2 || eps[1].url.Host != "a:1" || eps[1].available(now) || !eps[0].available(now) {
+		t.Errorf("after the change: %v; want c (available), a (still failed)", eps)
+	}
+	if len(gone) != 1 || gone[0] != "b:1" {
+		t.Errorf("removed = %v, want [b:1]", gone)
+	}
+	if s.set(parse("http://c:1", "http://a:1")) || s.set(nil) {
+		t.Error("the same list, or an empty one, counted as a change")
+	}
 }
