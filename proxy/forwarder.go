@@ -37,7 +37,7 @@ type Forwarder struct {
 	gateway   *gateway        // the v3 JSON gateway, calling back into rp over gRPC
 	// maxRequestBytes bounds a request body, or each message of a gRPC stream.
 	maxRequestBytes int64
-	// drain ends open streams when the server shuts down (Server.Shutdown); nil while serving.
+	// drain is cancelled, with errShuttingDown, when the server shuts down: open streams end (drain.go).
 	drain      context.Context
 	startDrain context.CancelCauseFunc
 	// dialTCP opens a connection to an upstream, with the write timeout; dialTLS puts TLS on top.
@@ -126,6 +126,7 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 	f.grpc.Protocols.SetHTTP2(true)
 	f.grpc.Protocols.SetUnencryptedHTTP2(true)
 	f.grpc.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: 1 << 20, SendPingTimeout: pingAfter, PingTimeout: pingTimeout}
+	f.grpc.ResponseHeaderTimeout = 0 // gRPC calls carry their clients' deadlines; a Lock answers when it has it
 	// Every TLS handshake is made here, so that a failed one is known for what it is: nothing was sent.
 	f.upstreamTLS = func(host string, protos []string) *tls.Config {
 		return upstreamConfig(cfg.UpstreamTLS, upTLS, host, protos)

@@ -258,6 +258,7 @@ func (p *prober) round(ctx context.Context) {
 	wg.Wait()
 	for i := len(eps); i < p.shown; i++ { // the list shrank (discovery)
 		p.m.upstream.DeleteLabelValues(strconv.Itoa(i))
+		p.m.probeFails.DeleteLabelValues(strconv.Itoa(i))
 	}
 	p.shown = len(eps)
 	if ctx.Err() == nil {

@@ -315,6 +315,18 @@ func TestReadTimeout(t *testing.T) {
 	resp, body := get(t, http.MethodPut, u+"/v2/keys/x", strings.NewReader("value=1"))
 	etcdError(t, resp, body, http.StatusGatewayTimeout)
 	noLeak(t, resp, body, strings.TrimPrefix(up.URL, "http://"))
+
+	// Not gRPC: a Lock answers when it has the lock, and its client's deadline is what bounds it.
+	slow := h2cUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(300 * time.Millisecond) // the lock is held by someone else for a while
+		w.Header().Set("Grpc-Status", "0")
+	})
+	_, gu := startProxy(t, Config{Upstreams: []string{slow}, ReadTimeout: 100 * time.Millisecond})
+	lock := grpcCall(t, gu+"/v3lockpb.Lock/Lock", rawFrame([]byte("name")))
+	_, _ = io.ReadAll(lock.Body)
+	if got := grpcStatus(lock); got != "0" {
+		t.Errorf("a Lock answered after 300 ms through a proxy with a 100 ms read timeout: status %q, want 0", got)
+	}
 }
 
 // --max-request-bytes: a body that says it is too large never reaches the upstream; one that turns out too
