@@ -38,8 +38,8 @@ func TestResilience(t *testing.T) {
 	}
 	base := front.Endpoint.URLs[0]
 
-	// Members[0] is the proxy's first upstream: whether it sends every connection to its first healthy
-	// upstream or spreads them, Members[0] carries load when it stops.
+	// Members[0] is one of the proxy's upstreams: the writers' connections are spread over all three, so the
+	// writers pinned to Members[0] move when it stops.
 	t.Run("follower stop under write load", func(t *testing.T) {
 		waitLeader(t, ctx, c)
 		if err := c.MoveLeader(ctx, 1); err != nil {

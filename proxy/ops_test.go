@@ -264,8 +264,8 @@ func TestUpstreamCertificateForAnotherUpstream(t *testing.T) {
 	}
 }
 
-// Requests start at the first upstream the probe found healthy: an endpoint that answers but is unhealthy (a
-// member without a leader answers /health 503) gets nothing, and gets it all back once healthy again.
+// Requests go to upstreams the probe found healthy: an endpoint that answers but is unhealthy (a member without
+// a leader answers /health 503) gets nothing, and new connections again once it is healthy.
 func TestRequestsGoToAHealthyUpstream(t *testing.T) {
 	t.Parallel()
 	var sick atomic.Bool
