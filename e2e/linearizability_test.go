@@ -14,7 +14,6 @@ import (
 	"time"
 
 	"github.com/anishathalye/porcupine"
-	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 	"google.golang.org/grpc/status"
@@ -51,7 +50,7 @@ func TestLinearizable(t *testing.T) {
 	clis := make([]*clientv3.Client, clients)
 	for i := range clis {
 		top := r.Top()
-		tc, err := transport.TLSInfo{CertFile: top.TLS.CertFile, KeyFile: top.TLS.KeyFile, TrustedCAFile: top.TLS.CAFile}.ClientConfig()
+		tc, err := top.TLS.ClientConfig()
 		if err != nil {
 			t.Fatal(err)
 		}

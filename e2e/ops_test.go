@@ -7,7 +7,6 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
-	"io"
 	"log/slog"
 	"math/big"
 	"net/http"
@@ -254,13 +253,7 @@ func TestOps(t *testing.T) {
 
 func httpGet(t *testing.T, c *http.Client, u string) (int, string) {
 	t.Helper()
-	resp, err := c.Get(u)
-	if err != nil {
-		return 0, err.Error()
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b)
+	return do(context.Background(), c, http.MethodGet, u, "")
 }
 
 // handshakeSerial opens a new TLS connection and returns the serial of the certificate the server presented.

@@ -71,11 +71,17 @@ func counting(t *testing.T, h http.HandlerFunc) (*httptest.Server, *atomic.Int64
 
 func get(t *testing.T, method, url string, body io.Reader) (*http.Response, []byte) {
 	t.Helper()
+	return getWith(t, client, method, url, body)
+}
+
+// getWith sends a request with c and returns the response with its body read.
+func getWith(t *testing.T, c *http.Client, method, url string, body io.Reader) (*http.Response, []byte) {
+	t.Helper()
 	req, err := http.NewRequest(method, url, body)
 	if err != nil {
 		t.Fatal(err)
 	}
-	resp, err := client.Do(req)
+	resp, err := c.Do(req)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -680,19 +686,10 @@ func TestServerLoopThroughAnother(t *testing.T) {
 		t.Errorf("message = %q", msg)
 	}
 	// gRPC: a trailers-only status, over h2c.
-	h2c := &http.Transport{Protocols: new(http.Protocols)}
-	h2c.Protocols.SetUnencryptedHTTP2(true)
-	t.Cleanup(h2c.CloseIdleConnections)
-	req, _ := http.NewRequest(http.MethodPost, urls[0]+"/etcdserverpb.KV/Range", strings.NewReader("\x00\x00\x00\x00\x00"))
-	req.Header.Set("Content-Type", "application/grpc")
-	req.Header.Set("Te", "trailers")
-	gresp, err := h2c.RoundTrip(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	gresp := grpcCall(t, urls[0]+"/etcdserverpb.KV/Range", rawFrame(nil))
 	_, _ = io.Copy(io.Discard, gresp.Body)
 	gresp.Body.Close()
-	status := gresp.Header.Get("Grpc-Status") + gresp.Trailer.Get("Grpc-Status")
+	status := grpcStatus(gresp)
 	if status != "9" || !strings.Contains(gresp.Header.Get("Grpc-Message")+gresp.Trailer.Get("Grpc-Message"), "loop") {
 		t.Errorf("gRPC call in a loop: grpc-status %q, want 9 (FailedPrecondition) naming the loop", status)
 	}
@@ -702,10 +699,10 @@ func TestServerLoopThroughAnother(t *testing.T) {
 }
 
 // grpcUpstream is an h2c upstream that answers every unary gRPC call with the message answer returns.
-func grpcUpstream(t *testing.T, answer func(method string) []byte) (*httptest.Server, *atomic.Int64) {
+func grpcUpstream(t *testing.T, answer func(method string) []byte) (string, *atomic.Int64) {
 	t.Helper()
 	var hits atomic.Int64
-	up := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	up := h2cUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		hits.Add(1)
 		_, _ = io.Copy(io.Discard, r.Body)
 		w.Header().Set("Content-Type", "application/grpc")
@@ -713,12 +710,7 @@ func grpcUpstream(t *testing.T, answer func(method string) []byte) (*httptest.Se
 		w.WriteHeader(http.StatusOK)
 		_, _ = w.Write(answer(r.URL.Path))
 		w.Header().Set("Grpc-Status", "0")
-	}))
-	up.Config.Protocols = new(http.Protocols)
-	up.Config.Protocols.SetHTTP1(true)
-	up.Config.Protocols.SetUnencryptedHTTP2(true)
-	up.Start()
-	t.Cleanup(up.Close)
+	})
 	return up, &hits
 }
 
@@ -728,7 +720,7 @@ func grpcFrame(t *testing.T, m interface{ Marshal() ([]byte, error) }) []byte {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return append([]byte{0, byte(len(b) >> 24), byte(len(b) >> 16), byte(len(b) >> 8), byte(len(b))}, b...)
+	return rawFrame(b)
 }
 
 // TestGatewayMembers: the v3 JSON gateway, served by the proxy over its own gRPC path, answers the member list
@@ -746,8 +738,8 @@ func TestGatewayMembers(t *testing.T) {
 				PeerURLs: []string{"http://" + addr}, ClientURLs: []string{"http://" + addr}}},
 		})
 	})
-	addr = up.Listener.Addr().String()
-	base := startForwarder(t, Config{Upstreams: []string{up.URL}}, defaultRules())
+	addr = strings.TrimPrefix(up, "http://")
+	base := startForwarder(t, Config{Upstreams: []string{up}}, defaultRules())
 	self := rules.NewSelf("pp", []string{"http://pp.example:2379"})
 
 	for _, prefix := range []string{"/v3", "/v3beta"} {

@@ -54,13 +54,7 @@ func newConn() *http.Client {
 
 func answer(t *testing.T, c *http.Client, method, url string, body io.Reader) (int, string) {
 	t.Helper()
-	req, _ := http.NewRequest(method, url, body)
-	resp, err := c.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
+	resp, b := getWith(t, c, method, url, body)
 	return resp.StatusCode, string(b)
 }
 
