@@ -41,6 +41,9 @@ const (
 	DefaultMaxRequestBytes = 10 << 20
 	// DefaultMaxHeaderBytes bounds a request header, as net/http does by default.
 	DefaultMaxHeaderBytes = 1 << 20
+	// DefaultMaxUpstreamHeaderBytes bounds an upstream's status line and response headers, as http.Transport
+	// does by default (10 MiB).
+	DefaultMaxUpstreamHeaderBytes = 10 << 20
 	// DefaultReadHeaderTimeout bounds reading a request header: a slow client cannot hold a connection open
 	// without ever sending a request.
 	DefaultReadHeaderTimeout = 10 * time.Second
@@ -114,6 +117,9 @@ type Config struct {
 	MaxRequestBytes int64
 	// MaxHeaderBytes bounds a request header on the listeners; zero means DefaultMaxHeaderBytes.
 	MaxHeaderBytes int64
+	// MaxUpstreamHeaderBytes bounds the status line and headers of an upstream's answer; zero means
+	// DefaultMaxUpstreamHeaderBytes.
+	MaxUpstreamHeaderBytes int64
 	// ReadHeaderTimeout bounds reading a request header on the listeners. Zero means
 	// DefaultReadHeaderTimeout; negative means none.
 	ReadHeaderTimeout time.Duration
@@ -225,6 +231,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 		}
 	}
 	c.MaxRuleBody, c.MaxRequestBytes, c.MaxHeaderBytes = c.maxRuleBody(), c.maxRequestBytes(), c.maxHeaderBytes()
+	c.MaxUpstreamHeaderBytes = c.maxUpstreamHeaderBytes()
 	fs.Var(listFlag{&c.Upstreams}, "upstream", "upstream client URL(s), comma-separated: an etcd member, a stock etcd proxy or another etcd-proxy-proxy (required)")
 	fs.StringVar(&c.UpstreamTLS.CAFile, "upstream-ca-file", "", "verify the upstream's certificate with this CA bundle (default: the system roots)")
 	fs.StringVar(&c.UpstreamTLS.CertFile, "upstream-cert-file", "", "client certificate presented to the upstream")
@@ -253,6 +260,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.Var(bytesFlag{&c.MaxRequestBytes}, "max-request-bytes", "largest request body, and largest message of a gRPC call, in bytes")
 	fs.Var(bytesFlag{&c.MaxRuleBody}, "max-rule-body-bytes", "largest upstream response a rule may buffer to rewrite (membership lists), in bytes")
 	fs.Var(bytesFlag{&c.MaxHeaderBytes}, "max-header-bytes", "largest request header, in bytes")
+	fs.Var(bytesFlag{&c.MaxUpstreamHeaderBytes}, "max-upstream-header-bytes", "largest status line and header of an upstream's answer, in bytes; more is answered 502")
 	fs.Var(durationFlag{&c.ReadHeaderTimeout}, "listen-read-header-timeout", "how long a client may take to send a request header, e.g. 10s; 0 for no limit")
 	fs.Var(durationFlag{&c.IdleTimeout}, "listen-idle-timeout", "how long an idle client connection is kept, e.g. 5m; 0 for ever")
 	fs.Var(durationFlag{&c.ShutdownTimeout}, "shutdown-timeout", "how long in-flight requests may take to finish on SIGTERM (streams end at once), e.g. 10s; 0 closes at once")
@@ -352,7 +360,7 @@ func (c *Config) Validate() error {
 			add("%s: %v", flagName, errors.Unwrap(err))
 		}
 	}
-	if c.MaxRuleBody < 0 || c.MaxRequestBytes < 0 || c.MaxHeaderBytes < 0 {
+	if c.MaxRuleBody < 0 || c.MaxRequestBytes < 0 || c.MaxHeaderBytes < 0 || c.MaxUpstreamHeaderBytes < 0 {
 		add("byte limits must not be negative")
 	}
 	if c.MaxHeaderBytes > math.MaxInt32 {
@@ -428,6 +436,9 @@ func (c *Config) ShutdownGrace() time.Duration {
 func (c *Config) maxRuleBody() int64     { return orDefault(c.MaxRuleBody, DefaultMaxRuleBody) }
 func (c *Config) maxRequestBytes() int64 { return orDefault(c.MaxRequestBytes, DefaultMaxRequestBytes) }
 func (c *Config) maxHeaderBytes() int64  { return orDefault(c.MaxHeaderBytes, DefaultMaxHeaderBytes) }
+func (c *Config) maxUpstreamHeaderBytes() int64 {
+	return orDefault(c.MaxUpstreamHeaderBytes, DefaultMaxUpstreamHeaderBytes)
+}
 
 // orDefault is v with zero meaning def and a negative value meaning off (returned as zero).
 func orDefault[T int64 | time.Duration](v, def T) T {

@@ -117,9 +117,11 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 		// --proxy-read-timeout, 0 by default: a v2 watch (?wait=true) answers only when something changes. Not
 		// a deadline on the connection's reads, as on the HTTP/1.1 path: an HTTP/2 connection carries other
 		// requests, and a quiet one would take them all down.
-		ResponseHeaderTimeout: readTimeout,
+		ResponseHeaderTimeout:  readTimeout,
+		MaxResponseHeaderBytes: cfg.maxUpstreamHeaderBytes(),
 	}
-	f.h1 = &h1Transport{dial: dialer.DialContext, writeTimeout: writeTimeout, readTimeout: readTimeout, maxIdle: 1024}
+	f.h1 = &h1Transport{dial: dialer.DialContext, writeTimeout: writeTimeout, readTimeout: readTimeout, maxIdle: 1024,
+		maxHeader: cfg.maxUpstreamHeaderBytes()}
 	// gRPC needs HTTP/2 end to end; with HTTP/1 enabled an http:// upstream would be spoken to over HTTP/1.
 	f.grpc = f.transport.Clone()
 	f.grpc.Protocols = new(http.Protocols)
@@ -491,6 +493,8 @@ func classify(err error) (status int, msg, reason string) {
 		return http.StatusBadGateway, "etcd-proxy-proxy: rule " + re.Rule + " could not handle the upstream response", reasonRule
 	case isTLSError(err):
 		return http.StatusBadGateway, "etcd-proxy-proxy: TLS handshake with the upstream failed", reasonTLS
+	case upstreamHeaderTooLarge(err):
+		return http.StatusBadGateway, "etcd-proxy-proxy: upstream response header too large", reasonSendFailed
 	case errors.As(err, &ne):
 		return http.StatusServiceUnavailable, "etcd-proxy-proxy: no upstream endpoint available", reasonNoEndpoint
 	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &nerr) && nerr.Timeout():
@@ -498,6 +502,12 @@ func classify(err error) (status int, msg, reason string) {
 	default:
 		return http.StatusBadGateway, "etcd-proxy-proxy: unable to get a response from the upstream", reasonSendFailed
 	}
+}
+
+// upstreamHeaderTooLarge reports an answer whose header passed --max-upstream-header-bytes: on the HTTP/1.1 path
+// (h1.go), or in http.Transport, which says so only in its text.
+func upstreamHeaderTooLarge(err error) bool {
+	return errors.Is(err, errUpstreamHeaderTooLarge) || strings.Contains(err.Error(), "server response headers exceeded")
 }
 
 func isTLSError(err error) bool {

@@ -25,6 +25,10 @@ type h1Transport struct {
 	writeTimeout time.Duration // per request write; 0 means none
 	readTimeout  time.Duration // per read of an answer; 0 means none
 	maxIdle      int           // idle connections kept per upstream
+	// maxHeader bounds the bytes read from the upstream until an answer's header has ended; 0 means no bound.
+	// http.ReadResponse reads a status line or header line to its end whatever its length, so an upstream
+	// that never ends one would grow the proxy without bound.
+	maxHeader int64
 
 	mu   sync.Mutex
 	idle map[string][]*h1Conn // by host:port, most recently used last
@@ -37,7 +41,12 @@ type h1Conn struct {
 	key         string
 	readTimeout time.Duration
 	aborted     atomic.Bool // the request was cancelled: no read may wait again
+	// headerLeft is what may still be read before the answer's header ends; negative while no header is read.
+	headerLeft int64
 }
+
+// errUpstreamHeaderTooLarge: the upstream's status line and headers passed --max-upstream-header-bytes.
+var errUpstreamHeaderTooLarge = errors.New("upstream response header too large")
 
 // Read bounds each read by the read timeout, if any. abort and Read order their deadline and flag so that a
 // cancellation is never overwritten by the next read's deadline.
@@ -48,7 +57,18 @@ func (pc *h1Conn) Read(b []byte) (int, error) {
 			return 0, os.ErrDeadlineExceeded
 		}
 	}
-	return pc.Conn.Read(b)
+	if pc.headerLeft < 0 {
+		return pc.Conn.Read(b)
+	}
+	if pc.headerLeft == 0 {
+		return 0, errUpstreamHeaderTooLarge
+	}
+	if int64(len(b)) > pc.headerLeft {
+		b = b[:pc.headerLeft]
+	}
+	n, err := pc.Conn.Read(b)
+	pc.headerLeft -= int64(n)
+	return n, err
 }
 
 func (pc *h1Conn) abort() {
@@ -101,7 +121,8 @@ func (t *h1Transport) roundTrip(req *http.Request, mayReuse bool) (*http.Respons
 		if err != nil {
 			return nil, err
 		}
-		pc = &h1Conn{Conn: c, bw: bufio.NewWriterSize(c, 4<<10), key: req.URL.Host, readTimeout: t.readTimeout}
+		pc = &h1Conn{Conn: c, bw: bufio.NewWriterSize(c, 4<<10), key: req.URL.Host, readTimeout: t.readTimeout,
+			headerLeft: -1}
 		pc.br = bufio.NewReaderSize(pc, 4<<10)
 	}
 	// A cancelled request (the client went away, a watch ended) interrupts whatever this connection is
@@ -134,7 +155,12 @@ func (t *h1Transport) roundTrip(req *http.Request, mayReuse bool) (*http.Respons
 		_ = pc.SetWriteDeadline(time.Time{})
 	}
 	for {
+		if t.maxHeader > 0 {
+			// What the reader holds already belongs to this answer and counts against the bound too.
+			pc.headerLeft = max(t.maxHeader-int64(pc.br.Buffered()), 0)
+		}
 		resp, err := http.ReadResponse(pc.br, req)
+		pc.headerLeft = -1
 		if err != nil {
 			if reused && (errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)) {
 				err = errors.Join(errStaleConn, err)
