@@ -208,3 +208,53 @@ func TestMachines(t *testing.T) {
 		})
 	}
 }
+
+func TestStats(t *testing.T) {
+	t.Parallel()
+	self := `{"name":"member-1","id":"ebbbd8b9f726f1cd","state":"StateFollower","startTime":"2026-11-28T07:42:31Z",` +
+		`"leaderInfo":{"leader":"189e68c1dbbdc70","uptime":"10ms","startTime":"2026-11-28T07:42:31Z"},` +
+		`"recvAppendRequestCnt":9,"recvPkgRate":10.5,"sendAppendRequestCnt":0,"extra":"http://10.0.0.2:2379"}`
+	id := testSelf.IDString()
+	tests := []struct {
+		name   string
+		path   string
+		status int
+		body   string
+		want   string // "" when the rule leaves the answer alone
+	}{
+		{name: "self", path: "/v2/stats/self", status: 200, body: self,
+			want: `{"name":"` + testSelf.Name + `","id":"` + id + `","state":"StateLeader","startTime":"2026-11-28T07:42:31Z",` +
+				`"leaderInfo":{"leader":"` + id + `","uptime":"10ms","startTime":"2026-11-28T07:42:31Z"},` +
+				`"recvAppendRequestCnt":9,"recvPkgRate":10.5,"sendAppendRequestCnt":0}`},
+		{name: "leader on the leader", path: "/v2/stats/leader", status: 200,
+			body: `{"leader":"189e68c1dbbdc70","followers":{"ebbbd8b9f726f1cd":{}}}`, want: `{"leader":"` + id + `","followers":{}}`},
+		{name: "leader on a follower", path: "/v2/stats/leader", status: 403, body: `{"message":"not current leader"}`,
+			want: `{"leader":"` + id + `","followers":{}}`},
+		{name: "upstream failure passed on", path: "/v2/stats/self", status: 503},
+		{name: "store untouched", path: "/v2/stats/store", status: 200},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Parallel()
+			resp := &http.Response{StatusCode: tt.status, Header: http.Header{}, Request: httptest.NewRequest("GET", tt.path, nil)}
+			fn, err := (&Stats{Self: testSelf}).Response(resp)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if (fn != nil) != (tt.want != "") {
+				t.Fatalf("claims the body = %v, want %v", fn != nil, tt.want != "")
+			}
+			if fn == nil {
+				return
+			}
+			if resp.StatusCode != http.StatusOK {
+				t.Errorf("status = %d, want 200", resp.StatusCode)
+			}
+			got, err := fn([]byte(tt.body))
+			if err != nil {
+				t.Fatal(err)
+			}
+			jsonEqual(t, got, tt.want)
+		})
+	}
+}
