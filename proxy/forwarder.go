@@ -31,6 +31,7 @@ type Forwarder struct {
 	rp        httputil.ReverseProxy
 	chain     chain
 	endpoints *endpointSet
+	known     *knownAddrs     // what names an upstream, taken out of answers (scrub.go)
 	h1        *h1Transport    // plain-HTTP upstreams, HTTP/1.1 (h1.go)
 	transport *http.Transport // TLS upstreams: HTTP/1.1, or HTTP/2 where TLS negotiates it; upgrades
 	grpc      *http.Transport // HTTP/2 only: h2c toward http:// upstreams
@@ -84,6 +85,7 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 		return nil, errors.New("no upstream")
 	}
 	f.endpoints = newEndpointSet(urls, cfg.failureWait())
+	f.known = &knownAddrs{endpoints: f.endpoints}
 	f.endpoints.removed = func(gone []*url.URL) { // discovery dropped them: their pooled connections go too
 		for _, u := range gone {
 			f.h1.closeIdleTo(u.Host)
@@ -100,8 +102,15 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 	}
 	dialer := &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
 	writeTimeout, readTimeout := cfg.WriteTimeout, cfg.ReadTimeout
-	f.dialTCP = func(ctx context.Context, network, addr string) (net.Conn, error) {
+	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
 		c, err := dialer.DialContext(ctx, network, addr)
+		if err == nil {
+			f.known.dialled(c)
+		}
+		return c, err
+	}
+	f.dialTCP = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		c, err := dial(ctx, network, addr)
 		if err != nil || writeTimeout <= 0 {
 			return c, err
 		}
@@ -120,7 +129,7 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 		ResponseHeaderTimeout:  readTimeout,
 		MaxResponseHeaderBytes: cfg.maxUpstreamHeaderBytes(),
 	}
-	f.h1 = &h1Transport{dial: dialer.DialContext, writeTimeout: writeTimeout, readTimeout: readTimeout, maxIdle: 1024,
+	f.h1 = &h1Transport{dial: dial, writeTimeout: writeTimeout, readTimeout: readTimeout, maxIdle: 1024,
 		maxHeader: cfg.maxUpstreamHeaderBytes()}
 	// gRPC needs HTTP/2 end to end; with HTTP/1 enabled an http:// upstream would be spoken to over HTTP/1.
 	f.grpc = f.transport.Clone()
@@ -328,6 +337,7 @@ func (f *Forwarder) modifyResponse(resp *http.Response) error {
 		return err
 	}
 	f.fixLocation(resp)
+	f.scrubUpstream(resp) // scrub.go
 	endStreamCleanly(resp) // drain.go
 	return nil
 }
