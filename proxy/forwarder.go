@@ -337,7 +337,7 @@ func (f *Forwarder) modifyResponse(resp *http.Response) error {
 		return err
 	}
 	f.fixLocation(resp)
-	f.scrubUpstream(resp) // scrub.go
+	f.scrubUpstream(resp)  // scrub.go
 	endStreamCleanly(resp) // drain.go
 	return nil
 }

@@ -89,4 +89,3 @@ func port(hostport string) string {
 	_, p, _ := net.SplitHostPort(hostport)
 	return p
 }
-
