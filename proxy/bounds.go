@@ -65,12 +65,24 @@ func (f *Forwarder) tooLarge(w http.ResponseWriter, r *http.Request) {
 	writeError(w, http.StatusRequestEntityTooLarge, msg)
 }
 
-// limitBody fails a body once it has gone past its limit.
+// limitBody fails a body once it has gone past its limit, and remembers a body the client broke.
 type limitBody struct {
 	io.ReadCloser
 	left     int64
 	exceeded bool
+	// broken: reading the client's body failed (a bad chunk size, a connection cut mid-body): the client's fault,
+	// answered 400, not an upstream failure.
+	broken bool
 }
+
+// malformed reports whether reading r's body from the client failed (handleError).
+func malformed(r *http.Request) bool {
+	b, ok := r.Context().Value(limitKey{}).(*limitBody)
+	return ok && b.broken
+}
+
+// msgMalformed is what a client whose request body could not be read gets.
+const msgMalformed = "etcd-proxy-proxy: malformed request body"
 
 func (b *limitBody) Read(p []byte) (int, error) {
 	if b.left < int64(len(p)) {
@@ -83,6 +95,9 @@ func (b *limitBody) Read(p []byte) (int, error) {
 		return n, errRequestTooLarge
 	}
 	b.left -= int64(n)
+	if err != nil && err != io.EOF {
+		b.broken = true
+	}
 	return n, err
 }
 

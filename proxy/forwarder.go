@@ -459,6 +459,10 @@ func (f *Forwarder) handleError(w http.ResponseWriter, r *http.Request, err erro
 	case exceeded(r, err):
 		f.tooLarge(w, r)
 		return
+	case malformed(r): // bounds.go
+		f.log.Debug("malformed request body", "method", r.Method, "path", r.URL.Path, "err", err)
+		writeError(w, http.StatusBadRequest, msgMalformed)
+		return
 	}
 	if r.Context().Err() != nil && errors.Is(err, context.Canceled) {
 		// The client went away (nginx's 499): nobody is left to answer.

@@ -39,6 +39,7 @@ const (
 	reasonClientGone     = "client_gone"     // the client went away before the answer (nothing is sent)
 	reasonTooLarge       = "too_large"       // the request was over --max-request-bytes (413)
 	reasonShutdown       = "shutdown"        // a stream ended by a graceful shutdown
+	reasonBadRequest     = "bad_request"     // the client's request body was malformed (400)
 )
 
 // grpcMethods are the gRPC methods etcd v3.5 serves; any other path counts as "other" so that a client cannot
@@ -174,7 +175,7 @@ func newMetrics(ready func() float64) *metrics {
 		m.ruleActions, m.certReloads, m.certNotAfter, readyGauge,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, r := range []string{reasonNoEndpoint, reasonTimeout, reasonTLS, reasonSendFailed, reasonRule,
-		reasonResponseFailed, reasonClientGone, reasonTooLarge, reasonShutdown} {
+		reasonResponseFailed, reasonClientGone, reasonTooLarge, reasonShutdown, reasonBadRequest} {
 		m.errs[r] = m.errors.WithLabelValues(r) // present at 0 from the start, so rate() sees the first error
 	}
 	return m
@@ -278,6 +279,8 @@ func errorReason(r *http.Request, err error) string {
 		return reasonShutdown
 	case exceeded(r, err):
 		return reasonTooLarge
+	case malformed(r):
+		return reasonBadRequest
 	}
 	if r.Context().Err() != nil && errors.Is(err, context.Canceled) {
 		return reasonClientGone

@@ -579,3 +579,34 @@ func TestEndpointSetReplaced(t *testing.T) {
 		t.Error("the same list, or an empty one, counted as a change")
 	}
 }
+
+// A request body the client breaks (a chunk size that overflows) is the client's fault: 400, not an upstream
+// failure, on the HTTP/1.1 path and through http.Transport alike.
+func TestMalformedBody(t *testing.T) {
+	t.Parallel()
+	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { _, _ = io.Copy(io.Discard, r.Body) })
+	plain, tlsUp := httptest.NewServer(h), httptest.NewTLSServer(h)
+	t.Cleanup(plain.Close)
+	t.Cleanup(tlsUp.Close)
+	for _, up := range []string{plain.URL, tlsUp.URL} {
+		cfg := Config{Upstreams: []string{up}}
+		cfg.UpstreamTLS.InsecureSkipVerify = true
+		_, u := startProxy(t, cfg)
+		c, err := net.Dial("tcp", strings.TrimPrefix(u, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		io.WriteString(c, "PUT /v2/keys/x HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"+
+			"Content-Type: application/x-www-form-urlencoded\r\n\r\n6\r\nvalue=\r\nffffffffffffffffffff\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(resp.Body)
+		if msg := etcdError(t, resp, body, http.StatusBadRequest); msg != msgMalformed {
+			t.Errorf("upstream %s: message %q", up, msg)
+		}
+	}
+}
