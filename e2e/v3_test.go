@@ -69,6 +69,8 @@ var v3Cases = []v3Case{
 	// empty common name): "user name is empty" in plain, "permission denied" with TLS.
 	{name: "23-get-noauth", args: []string{"get", "txn"}},
 	{name: "24-auth-disable", args: []string{"--user=root:secret", "auth", "disable"}},
+	// The proxy is the one member a client sees, and the leader: moving leadership to it can only fail.
+	{name: "25-move-leader", args: []string{"move-leader", "$PROXY_ID"}},
 }
 
 var v3Goldens goldens
@@ -124,6 +126,7 @@ func TestV3(t *testing.T) {
 					args := slices.Clone(c.args)
 					for i, a := range args {
 						a = strings.ReplaceAll(a, "$SNAPSHOT", snapshot)
+						a = strings.ReplaceAll(a, "$PROXY_ID", self.IDString())
 						args[i] = strings.ReplaceAll(a, "$LEASE", lease)
 					}
 					var res harness.Result

@@ -80,6 +80,7 @@ const (
 	methodMemberUpdate  = "/etcdserverpb.Cluster/MemberUpdate"
 	methodMemberPromote = "/etcdserverpb.Cluster/MemberPromote"
 	methodStatus        = "/etcdserverpb.Maintenance/Status"
+	methodMoveLeader    = "/etcdserverpb.Maintenance/MoveLeader"
 )
 
 func isMemberChange(method string) bool {
@@ -94,6 +95,10 @@ func isMemberChange(method string) bool {
 func (m *Members) grpcRequest(req *http.Request) (*http.Response, error) {
 	if isMemberChange(req.URL.Path) && !m.Forward {
 		return GRPCReply(req, CodePermissionDenied, memberChangeRejected), nil
+	}
+	if req.URL.Path == methodMoveLeader && !m.Forward {
+		// The only member a client sees is the proxy: a transfer to it can only fail ("bad leader transferee").
+		return GRPCReply(req, CodePermissionDenied, moveLeaderRejected), nil
 	}
 	return nil, nil
 }

@@ -34,7 +34,8 @@ func (s Self) v2() v2Member {
 // member URLs replaced so that no upstream address leaks.
 type Members struct {
 	Self Self
-	// Forward sends member add/update/remove/promote upstream; false answers them with 403.
+	// Forward sends member add/update/remove/promote and leadership transfers upstream; false answers them with
+	// 403 (gRPC PermissionDenied).
 	Forward bool
 }
 
@@ -49,6 +50,9 @@ func isMembersPath(path string) bool {
 
 // memberChangeRejected is the answer to a membership change when Forward is off.
 const memberChangeRejected = "etcd-proxy-proxy: membership changes are not forwarded (start the proxy with --forward-member-changes to allow them)"
+
+// moveLeaderRejected is the answer to a leadership transfer when Forward is off.
+const moveLeaderRejected = "etcd-proxy-proxy: leadership transfers are not forwarded: the members are hidden behind the proxy (start the proxy with --forward-member-changes to allow them)"
 
 // Request implements Rule.
 func (m *Members) Request(req *http.Request) (*http.Response, error) {
