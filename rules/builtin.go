@@ -30,6 +30,7 @@ func Default(o Options) []Rule {
 		&Hidden{},                      // debug and proxy-config endpoints of the hops below reveal their addresses
 		&Members{Self: o.Self, Forward: o.ForwardMemberChanges}, // membership views answered with ourselves
 		&Machines{Self: o.Self},                                 // /v2/machines, the oldest membership view
+		&Stats{Self: o.Self},                                    // /v2/stats/self and /leader name a member and its leader
 		&GRPCStatus{},                                           // gRPC status messages of the hops below name their addresses
 		&Headers{},                                              // last on the way up, so its response side runs first and every rule sees clean headers
 	}
