@@ -9,6 +9,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"flag"
 	"io"
 	"log/slog"
 	"math/big"
@@ -207,6 +208,27 @@ func TestValidateIdentityFlags(t *testing.T) {
 	}
 	if err := (&Config{Upstreams: up, UpstreamCertDir: dir, UpstreamIdentity: IdentityStrict, ListenerTLS: TLSInfo{CAFile: file}}).Validate(); err != nil {
 		t.Errorf("valid: %v", err)
+	}
+}
+
+// TestIdentityFlagsFromEnv: both flags, from the command line or the environment.
+func TestIdentityFlagsFromEnv(t *testing.T) {
+	t.Parallel()
+	var c Config
+	fs := flag.NewFlagSet("t", flag.ContinueOnError)
+	c.AddFlags(fs)
+	if c.UpstreamIdentity != IdentityShared {
+		t.Errorf("default --upstream-identity %q, want shared", c.UpstreamIdentity)
+	}
+	if err := fs.Parse([]string{"--upstream-identity=strict"}); err != nil {
+		t.Fatal(err)
+	}
+	env := map[string]string{"ETCD_PROXY_PROXY_UPSTREAM_CERT_DIR": "/ids", "ETCD_PROXY_PROXY_UPSTREAM_IDENTITY": "shared"}
+	if err := SetFlagsFromEnv(fs, func(k string) (string, bool) { v, ok := env[k]; return v, ok }); err != nil {
+		t.Fatal(err)
+	}
+	if c.UpstreamCertDir != "/ids" || c.UpstreamIdentity != IdentityStrict {
+		t.Errorf("dir %q identity %q, want /ids from the environment and strict from the command line", c.UpstreamCertDir, c.UpstreamIdentity)
 	}
 }
 
