@@ -110,9 +110,10 @@ type identities struct {
 	dir    string
 	strict bool
 
-	mu     sync.Mutex // serialises loads; guards stamps
-	stamps []pairStamp
-	byCN   atomic.Pointer[map[string]*upstreamIdentity]
+	mu         sync.Mutex // serialises loads; guards stamps and scanFailed
+	stamps     []pairStamp
+	scanFailed bool // the folder could not be read at the last attempt
+	byCN       atomic.Pointer[map[string]*upstreamIdentity]
 }
 
 // pairStamp is what the poller compares for one pair.
@@ -180,13 +181,16 @@ func (ids *identities) reload(onlyIfChanged bool) (changed bool, err error) {
 	defer ids.mu.Unlock()
 	stamps, err := ids.scan()
 	if err != nil {
-		ids.stamps = nil
+		if onlyIfChanged && ids.scanFailed {
+			return false, nil // said already
+		}
+		ids.stamps, ids.scanFailed = nil, true
 		return true, err
 	}
-	if onlyIfChanged && slices.Equal(stamps, ids.stamps) {
+	if onlyIfChanged && !ids.scanFailed && slices.Equal(stamps, ids.stamps) {
 		return false, nil
 	}
-	ids.stamps = stamps
+	ids.stamps, ids.scanFailed = stamps, false
 	if len(stamps) > maxIdentities {
 		return true, fmt.Errorf("%d pairs in %s: at most %d", len(stamps), ids.dir, maxIdentities)
 	}

@@ -130,6 +130,25 @@ func TestIdentitiesReload(t *testing.T) {
 	if ids.lookup("alice") != nil || ids.lookup("carol") == nil {
 		t.Error("alice's pair was removed: she must have no identity left, carol hers")
 	}
+	// The folder gone: one failure, reported once, and the identities stay.
+	if err := os.Rename(dir, dir+".gone"); err != nil {
+		t.Fatal(err)
+	}
+	if changed, err := ids.reload(true); !changed || err == nil {
+		t.Errorf("folder gone: changed=%v err=%v, want the failure", changed, err)
+	}
+	if changed, err := ids.reload(true); changed || err != nil {
+		t.Errorf("folder still gone: changed=%v err=%v, want nothing new to report", changed, err)
+	}
+	if ids.lookup("carol") == nil {
+		t.Error("a folder that cannot be read dropped the identities")
+	}
+	if err := os.Rename(dir+".gone", dir); err != nil {
+		t.Fatal(err)
+	}
+	if changed, err := ids.reload(true); !changed || err != nil || ids.lookup("carol") == nil {
+		t.Errorf("folder back: changed=%v err=%v", changed, err)
+	}
 }
 
 // TestIdentityCarrier: the entry that carries a gateway client's CN is believed only on the gateway's own
