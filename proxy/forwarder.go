@@ -45,6 +45,7 @@ type Forwarder struct {
 	// upstreamTLS is the TLS configuration of a handshake with host: from the files as NewForwarder found them,
 	// then, with the operations side, the ones reloaded last (reload.go useUpstreamTLS).
 	upstreamTLS func(host string, protos []string) *tls.Config
+	// dialTimeout bounds a connection attempt and a TLS handshake (dialTLS).
 	dialTimeout time.Duration
 	// ids are the per-client upstream identities of --upstream-cert-dir (identity.go); nil without one.
 	ids *identities

@@ -359,7 +359,11 @@ var gatewayIdentityOptions = []grpc.DialOption{
 }
 
 // useIdentities makes SIGHUP and the poller reload --upstream-cert-dir too.
-func (r *certReloader) useIdentities(f *Forwarder) { r.ids = f.ids }
+func (r *certReloader) useIdentities(f *Forwarder) {
+	if r.ids = f.ids; r.ids != nil {
+		r.identitiesLoaded()
+	}
+}
 
 // reloadIdentities reloads the folder, logs and counts the result; with onlyIfChanged only when it changed.
 func (r *certReloader) reloadIdentities(onlyIfChanged bool) error {
