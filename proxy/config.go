@@ -72,6 +72,13 @@ type Config struct {
 	Upstreams []string
 	// UpstreamTLS is the TLS toward the upstream: its CA, our client certificate, -k.
 	UpstreamTLS TLSInfo
+	// UpstreamCertDir holds per-client upstream identities: a client whose verified listener certificate has the
+	// common name CN reaches the upstream with CN.crt and CN.key of this folder (identity.go). Empty means none:
+	// every client reaches the upstream with UpstreamTLS's certificate.
+	UpstreamCertDir string
+	// UpstreamIdentity is what a client without a pair in UpstreamCertDir gets: IdentityShared (UpstreamTLS's
+	// certificate) or IdentityStrict (refused). Empty means IdentityShared.
+	UpstreamIdentity string
 	// ListenClientURLs are the http/https URLs to listen on; empty means DefaultListenClientURLs.
 	ListenClientURLs []string
 	// AdvertiseClientURLs are the URLs every membership view answers with; empty means DefaultAdvertiseClientURLs.
@@ -212,6 +219,9 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	if c.Name == "" {
 		c.Name = DefaultName
 	}
+	if c.UpstreamIdentity == "" {
+		c.UpstreamIdentity = IdentityShared
+	}
 	if c.DialTimeout == 0 {
 		c.DialTimeout = DefaultDialTimeout
 	}
@@ -236,6 +246,8 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.UpstreamTLS.CAFile, "upstream-ca-file", "", "verify the upstream's certificate with this CA bundle (default: the system roots)")
 	fs.StringVar(&c.UpstreamTLS.CertFile, "upstream-cert-file", "", "client certificate presented to the upstream")
 	fs.StringVar(&c.UpstreamTLS.KeyFile, "upstream-key-file", "", "key of --upstream-cert-file")
+	fs.StringVar(&c.UpstreamCertDir, "upstream-cert-dir", "", "folder of per-client upstream identities: a client whose verified certificate has the common name CN reaches the upstream with CN.crt and CN.key from it (reloaded as certificates are)")
+	fs.StringVar(&c.UpstreamIdentity, "upstream-identity", c.UpstreamIdentity, "what a client without a pair in --upstream-cert-dir gets: 'shared' (--upstream-cert-file's identity) or 'strict' (refused: 403 / PermissionDenied)")
 	fs.BoolVar(&c.UpstreamTLS.InsecureSkipVerify, "k", false, "do not verify the upstream's certificate")
 	fs.BoolVar(&c.UpstreamTLS.InsecureSkipVerify, "upstream-insecure-skip-tls-verify", false, "alias of -k")
 	fs.Var(listFlag{&c.ListenClientURLs}, "listen-client-urls", "http/https URLs to listen on for client traffic, comma-separated")
@@ -358,6 +370,25 @@ func (c *Config) Validate() error {
 		}
 		if _, err := os.Stat(path); err != nil {
 			add("%s: %v", flagName, errors.Unwrap(err))
+		}
+	}
+	switch c.UpstreamIdentity {
+	case "", IdentityShared:
+	case IdentityStrict:
+		if c.UpstreamCertDir == "" {
+			add("--upstream-identity=strict needs --upstream-cert-dir")
+		}
+	default:
+		add("--upstream-identity %q: want %q or %q", c.UpstreamIdentity, IdentityShared, IdentityStrict)
+	}
+	if c.UpstreamCertDir != "" {
+		if fi, err := os.Stat(c.UpstreamCertDir); err != nil {
+			add("--upstream-cert-dir: %v", errors.Unwrap(err))
+		} else if !fi.IsDir() {
+			add("--upstream-cert-dir %s: not a directory", c.UpstreamCertDir)
+		}
+		if c.ListenerTLS.CAFile == "" {
+			add("--upstream-cert-dir needs --trusted-ca-file: a client is known by the certificate it verifies")
 		}
 	}
 	if c.MaxRuleBody < 0 || c.MaxRequestBytes < 0 || c.MaxHeaderBytes < 0 || c.MaxUpstreamHeaderBytes < 0 {

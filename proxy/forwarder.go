@@ -46,7 +46,11 @@ type Forwarder struct {
 	// upstreamTLS is the TLS configuration of a handshake with host: from the files as NewForwarder found them,
 	// then, with the operations side, the ones reloaded last (reload.go useUpstreamTLS).
 	upstreamTLS func(host string, protos []string) *tls.Config
-	log         *slog.Logger
+	// dialTimeout bounds a connection attempt and a TLS handshake (dialTLS).
+	dialTimeout time.Duration
+	// ids are the per-client upstream identities of --upstream-cert-dir (identity.go); nil without one.
+	ids *identities
+	log *slog.Logger
 }
 
 // HTTP/2 health checks of upstream connections: a ping after pingAfter of silence, the connection closed when
@@ -100,6 +104,10 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 	if dialTimeout <= 0 {
 		dialTimeout = DefaultDialTimeout
 	}
+	f.dialTimeout = dialTimeout
+	if f.ids, err = newIdentities(cfg, log); err != nil {
+		return nil, err
+	}
 	dialer := &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
 	writeTimeout, readTimeout := cfg.WriteTimeout, cfg.ReadTimeout
 	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -142,8 +150,8 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 	f.upstreamTLS = func(host string, protos []string) *tls.Config {
 		return upstreamConfig(cfg.UpstreamTLS, upTLS, host, protos)
 	}
-	f.transport.DialTLSContext = f.dialTLS(dialTimeout, []string{"h2", "http/1.1"})
-	f.grpc.DialTLSContext = f.dialTLS(dialTimeout, []string{"h2"})
+	f.transport.DialTLSContext = f.dialTLS(dialTimeout, []string{"h2", "http/1.1"}, nil)
+	f.grpc.DialTLSContext = f.dialTLS(dialTimeout, []string{"h2"}, nil)
 	// An upstream that vanished without closing (a host gone, a partition) is found by pings, not by the kernel's
 	// keep-alive minutes later: watches and unary calls on that connection then fail instead of hanging.
 	f.transport.HTTP2 = &http.HTTP2Config{SendPingTimeout: pingAfter, PingTimeout: pingTimeout}
@@ -189,6 +197,7 @@ func (f *Forwarder) Close() {
 	f.h1.CloseIdleConnections()
 	f.transport.CloseIdleConnections()
 	f.grpc.CloseIdleConnections()
+	f.ids.close()
 }
 
 // isWatch reports a v2 long-poll: its answer may be a long time coming, so its headers must go out at once.
@@ -209,6 +218,10 @@ func (f *Forwarder) rewrite(pr *httputil.ProxyRequest) {
 	pr.SetXForwarded()
 	// send picks the upstream endpoint; this sets the path and the Host header the way SetURL does.
 	pr.SetURL(f.endpoints.someURL())
+	if reply := f.identify(pr); reply != nil { // identity.go: the client's upstream identity, or a refusal
+		pr.Out = pr.Out.WithContext(context.WithValue(pr.Out.Context(), exchangeKey{}, &exchange{reply: reply}))
+		return
+	}
 	reply, n, err := f.chain.request(pr.Out)
 	if reply != nil || err != nil {
 		pr.Out = pr.Out.WithContext(context.WithValue(pr.Out.Context(), exchangeKey{}, &exchange{reply, err, n}))
@@ -317,15 +330,21 @@ func bufferRange(req *http.Request, limit int64) error {
 	return nil
 }
 
-// transportFor picks the transport of a request: gRPC needs HTTP/2, plain HTTP/1.1 takes the lean path.
+// transportFor picks the transport of a request: gRPC needs HTTP/2, plain HTTP/1.1 takes the lean path (no
+// certificate is presented there, whoever the client is), and a client with an upstream identity of its own
+// has transports of its own.
 func (f *Forwarder) transportFor(req *http.Request) http.RoundTripper {
+	h, g := f.transport, f.grpc
+	if id := identityOf(req.Context()); id != nil {
+		h, g = f.identityTransports(id) // identity.go
+	}
 	switch {
 	case rules.IsGRPC(req):
-		return f.grpc
+		return g
 	case f.h1.usable(req):
 		return f.h1
 	}
-	return f.transport
+	return h
 }
 
 func (f *Forwarder) modifyResponse(resp *http.Response) error {
@@ -408,8 +427,9 @@ func (e *noEndpointError) Error() string { return "no upstream endpoint availabl
 func (e *noEndpointError) Unwrap() error { return e.err }
 
 // dialTLS opens a TLS connection to an upstream, verified against the host it dials (IP addresses too), with
-// the TLS configuration loaded last. A failed handshake is a handshakeError: nothing of a request was sent.
-func (f *Forwarder) dialTLS(timeout time.Duration, protos []string) func(ctx context.Context, network, addr string) (net.Conn, error) {
+// the TLS configuration loaded last, presenting as instead of its certificate when as is set (identity.go). A
+// failed handshake is a handshakeError: nothing of a request was sent.
+func (f *Forwarder) dialTLS(timeout time.Duration, protos []string, as *tls.Certificate) func(ctx context.Context, network, addr string) (net.Conn, error) {
 	return func(ctx context.Context, network, addr string) (net.Conn, error) {
 		host, _, err := net.SplitHostPort(addr)
 		if err != nil {
@@ -421,7 +441,11 @@ func (f *Forwarder) dialTLS(timeout time.Duration, protos []string) func(ctx con
 		}
 		hctx, cancel := context.WithTimeout(ctx, timeout)
 		defer cancel()
-		c := tls.Client(raw, f.upstreamTLS(host, protos))
+		tc := f.upstreamTLS(host, protos)
+		if as != nil {
+			tc.Certificates = []tls.Certificate{*as}
+		}
+		c := tls.Client(raw, tc)
 		if err := c.HandshakeContext(hctx); err != nil {
 			_ = raw.Close()
 			return nil, &handshakeError{err}

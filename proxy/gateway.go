@@ -43,12 +43,16 @@ func newGateway(grpcHandler http.Handler) (*gateway, error) {
 	g.srv = &http.Server{Handler: grpcHandler, Protocols: new(http.Protocols)}
 	g.srv.Protocols.SetUnencryptedHTTP2(true)
 	g.srv.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: 1 << 20}
+	// Its requests are the gateway's own: only there is the client identity entry believed (identity.go).
+	g.srv.ConnContext = func(ctx context.Context, _ net.Conn) context.Context {
+		return context.WithValue(ctx, gatewayConnKey{}, true)
+	}
 	go func() { _ = g.srv.Serve(g.ln) }()
-	conn, err := grpc.NewClient("passthrough:///etcd-proxy-proxy",
+	conn, err := grpc.NewClient("passthrough:///etcd-proxy-proxy", append([]grpc.DialOption{
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return g.ln.dial(ctx) }),
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32)),
-	)
+	}, gatewayIdentityOptions...)...) // every call carries its client's identity (identity.go)
 	if err != nil {
 		_ = g.srv.Close()
 		return nil, fmt.Errorf("gateway connection: %w", err)
@@ -77,6 +81,8 @@ func newGateway(grpcHandler http.Handler) (*gateway, error) {
 		wsproxy.WithRequestMutator(func(_ *http.Request, out *http.Request) *http.Request { out.Method = http.MethodPost; return out }),
 		wsproxy.WithMaxRespBodyBufferSize(math.MaxInt32))
 	g.handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		// Its calls go upstream with its client's identity (identity.go).
+		r = withGatewayClient(r)
 		if rest, ok := strings.CutPrefix(r.URL.Path, "/v3beta/"); ok { // etcd's backward-compatible prefix
 			r.URL.Path = "/v3/" + rest
 		}

@@ -59,6 +59,7 @@ func (s *Server) initOps() error {
 func (s *Server) attachOps(f *Forwarder) {
 	s.ops.m.countErrors(f)
 	s.ops.certs.useUpstreamTLS(f)
+	s.ops.certs.useIdentities(f) // --upstream-cert-dir reloads with the certificates (identity.go)
 	if iv := s.cfg.healthInterval(); iv > 0 {
 		s.ops.probe = newProber(f, s.cfg.UpstreamHealthCheck, iv, s.ops.m) // requests avoid unhealthy endpoints
 	}
@@ -127,7 +128,7 @@ func (s *Server) startOps() error {
 		o.wg.Add(1)
 		go func() { defer o.wg.Done(); s.discovery.run(ctx) }() // discovery.go
 	}
-	if iv := s.cfg.reloadInterval(); iv > 0 && len(o.certs.sides) > 0 {
+	if iv := s.cfg.reloadInterval(); iv > 0 && (len(o.certs.sides) > 0 || o.certs.ids != nil) {
 		o.wg.Add(1)
 		go func() { defer o.wg.Done(); o.certs.poll(ctx, iv) }()
 	}

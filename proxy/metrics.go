@@ -166,10 +166,10 @@ func newMetrics(ready func() float64) *metrics {
 		"Times a rule answered a request itself (action=answered) or claimed a response body to rewrite it (action=claimed).")),
 		[]string{"rule", "action"})
 	m.certReloads = prometheus.NewCounterVec(prometheus.CounterOpts(opts("cert_reloads_total",
-		"Certificate reloads by side (listener, upstream) and result (success, failure: the previous certificates stay).")),
+		"Certificate reloads by side (listener, upstream, upstream-identities) and result (success, failure: the previous certificates stay).")),
 		[]string{"side", "result"})
 	m.certNotAfter = prometheus.NewGaugeVec(prometheus.GaugeOpts(opts("cert_not_after_timestamp_seconds",
-		"Expiry (NotAfter, Unix time) of the certificate in use, by side (listener, upstream).")), []string{"side"})
+		"Expiry (NotAfter, Unix time) of the certificate in use, by side (listener, upstream; upstream-identities: the earliest of --upstream-cert-dir).")), []string{"side"})
 	readyGauge := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("ready", "1 when /readyz answers ready.")), ready)
 	m.reg.MustRegister(m.requests, m.duration, m.streams, m.errors, m.received, m.sent, m.upstream, m.probeFails,
 		m.ruleActions, m.certReloads, m.certNotAfter, readyGauge,

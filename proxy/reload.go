@@ -171,6 +171,7 @@ type certReloader struct {
 	sides    []*certSide // those with files
 	listener *certSide   // nil without listener TLS
 	upstream *certSide   // nil without upstream TLS files
+	ids      *identities // --upstream-cert-dir (identity.go); nil without one
 }
 
 // newCertReloader loads the upstream side now; the listener side is loaded by startListener (Start), where a
@@ -221,6 +222,9 @@ func (r *certReloader) Reload() error {
 		}
 		r.loaded(s)
 	}
+	if err := r.reloadIdentities(false); err != nil {
+		errs = multierror.Append(errs, err)
+	}
 	return errs.ErrorOrNil()
 }
 
@@ -243,6 +247,7 @@ func (r *certReloader) poll(ctx context.Context, interval time.Duration) {
 				r.loaded(s)
 			}
 		}
+		_ = r.reloadIdentities(true)
 	}
 }
 
