@@ -101,9 +101,10 @@ const snapshotTxMaxSize = 8 << 20
 // following ones frame the copy. It is read and closed by the one goroutine that serves the response, which
 // also reads the upstream body, so the upstream's trailers (resp.Trailer) are complete when it looks at them.
 type snapshotBody struct {
-	rule *Snapshot
-	resp *http.Response
-	up   io.ReadCloser
+	rule     *Snapshot
+	resp     *http.Response
+	up       io.ReadCloser
+	upClosed bool
 
 	started, done bool
 	out           []byte // framed bytes not yet read
@@ -156,9 +157,19 @@ func (b *snapshotBody) Read(p []byte) (int, error) {
 // Close ends the upstream's stream and removes the temporary files.
 func (b *snapshotBody) Close() error {
 	b.done = true
-	err := b.up.Close()
+	err := b.closeUp()
 	b.release()
 	return err
+}
+
+// closeUp closes the upstream's body once: closing it again would let the rules below (GRPCStatus) rewrite the
+// status that fail set.
+func (b *snapshotBody) closeUp() error {
+	if b.upClosed {
+		return nil
+	}
+	b.upClosed = true
+	return b.up.Close()
 }
 
 // release closes and removes the temporary files.
@@ -176,7 +187,7 @@ func (b *snapshotBody) release() {
 // fail ends the stream: with the upstream's status as it is, or with ours in the trailers.
 func (b *snapshotBody) fail(err error) {
 	b.done, b.out = true, nil
-	_ = b.up.Close()
+	_ = b.closeUp()
 	b.release()
 	if errors.Is(err, errUpstreamStatus) {
 		return
