@@ -15,6 +15,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -27,6 +28,7 @@ import (
 	"go.etcd.io/etcd/raft/v3/raftpb"
 	"go.etcd.io/etcd/server/v3/etcdserver/api/membership"
 	"go.uber.org/zap"
+	"google.golang.org/protobuf/encoding/protowire"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
@@ -276,6 +278,29 @@ func TestSnapshotRewrite(t *testing.T) {
 		}
 		checkRewrittenDB(t, db, self, up.keys)
 		t.Logf("upstream %d bytes in %d messages, rewritten %d bytes in %d", len(up.blobs()), len(up.msgs), len(db)+sha256.Size, len(msgs))
+	})
+
+	t.Run("version", func(t *testing.T) {
+		t.Parallel()
+		// A 3.6 member's first message carries its version (field 4); any other unknown field is dropped.
+		version := protowire.AppendString(protowire.AppendTag(nil, 4, protowire.BytesType), "3.6.5")
+		other := protowire.AppendString(protowire.AppendTag(nil, 9, protowire.BytesType), "http://10.9.9.9:2380")
+		var fr []byte
+		for i, m := range up.msgs {
+			if i == 0 {
+				m = &pb.SnapshotResponse{RemainingBytes: m.RemainingBytes, Blob: m.Blob,
+					XXX_unrecognized: append(slices.Clone(other), version...)}
+			}
+			fr = append(fr, grpcFrame(t, m, false)...)
+		}
+		resp, _ := snapshotResponse(fr, statusOK(), nil)
+		msgs, raw := runSnapshotRule(t, &rules.Snapshot{Self: self, SpoolDir: t.TempDir(), Log: logs}, resp)
+		if len(msgs) == 0 || !bytes.Equal(msgs[0].XXX_unrecognized, version) {
+			t.Errorf("first message's unknown fields %q, want the version alone %q", msgs[0].XXX_unrecognized, version)
+		}
+		if bytes.Contains(raw, []byte("10.9.9.9")) {
+			t.Error("an unknown field of the upstream's message reached the client")
+		}
 	})
 
 	t.Run("too-large", func(t *testing.T) {
