@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-multierror"
+
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
 )
 
 // EnvPrefix is the prefix of the environment variable of every flag: --listen-client-urls is read from
@@ -39,6 +41,9 @@ const (
 	// DefaultMaxRequestBytes bounds a request body and each gRPC message: etcd's largest recommended
 	// --max-request-bytes (10 MiB), so a proxy never refuses what its members accept.
 	DefaultMaxRequestBytes = 10 << 20
+	// DefaultMaxSnapshotBytes bounds a snapshot spooled from the upstream (rules.DefaultMaxSnapshotBytes: etcd's
+	// largest recommended --quota-backend-bytes).
+	DefaultMaxSnapshotBytes = rules.DefaultMaxSnapshotBytes
 	// DefaultMaxHeaderBytes bounds a request header, as net/http does by default.
 	DefaultMaxHeaderBytes = 1 << 20
 	// DefaultMaxUpstreamHeaderBytes bounds an upstream's status line and response headers, as http.Transport
@@ -127,6 +132,11 @@ type Config struct {
 	// MaxUpstreamHeaderBytes bounds the status line and headers of an upstream's answer; zero means
 	// DefaultMaxUpstreamHeaderBytes.
 	MaxUpstreamHeaderBytes int64
+	// SnapshotSpoolDir holds the snapshots being rewritten (rules.Snapshot): up to twice a snapshot's size each.
+	// Empty means os.TempDir().
+	SnapshotSpoolDir string
+	// MaxSnapshotBytes bounds a snapshot received from the upstream; zero means DefaultMaxSnapshotBytes.
+	MaxSnapshotBytes int64
 	// ReadHeaderTimeout bounds reading a request header on the listeners. Zero means
 	// DefaultReadHeaderTimeout; negative means none.
 	ReadHeaderTimeout time.Duration
@@ -242,6 +252,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	}
 	c.MaxRuleBody, c.MaxRequestBytes, c.MaxHeaderBytes = c.maxRuleBody(), c.maxRequestBytes(), c.maxHeaderBytes()
 	c.MaxUpstreamHeaderBytes = c.maxUpstreamHeaderBytes()
+	c.MaxSnapshotBytes = orDefault(c.MaxSnapshotBytes, DefaultMaxSnapshotBytes)
 	fs.Var(listFlag{&c.Upstreams}, "upstream", "upstream client URL(s), comma-separated: an etcd member, a stock etcd proxy or another etcd-proxy-proxy (required)")
 	fs.StringVar(&c.UpstreamTLS.CAFile, "upstream-ca-file", "", "verify the upstream's certificate with this CA bundle (default: the system roots)")
 	fs.StringVar(&c.UpstreamTLS.CertFile, "upstream-cert-file", "", "client certificate presented to the upstream")
@@ -273,6 +284,8 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.Var(bytesFlag{&c.MaxRuleBody}, "max-rule-body-bytes", "largest upstream response a rule may buffer to rewrite (membership lists), in bytes")
 	fs.Var(bytesFlag{&c.MaxHeaderBytes}, "max-header-bytes", "largest request header, in bytes")
 	fs.Var(bytesFlag{&c.MaxUpstreamHeaderBytes}, "max-upstream-header-bytes", "largest status line and header of an upstream's answer, in bytes; more is answered 502")
+	fs.StringVar(&c.SnapshotSpoolDir, "snapshot-spool-dir", "", "directory where snapshots are spooled to hide the membership in them, up to twice a snapshot's size each (default: the system's temporary directory)")
+	fs.Var(bytesFlag{&c.MaxSnapshotBytes}, "max-snapshot-bytes", "largest snapshot (database and hash) accepted from the upstream, in bytes; a larger one fails with ResourceExhausted")
 	fs.Var(durationFlag{&c.ReadHeaderTimeout}, "listen-read-header-timeout", "how long a client may take to send a request header, e.g. 10s; 0 for no limit")
 	fs.Var(durationFlag{&c.IdleTimeout}, "listen-idle-timeout", "how long an idle client connection is kept, e.g. 5m; 0 for ever")
 	fs.Var(durationFlag{&c.ShutdownTimeout}, "shutdown-timeout", "how long in-flight requests may take to finish on SIGTERM (streams end at once), e.g. 10s; 0 closes at once")
@@ -391,7 +404,15 @@ func (c *Config) Validate() error {
 			add("--upstream-cert-dir needs --trusted-ca-file: a client is known by the certificate it verifies")
 		}
 	}
-	if c.MaxRuleBody < 0 || c.MaxRequestBytes < 0 || c.MaxHeaderBytes < 0 || c.MaxUpstreamHeaderBytes < 0 {
+	if c.SnapshotSpoolDir != "" {
+		if fi, err := os.Stat(c.SnapshotSpoolDir); err != nil {
+			add("--snapshot-spool-dir: %v", errors.Unwrap(err))
+		} else if !fi.IsDir() {
+			add("--snapshot-spool-dir: %s is not a directory", c.SnapshotSpoolDir)
+		}
+	}
+	if c.MaxRuleBody < 0 || c.MaxRequestBytes < 0 || c.MaxHeaderBytes < 0 || c.MaxSnapshotBytes < 0 ||
+		c.MaxUpstreamHeaderBytes < 0 {
 		add("byte limits must not be negative")
 	}
 	if c.MaxHeaderBytes > math.MaxInt32 {

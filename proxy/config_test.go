@@ -80,6 +80,11 @@ func TestValidate(t *testing.T) {
 			UpstreamTLS: TLSInfo{CertFile: file, KeyFile: file, CAFile: file}}},
 		{name: "https listener without cert", cfg: Config{Upstreams: []string{"http://h:1"},
 			ListenClientURLs: []string{"https://127.0.0.1:0"}}, want: "an https listen URL needs"},
+		{name: "snapshot spool dir", cfg: Config{Upstreams: []string{"http://h:1"}, SnapshotSpoolDir: dir, MaxSnapshotBytes: 1}},
+		{name: "snapshot spool dir missing", cfg: Config{Upstreams: []string{"http://h:1"},
+			SnapshotSpoolDir: filepath.Join(dir, "missing")}, want: "--snapshot-spool-dir: no such file or directory"},
+		{name: "snapshot spool dir is a file", cfg: Config{Upstreams: []string{"http://h:1"},
+			SnapshotSpoolDir: file}, want: "--snapshot-spool-dir: " + file + " is not a directory"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

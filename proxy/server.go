@@ -82,6 +82,7 @@ func New(cfg Config, opts ...Option) (*Server, error) {
 	s.self = rules.NewSelf(cfg.Name, cfg.AdvertiseClientURLs)
 	rs := rules.Default(rules.Options{
 		Self: s.self, Instance: newInstanceID(), ForwardMemberChanges: cfg.ForwardMemberChanges, ReadOnly: cfg.ReadOnly,
+		SnapshotSpoolDir: cfg.SnapshotSpoolDir, MaxSnapshotBytes: cfg.MaxSnapshotBytes, Log: s.log,
 	})
 	if s.buildRules != nil {
 		rs = s.buildRules(rs, s.self)

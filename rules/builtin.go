@@ -1,6 +1,7 @@
 package rules
 
 import (
+	"log/slog"
 	"net/http"
 	"slices"
 	"strings"
@@ -20,6 +21,12 @@ type Options struct {
 	ForwardMemberChanges bool
 	// ReadOnly answers every request but GET and HEAD with 501.
 	ReadOnly bool
+	// SnapshotSpoolDir is where snapshots are spooled to be rewritten; empty means os.TempDir().
+	SnapshotSpoolDir string
+	// MaxSnapshotBytes bounds a snapshot from the upstream; zero means DefaultMaxSnapshotBytes.
+	MaxSnapshotBytes int64
+	// Log receives what rules log; nil means slog.Default().
+	Log *slog.Logger
 }
 
 // Default is the default chain, the one place its order is written down. Requests see it top to bottom, responses bottom to top.
@@ -31,6 +38,7 @@ func Default(o Options) []Rule {
 		&Members{Self: o.Self, Forward: o.ForwardMemberChanges}, // membership views answered with ourselves
 		&Machines{Self: o.Self},                                 // /v2/machines, the oldest membership view
 		&Stats{Self: o.Self},                                    // /v2/stats/self and /leader name a member and its leader
+		snapshotRule(o),                                         // the database in a snapshot names every member; before GRPCStatus: its status is set after the upstream's is scrubbed
 		&GRPCStatus{},                                           // gRPC status messages of the hops below name their addresses
 		&Headers{},                                              // last on the way up, so its response side runs first and every rule sees clean headers
 	}
