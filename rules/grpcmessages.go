@@ -87,6 +87,11 @@ var ownMessages = []string{
 	"etcd-proxy-proxy: unable to get a response from the upstream",
 }
 
+// ownPatterns are our texts with a number in them.
+var ownPatterns = []*regexp.Regexp{
+	regexp.MustCompile(`^etcd-proxy-proxy: request larger than --max-request-bytes \(\d{1,20} bytes\)$`),
+}
+
 // ruleMessages are our texts that name a rule: they pass for the rules of the default chain.
 var ruleMessages = []string{
 	"etcd-proxy-proxy: upstream response too large to rewrite (rule %s)",
@@ -132,9 +137,11 @@ func KnownGRPCMessage(msg string) bool {
 	if msg == "" || knownGRPCMessages[msg] || withheldPattern.MatchString(msg) {
 		return true
 	}
-	for _, p := range grpcMessagePatterns {
-		if p.MatchString(msg) {
-			return true
+	for _, list := range [][]*regexp.Regexp{grpcMessagePatterns, ownPatterns} {
+		for _, p := range list {
+			if p.MatchString(msg) {
+				return true
+			}
 		}
 	}
 	return false
