@@ -5,7 +5,7 @@ PKGS      := ./...
 # Tests find the pinned etcd and etcdctl here instead of building them once per test package.
 export EPP_TOOLS_DIR := $(BIN)
 
-.PHONY: all build tools test test-e2e bench bench-smoke lint demo clean
+.PHONY: all build tools test test-e2e fuzz bench bench-smoke lint demo clean
 
 all: lint test
 
@@ -26,6 +26,18 @@ test: tools
 
 test-e2e: tools
 	$(GO) test -timeout 20m -count=1 ./e2e/...
+
+# Go's native fuzzing of every Fuzz target in FUZZ_PKGS, FUZZTIME each (go test takes one target per run). Their
+# seeds also run in test; an input that fails is written to the package's testdata/fuzz and stays a test case.
+FUZZ_PKGS ?= ./rules
+FUZZTIME  ?= 30s
+fuzz:
+	@set -e; for pkg in $(FUZZ_PKGS); do \
+		for target in $$($(GO) test -list '^Fuzz' $$pkg | grep '^Fuzz'); do \
+			echo "$$pkg $$target"; \
+			$(GO) test -run '^$$' -fuzz "^$$target\$$" -fuzztime $(FUZZTIME) $$pkg; \
+		done; \
+	done
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

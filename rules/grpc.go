@@ -111,45 +111,52 @@ func (m *Members) grpcResponse(resp *http.Response) BodyFunc {
 	switch resp.Request.URL.Path {
 	case methodStatus: // the answering member is us, and as the only member we lead
 		return func(body []byte) ([]byte, error) {
-			return rewriteGRPC(body, &pb.StatusResponse{}, func(r *pb.StatusResponse) {
+			return rewriteGRPC(body, &pb.StatusResponse{}, func(r *pb.StatusResponse) []byte {
 				m.Self.stamp(r.Header)
 				r.Leader = m.Self.ID
+				m.Self.checkStatus(r)
+				return statusNewerFields(r.XXX_unrecognized)
 			})
 		}
 	case methodMemberList:
 		return func(body []byte) ([]byte, error) {
-			return rewriteGRPC(body, &pb.MemberListResponse{}, func(r *pb.MemberListResponse) {
+			return rewriteGRPC(body, &pb.MemberListResponse{}, func(r *pb.MemberListResponse) []byte {
 				r.Members = []*pb.Member{m.Self.v3()}
 				m.Self.stamp(r.Header)
+				return nil
 			})
 		}
 	case methodMemberAdd:
 		return func(body []byte) ([]byte, error) {
-			return rewriteGRPC(body, &pb.MemberAddResponse{}, func(r *pb.MemberAddResponse) {
+			return rewriteGRPC(body, &pb.MemberAddResponse{}, func(r *pb.MemberAddResponse) []byte {
 				r.Members = []*pb.Member{m.Self.v3()}
 				hideURLs(r.Member)
 				m.Self.stamp(r.Header)
+				return nil
 			})
 		}
 	case methodMemberRemove:
 		return func(body []byte) ([]byte, error) {
-			return rewriteGRPC(body, &pb.MemberRemoveResponse{}, func(r *pb.MemberRemoveResponse) {
+			return rewriteGRPC(body, &pb.MemberRemoveResponse{}, func(r *pb.MemberRemoveResponse) []byte {
 				r.Members = []*pb.Member{m.Self.v3()}
 				m.Self.stamp(r.Header)
+				return nil
 			})
 		}
 	case methodMemberUpdate:
 		return func(body []byte) ([]byte, error) {
-			return rewriteGRPC(body, &pb.MemberUpdateResponse{}, func(r *pb.MemberUpdateResponse) {
+			return rewriteGRPC(body, &pb.MemberUpdateResponse{}, func(r *pb.MemberUpdateResponse) []byte {
 				r.Members = []*pb.Member{m.Self.v3()}
 				m.Self.stamp(r.Header)
+				return nil
 			})
 		}
 	case methodMemberPromote:
 		return func(body []byte) ([]byte, error) {
-			return rewriteGRPC(body, &pb.MemberPromoteResponse{}, func(r *pb.MemberPromoteResponse) {
+			return rewriteGRPC(body, &pb.MemberPromoteResponse{}, func(r *pb.MemberPromoteResponse) []byte {
 				r.Members = []*pb.Member{m.Self.v3()}
 				m.Self.stamp(r.Header)
+				return nil
 			})
 		}
 	}
@@ -167,9 +174,11 @@ func (s Self) stamp(h *pb.ResponseHeader) {
 	}
 }
 
+// hideURLs keeps the ID and learner flag of the member a change answered with. Its name goes too: etcd answers
+// an add with the name empty (the member has not started), and anything else there comes from below.
 func hideURLs(m *pb.Member) {
 	if m != nil {
-		m.PeerURLs, m.ClientURLs = nil, nil
+		m.Name, m.PeerURLs, m.ClientURLs = "", nil, nil
 	}
 }
 
@@ -177,10 +186,17 @@ func hideURLs(m *pb.Member) {
 type message interface {
 	Marshal() ([]byte, error)
 	Unmarshal([]byte) error
+	// XXX_DiscardUnknown drops the fields the pinned schema does not know (gogo's XXX_unrecognized), in the
+	// message and in every message it holds.
+	XXX_DiscardUnknown()
 }
 
 // rewriteGRPC decodes the one message of a unary gRPC body into msg, lets edit change it, and frames it again.
-func rewriteGRPC[T message](body []byte, msg T, edit func(T)) ([]byte, error) {
+// Every field the pinned schema does not know is dropped, in msg and in all it holds: an upstream of a newer
+// schema (or one that is not etcd) may put anything there, addresses included, and the edit cannot see it. What
+// edit returns is appended to the message: fields of a newer schema that the rule decoded, checked and encoded
+// again (protobuf merges appended fields).
+func rewriteGRPC[T message](body []byte, msg T, edit func(T) []byte) ([]byte, error) {
 	payload, err := unframe(body)
 	if err != nil {
 		return nil, err
@@ -188,14 +204,15 @@ func rewriteGRPC[T message](body []byte, msg T, edit func(T)) ([]byte, error) {
 	if err := msg.Unmarshal(payload); err != nil {
 		return nil, fmt.Errorf("decoding %T: %w", msg, err)
 	}
-	edit(msg)
+	extra := edit(msg)
+	msg.XXX_DiscardUnknown()
 	out, err := msg.Marshal()
 	if err != nil {
 		return nil, fmt.Errorf("encoding %T: %w", msg, err)
 	}
-	framed := make([]byte, 5+len(out))
-	binary.BigEndian.PutUint32(framed[1:5], uint32(len(out)))
-	copy(framed[5:], out)
+	framed := make([]byte, 5, 5+len(out)+len(extra))
+	framed = append(append(framed, out...), extra...)
+	binary.BigEndian.PutUint32(framed[1:5], uint32(len(out)+len(extra)))
 	return framed, nil
 }
 
@@ -233,11 +250,15 @@ func unframe(body []byte) ([]byte, error) {
 // maxMessage bounds a decompressed message (membership answers are a few KiB).
 const maxMessage = 4 << 20
 
-// GRPCStatus keeps upstream addresses out of gRPC status messages. The hops below put them there: a stock
-// grpc-proxy's Unavailable reads "... dial tcp 10.0.0.1:2379: connect: connection refused", a failed name lookup
-// or certificate check names hosts. A message about the transport below is replaced as a whole (see
-// ScrubGRPCMessage); in any other, addresses become "<upstream>". Trailers-only headers are fixed at once,
-// trailers when the stream ends; the messages of the stream pass untouched.
+// GRPCStatus keeps upstream addresses out of gRPC statuses. The hops below put them there: a stock grpc-proxy's
+// Unavailable reads "... dial tcp 10.0.0.1:2379: connect: connection refused", a failed name lookup or
+// certificate check names hosts, and an upstream of another kind may say anything. Free text cannot be scrubbed
+// completely, so a status message passes only when it is known (KnownGRPCMessage: etcd's, grpc-go's and our own
+// fixed texts); any other is replaced as a whole, by TransportFailure when it is about the connections below and
+// by WithheldMessage of its code otherwise. grpc-status-details-bin is always dropped: etcd and grpc-go send none
+// with these errors, and what it may hold (a copy of the message, any protobuf) cannot be checked. A grpc-status
+// that is not a number becomes Unknown (a client would quote it in its error). Trailers-only headers are fixed at
+// once, trailers when the stream ends; the messages of the stream pass untouched.
 type GRPCStatus struct{ Passthrough }
 
 // Name implements Rule.
@@ -248,7 +269,7 @@ func (*GRPCStatus) Response(resp *http.Response) (BodyFunc, error) {
 	if resp.Request == nil || !IsGRPC(resp.Request) {
 		return nil, nil
 	}
-	scrubGRPCMessage(resp.Header)
+	scrubGRPCStatus(resp.Header)
 	resp.Body = &trailerScrubber{ReadCloser: resp.Body, resp: resp}
 	return nil, nil
 }
@@ -262,55 +283,71 @@ type trailerScrubber struct {
 func (t *trailerScrubber) Read(p []byte) (int, error) {
 	n, err := t.ReadCloser.Read(p)
 	if err == io.EOF {
-		scrubGRPCMessage(t.resp.Trailer)
+		scrubGRPCStatus(t.resp.Trailer)
 	}
 	return n, err
 }
 
 func (t *trailerScrubber) Close() error {
 	err := t.ReadCloser.Close()
-	scrubGRPCMessage(t.resp.Trailer)
+	scrubGRPCStatus(t.resp.Trailer)
 	return err
 }
 
-// addressPattern matches what names a host: URLs, IPv4 and bracketed IPv6 addresses, host:port.
-var addressPattern = regexp.MustCompile(`(?i)(?:[a-z][a-z0-9+.-]*://[^\s"',]+)|(?:\[[0-9a-f:.%]+\](?::\d+)?)|(?:\b[0-9a-f]{0,4}(?::[0-9a-f]{0,4}){2,7}(?:%[a-z0-9]+)?)|(?:\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b)|(?:\b[a-z0-9][a-z0-9.-]*:\d{1,5}\b)`)
-
-// GRPCDetailsHeader carries the status as a protobuf, message included.
+// GRPCDetailsHeader carries the status as a protobuf (google.rpc.Status), message included.
 const GRPCDetailsHeader = "Grpc-Status-Details-Bin"
 
-func scrubGRPCMessage(h http.Header) {
-	v := h.Get(GRPCMessageHeader)
-	if v == "" {
+// CodeUnknown is the code of a status whose grpc-status is not a number.
+const CodeUnknown = 2
+
+// scrubGRPCStatus makes the status in h (headers of a trailers-only answer, or trailers) fit for a client.
+func scrubGRPCStatus(h http.Header) {
+	if h == nil {
 		return
 	}
-	msg, err := url.PathUnescape(v)
-	if err != nil {
-		msg = v
+	h.Del(GRPCDetailsHeader)
+	code := CodeUnknown
+	if vs := h.Values(GRPCStatusHeader); len(vs) > 0 {
+		if n, err := strconv.ParseUint(vs[0], 10, 32); err == nil {
+			code = int(n)
+		}
+		h.Set(GRPCStatusHeader, strconv.Itoa(code))
 	}
-	if clean := ScrubGRPCMessage(msg); clean != msg {
+	vs := h.Values(GRPCMessageHeader)
+	if len(vs) == 0 {
+		return
+	}
+	msg, err := url.PathUnescape(vs[0])
+	if err != nil {
+		msg = vs[0]
+	}
+	if clean := ScrubGRPCMessage(code, msg); clean != "" {
 		h.Set(GRPCMessageHeader, encodeGRPCMessage(clean))
-		h.Del(GRPCDetailsHeader) // it repeats the message
+	} else {
+		h.Del(GRPCMessageHeader)
 	}
 }
 
-// transportWords mark an error of the connections below the proxy: such a message names hosts in more ways than
-// a pattern can catch (host names of failed lookups, certificate names), so none of it is kept.
+// transportWords mark an error of the connections below the proxy.
 var transportWords = regexp.MustCompile(`(?i)\b(lookup|dial|x509|tls|transport|certificate|connection error|connect)\b`)
 
 // TransportFailure replaces a status message about the transport below the proxy.
 const TransportFailure = "etcd-proxy-proxy: the connection to the upstream failed below the proxy"
 
-// ScrubGRPCMessage returns a status message fit for a client: a transport error is replaced as a whole, and in
-// any other message every address becomes "<upstream>".
-func ScrubGRPCMessage(msg string) string {
-	if transportWords.MatchString(msg) {
+// ScrubGRPCMessage returns the status message a client gets for a status of code with msg from below: msg itself
+// when it is known (KnownGRPCMessage), else TransportFailure for an error of the connections below, else
+// WithheldMessage(code), or nothing for OK.
+func ScrubGRPCMessage(code int, msg string) string {
+	switch {
+	case KnownGRPCMessage(msg):
+		return msg
+	case transportWords.MatchString(msg):
 		return TransportFailure
 	}
-	return ScrubAddresses(msg)
+	if code == 0 {
+		return "" // a client ignores the message of OK
+	}
+	return WithheldMessage(code)
 }
-
-// ScrubAddresses replaces every URL, IP address and host:port in s with "<upstream>".
-func ScrubAddresses(s string) string { return addressPattern.ReplaceAllString(s, "<upstream>") }
 
 var _ Rule = (*GRPCStatus)(nil)

@@ -327,42 +327,32 @@ func TestGRPCStatus(t *testing.T) {
 
 func TestScrubGRPCMessage(t *testing.T) {
 	t.Parallel()
-	tests := []struct{ in, want string }{
+	tests := []struct {
+		code     int
+		in, want string
+	}{
 		// Go's real texts for failures below the proxy: every one names hosts, not always as host:port.
-		{"connection error: desc = \"transport: Error while dialing: dial tcp: lookup etcd-0.etcd.svc on 10.96.0.10:53: no such host\"", TransportFailure},
-		{"tls: failed to verify certificate: x509: certificate is valid for etcd-1.internal, not etcd-0.internal", TransportFailure},
-		{"dial tcp fe80::1%eth0: connect: network is unreachable", TransportFailure},
-		{"etcdserver: request timed out", "etcdserver: request timed out"},
-		{"etcdserver: user name is empty", "etcdserver: user name is empty"},
-		{"something about fd00::1 happened", "something about <upstream> happened"},
-		{"member at 10.0.0.7:2379 is slow", "member at <upstream> is slow"},
+		{14, "connection error: desc = \"transport: Error while dialing: dial tcp: lookup etcd-0.etcd.svc on 10.96.0.10:53: no such host\"", TransportFailure},
+		{14, "tls: failed to verify certificate: x509: certificate is valid for etcd-1.internal, not etcd-0.internal", TransportFailure},
+		{2, "dial tcp fe80::1%eth0: connect: network is unreachable", TransportFailure},
+		{14, "etcdserver: request timed out", "etcdserver: request timed out"},
+		{2, "etcdserver: request timed out", "etcdserver: request timed out"}, // a grpc-proxy passes etcd's errors as Unknown
+		{3, "etcdserver: user name is empty", "etcdserver: user name is empty"},
+		{4, "context deadline exceeded", "context deadline exceeded"},
+		{8, "grpc: received message larger than max (4194400 vs. 4194304)", "grpc: received message larger than max (4194400 vs. 4194304)"},
+		{14, TransportFailure, TransportFailure},
+		{13, "etcd-proxy-proxy: rule members could not handle the upstream response", "etcd-proxy-proxy: rule members could not handle the upstream response"},
+		{2, "something about fd00::1 happened", "etcd-proxy-proxy: upstream error (Unknown); message withheld"},
+		{14, "member at 10.0.0.7:2379 is slow", "etcd-proxy-proxy: upstream error (Unavailable); message withheld"},
+		{13, "etcd-proxy-proxy: rule etcd-2 could not handle the upstream response", "etcd-proxy-proxy: upstream error (Internal); message withheld"},
+		{99, "anything", "etcd-proxy-proxy: upstream error (code 99); message withheld"},
+		{0, "anything", ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.in, func(t *testing.T) {
 			t.Parallel()
-			if got := ScrubGRPCMessage(tt.in); got != tt.want {
-				t.Errorf("ScrubGRPCMessage(%q) = %q, want %q", tt.in, got, tt.want)
-			}
-		})
-	}
-}
-
-func TestScrubAddresses(t *testing.T) {
-	t.Parallel()
-	tests := []struct{ in, want string }{
-		{"dial tcp 10.0.0.1:2379: connect: connection refused", "dial tcp <upstream>: connect: connection refused"},
-		{"dial tcp 10.0.0.1: i/o timeout", "dial tcp <upstream>: i/o timeout"},
-		{"Get \"https://member-1.example:2379/v2/keys\": EOF", "Get \"<upstream>\": EOF"},
-		{"dial tcp [fd00::1]:2379: refused", "dial tcp <upstream>: refused"},
-		{"lookup member-1.example:2379 failed", "lookup <upstream> failed"},
-		{"etcdserver: request timed out", "etcdserver: request timed out"},
-		{"etcdserver: mvcc: required revision has been compacted", "etcdserver: mvcc: required revision has been compacted"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.in, func(t *testing.T) {
-			t.Parallel()
-			if got := ScrubAddresses(tt.in); got != tt.want {
-				t.Errorf("ScrubAddresses(%q) = %q, want %q", tt.in, got, tt.want)
+			if got := ScrubGRPCMessage(tt.code, tt.in); got != tt.want {
+				t.Errorf("ScrubGRPCMessage(%d, %q) = %q, want %q", tt.code, tt.in, got, tt.want)
 			}
 		})
 	}
