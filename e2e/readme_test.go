@@ -142,6 +142,8 @@ func TestReadme(t *testing.T) {
 	for _, ex := range examples {
 		t.Run(ex.name, func(t *testing.T) {
 			t.Parallel()
+			// Its own deadline: a parallel subtest may wait for a free slot long after its parent returned.
+			ctx := testContext(t, 2*time.Minute)
 			dir := t.TempDir()
 			for name, src := range ex.files {
 				b, err := os.ReadFile(src)
