@@ -45,15 +45,12 @@ type Forwarder struct {
 	// upstreamTLS is the TLS configuration of a handshake with host: from the files as NewForwarder found them,
 	// then, with the operations side, the ones reloaded last (reload.go useUpstreamTLS).
 	upstreamTLS func(host string, protos []string) *tls.Config
-	log         *slog.Logger
+	// live checks the endpoints of HTTP/1.1 streams (streams.go); nil when --upstream-keepalive-time is 0.
+	live *liveChecks
+	// streamLost, if set, is told of every stream ended because its upstream connection was lost (metrics).
+	streamLost func()
+	log        *slog.Logger
 }
-
-// HTTP/2 health checks of upstream connections: a ping after pingAfter of silence, the connection closed when
-// no answer comes within pingTimeout.
-const (
-	pingAfter   = 30 * time.Second
-	pingTimeout = 15 * time.Second
-)
 
 // exchangeKey carries the answer of a rule that replied (or failed) from Rewrite to the transport and
 // ModifyResponse; requests that no rule answers carry nothing.
@@ -99,6 +96,10 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 		dialTimeout = DefaultDialTimeout
 	}
 	dialer := &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
+	// HTTP/2 health checks of upstream connections: a ping after pingAfter of silence, the connection closed when
+	// no answer comes within pingTimeout; the same for the streams of HTTP/1.1 connections (streams.go).
+	pingAfter, pingTimeout := cfg.upstreamKeepAlive()
+	f.live = newLiveChecks(f, pingAfter, pingTimeout)
 	writeTimeout, readTimeout := cfg.WriteTimeout, cfg.ReadTimeout
 	f.dialTCP = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		c, err := dialer.DialContext(ctx, network, addr)
@@ -144,7 +145,7 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 		BufferPool:     bufferPool{},
 		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelDebug),
 	}
-	if f.gateway, err = newGateway(&f.rp); err != nil {
+	if f.gateway, err = newGateway(http.HandlerFunc(f.serveGatewayCall)); err != nil { // streams.go
 		return nil, err
 	}
 	return f, nil
@@ -156,7 +157,7 @@ func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	if drainable(r) { // drain.go
+	if drainable(r) { // drain.go; streams.go ends them when their upstream goes
 		var done func()
 		r, done = f.drainStream(w, r)
 		defer done()
@@ -227,6 +228,10 @@ func (rt roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
 	aff := affinityOf(req.Context())
 	eps := f.endpoints.order(aff)
+	st, _ := req.Context().Value(streamKey{}).(*streamState)
+	if st != nil && st.in != nil && req.Body != nil {
+		req.Body = &streamBody{ReadCloser: req.Body, in: st.in} // streams.go: a lost upstream ends the stream
+	}
 	var body *retryBody
 	if req.Body != nil && req.Body != http.NoBody && len(eps) > 1 {
 		if err := bufferRange(req, f.maxRequestBytes); err != nil {
@@ -249,6 +254,9 @@ func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
 			}
 		}
 		req.URL.Scheme, req.URL.Host = e.url.Scheme, e.url.Host
+		if st != nil {
+			st.useEndpoint(e, !rules.IsGRPC(req)) // HTTP/2 pings watch gRPC streams
+		}
 		var resp *http.Response
 		resp, err = f.transportFor(req).RoundTrip(req)
 		if err == nil {
@@ -259,7 +267,7 @@ func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
 			return resp, nil
 		}
 		if cerr := req.Context().Err(); cerr != nil {
-			return nil, cerr // the client went away (or a shutdown ended the stream): nobody to try again for
+			return nil, cerr // the client went away (or a shutdown or a lost upstream ended the stream)
 		}
 		if !unreached(err) {
 			if !retry || i == len(eps)-1 {
@@ -435,6 +443,17 @@ func (e *handshakeError) Unwrap() error { return e.err }
 // the error's own text (it names upstream addresses). The full error goes to the log.
 func (f *Forwarder) handleError(w http.ResponseWriter, r *http.Request, err error) {
 	switch {
+	case lost(r): // streams.go: the upstream stopped answering before the stream's headers
+		if st, ok := r.Context().Value(streamKey{}).(*streamState); ok {
+			st.upstreamLost(r, err)
+		}
+		if rules.IsGRPC(r) {
+			rules.SetGRPCStatus(w.Header(), rules.CodeUnavailable, msgUpstreamLost)
+			w.WriteHeader(http.StatusOK)
+			return
+		}
+		writeError(w, http.StatusBadGateway, msgUpstreamLost)
+		return
 	case drained(r):
 		f.log.Debug("stream ended by shutdown", "method", r.Method, "path", r.URL.Path)
 		if rules.IsGRPC(r) {

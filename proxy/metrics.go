@@ -39,6 +39,7 @@ const (
 	reasonClientGone     = "client_gone"     // the client went away before the answer (nothing is sent)
 	reasonTooLarge       = "too_large"       // the request was over --max-request-bytes (413)
 	reasonShutdown       = "shutdown"        // a stream ended by a graceful shutdown
+	reasonStreamLost     = "stream_lost"     // a stream ended because its upstream connection was lost
 )
 
 // grpcMethods are the gRPC methods etcd v3.5 serves; any other path counts as "other" so that a client cannot
@@ -174,7 +175,7 @@ func newMetrics(ready func() float64) *metrics {
 		m.ruleActions, m.certReloads, m.certNotAfter, readyGauge,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, r := range []string{reasonNoEndpoint, reasonTimeout, reasonTLS, reasonSendFailed, reasonRule,
-		reasonResponseFailed, reasonClientGone, reasonTooLarge, reasonShutdown} {
+		reasonResponseFailed, reasonClientGone, reasonTooLarge, reasonShutdown, reasonStreamLost} {
 		m.errs[r] = m.errors.WithLabelValues(r) // present at 0 from the start, so rate() sees the first error
 	}
 	return m
@@ -291,9 +292,12 @@ func errorReason(r *http.Request, err error) string {
 func (m *metrics) countErrors(f *Forwarder) {
 	handle := f.rp.ErrorHandler
 	f.rp.ErrorHandler = func(w http.ResponseWriter, r *http.Request, err error) {
-		m.errs[errorReason(r, err)].Inc()
+		if !lost(r) { // counted by streamLost
+			m.errs[errorReason(r, err)].Inc()
+		}
 		handle(w, r, err)
 	}
+	f.streamLost = m.errs[reasonStreamLost].Inc
 }
 
 // countedRule counts the requests a rule answers and the responses it claims. Name, and anything else of the
