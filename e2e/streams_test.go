@@ -48,14 +48,14 @@ const (
 // three run side by side.
 func TestStreamsEnd(t *testing.T) {
 	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGKILL, syscall.SIGSTOP} {
-		t.Run(strings.ToUpper(unix(sig)), func(t *testing.T) {
+		t.Run(strings.ToUpper(sigName(sig)), func(t *testing.T) {
 			t.Parallel()
 			testStreamsEnd(t, sig)
 		})
 	}
 }
 
-func unix(sig syscall.Signal) string {
+func sigName(sig syscall.Signal) string {
 	switch sig {
 	case syscall.SIGTERM:
 		return "sigterm"
@@ -121,8 +121,8 @@ func testStreamsEnd(t *testing.T, sig syscall.Signal) {
 	// see anything end.
 	cut := sig != syscall.SIGTERM
 	cctx, stopClients := context.WithCancel(ctx)
-	defer stopClients()
 	var wg sync.WaitGroup
+	defer func() { stopClients(); wg.Wait() }()
 	pcli := v3Client(t, base)
 	watchers := []*streamClient{
 		{name: "clientv3 watch"}, {name: "etcdctl watch"}, {name: "gateway watch", mustEnd: cut},
@@ -154,7 +154,6 @@ func testStreamsEnd(t *testing.T, sig syscall.Signal) {
 	}
 	observer := &streamClient{name: "election observe"}
 	wg.Go(func() { observe(cctx, observer, pcli, "streams-election") })
-	defer wg.Wait() // after stopClients, deferred before it
 
 	// A first write that every stream delivers: then every stream is established, on the target.
 	w := &writers{v3: direct, v2: v2cl, v2URLs: []string{others[0].ClientURL, others[1].ClientURL}}
@@ -217,7 +216,7 @@ func testStreamsEnd(t *testing.T, sig syscall.Signal) {
 	if sig == syscall.SIGSTOP {
 		bound = keepAlive + keepAliveTimeout + 1500*time.Millisecond // a ping at most keepAlive after the last frame
 	}
-	t.Logf("%s %s at +0, connections gone at +%v", unix(sig), target.Name, ref.Sub(killed).Round(time.Millisecond))
+	t.Logf("%s %s at +0, connections gone at +%v", sigName(sig), target.Name, ref.Sub(killed).Round(time.Millisecond))
 	pause(ctx, time.Until(ref.Add(bound+2*time.Second)))
 	stopWriters()
 	wwg.Wait()
@@ -264,6 +263,15 @@ func testStreamsEnd(t *testing.T, sig syscall.Signal) {
 			t.Errorf("no leader observed again after the stream ended (%s)", observer.summary(killed))
 		}
 	})
+	if sig == syscall.SIGKILL {
+		t.Run("restart", func(t *testing.T) {
+			began := time.Now()
+			if err := target.Restart(ctx); err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("%s restarted and healthy in %v", target.Name, time.Since(began).Round(time.Millisecond))
+		})
+	}
 }
 
 // streamClient records what one client received and when its streams ended.

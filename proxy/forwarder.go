@@ -251,6 +251,8 @@ func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
 				req.Body = body
 			} else if body != nil && body.n.Load() > 0 {
 				break // some of it went out: the request may have been received
+			} else if body != nil {
+				body.attempt()
 			}
 		}
 		req.URL.Scheme, req.URL.Host = e.url.Scheme, e.url.Host
@@ -365,15 +367,27 @@ func (f *Forwarder) fixLocation(resp *http.Response) {
 // retryBody is a request body that survives a failed attempt: it counts what the transport read, and while
 // held it does not pass Close on (http.Transport closes a request's body even when the dial fails, and
 // ReverseProxy's body refuses every read after that). Once an attempt got an answer, or none is left, Close goes
-// through again, so that a transport ending a stream still unblocks a Read.
+// through again, so that a transport ending a stream still unblocks a Read. So does a Close once the transport
+// has begun to read in this attempt: the request went out, it is not sent again, and the HTTP/2 transport waits
+// for its Read to return before it reports a connection lost before the answer (streams.go).
 type retryBody struct {
-	rc     io.ReadCloser
-	n      atomic.Int64
-	hold   atomic.Bool
-	closed atomic.Bool // Close was called while held
+	rc      io.ReadCloser
+	n       atomic.Int64
+	hold    atomic.Bool
+	closed  atomic.Bool // Close was called while held, in this attempt
+	reading atomic.Bool // the transport has called Read in this attempt
+}
+
+// attempt starts an attempt with the body: what the transport did with it in the last one is forgotten.
+func (b *retryBody) attempt() {
+	b.closed.Store(false)
+	b.reading.Store(false)
 }
 
 func (b *retryBody) Read(p []byte) (int, error) {
+	if !b.reading.Swap(true) && b.closed.Load() {
+		_ = b.rc.Close() // a Close raced with this first Read: it must not wait
+	}
 	n, err := b.rc.Read(p)
 	b.n.Add(int64(n))
 	return n, err
@@ -382,7 +396,9 @@ func (b *retryBody) Read(p []byte) (int, error) {
 func (b *retryBody) Close() error {
 	if b.hold.Load() {
 		b.closed.Store(true)
-		return nil
+		if !b.reading.Load() {
+			return nil
+		}
 	}
 	return b.rc.Close()
 }

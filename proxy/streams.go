@@ -5,6 +5,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"sync"
 	"time"
@@ -64,14 +65,16 @@ func closableBody(r *http.Request) io.Closer {
 }
 
 // upstreamLost ends a stream whose upstream went away: the endpoint is avoided for --proxy-failure-wait (the
-// probe brings it back sooner), so that the client's new stream goes elsewhere. The first stream to find the
+// probe brings it back sooner), so that the client's new stream goes elsewhere — unless only the stream's own
+// read timed out (--proxy-read-timeout), which says nothing about the endpoint. The first stream to find the
 // endpoint gone logs a warning, the others (a member may have carried thousands) only at debug level.
 func (st *streamState) upstreamLost(r *http.Request, err error) {
 	if st.f == nil {
 		return
 	}
 	first := true
-	if e := st.endpoint(); e != nil {
+	var nerr net.Error
+	if e := st.endpoint(); e != nil && (lost(r) || !errors.As(err, &nerr) || !nerr.Timeout()) {
 		first = e.available(time.Now().UnixNano())
 		st.f.endpoints.failed(e)
 	}

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -236,19 +237,53 @@ func readWithin(r io.Reader, d time.Duration) ([]byte, error) {
 	}
 }
 
-// TestStreamLostBeforeHeaders: a v2 long poll whose upstream stops answering before its headers gets 502.
+// TestStreamLostBeforeHeaders: a stream whose upstream stops answering before its headers ends too: a v2 long
+// poll with 502, a gRPC watch with Unavailable — also while its body is held for a retry (two endpoints: the
+// HTTP/2 transport waits for the body's Read before it reports the lost connection).
 func TestStreamLostBeforeHeaders(t *testing.T) {
 	t.Parallel()
-	up := newCuttableUpstream(t, streamUpstream)
-	up.freeze()
-	_, u := startProxy(t, Config{Upstreams: []string{up.url}, UpstreamKeepAliveTime: 200 * time.Millisecond,
-		UpstreamKeepAliveTimeout: 300 * time.Millisecond})
-	c := newConn()
-	c.Timeout = 3 * time.Second
-	resp, body := getWith(t, c, http.MethodGet, u+"/v2/keys/x?wait=true", nil)
-	if msg := etcdError(t, resp, body, http.StatusBadGateway); msg != msgUpstreamLost {
-		t.Errorf("message %q, want %q", msg, msgUpstreamLost)
-	}
+	a, b := newCuttableUpstream(t, streamUpstream), newCuttableUpstream(t, streamUpstream)
+	a.freeze()
+	b.freeze()
+	cfg := Config{UpstreamKeepAliveTime: 200 * time.Millisecond, UpstreamKeepAliveTimeout: 300 * time.Millisecond}
+	t.Run("v2", func(t *testing.T) {
+		t.Parallel()
+		cfg := cfg
+		cfg.Upstreams = []string{a.url}
+		_, u := startProxy(t, cfg)
+		c := newConn()
+		c.Timeout = 3 * time.Second
+		resp, body := getWith(t, c, http.MethodGet, u+"/v2/keys/x?wait=true", nil)
+		if msg := etcdError(t, resp, body, http.StatusBadGateway); msg != msgUpstreamLost {
+			t.Errorf("message %q, want %q", msg, msgUpstreamLost)
+		}
+	})
+	t.Run("grpc", func(t *testing.T) {
+		t.Parallel()
+		cfg := cfg
+		cfg.Upstreams = []string{a.url, b.url}
+		_, u := startProxy(t, cfg)
+		pr, pw := io.Pipe()
+		// Go's HTTP/2 client has the same wait: it returns only once its body's Read does. Give up after 3 s.
+		stop := time.AfterFunc(3*time.Second, func() { pw.CloseWithError(errors.New("no answer after 3s")) })
+		defer stop.Stop()
+		tr := &http.Transport{Protocols: new(http.Protocols)}
+		tr.Protocols.SetUnencryptedHTTP2(true)
+		t.Cleanup(tr.CloseIdleConnections)
+		req, _ := http.NewRequest(http.MethodPost, u+"/etcdserverpb.Watch/Watch", pr)
+		req.Header.Set("Content-Type", rules.GRPCContentType)
+		go pw.Write(rawFrame([]byte("create")))
+		began := time.Now()
+		resp, err := tr.RoundTrip(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		_, _ = io.ReadAll(resp.Body)
+		if got, msg := grpcStatus(resp), resp.Header.Get("Grpc-Message"); got != "14" || time.Since(began) > 2*time.Second {
+			t.Errorf("grpc-status %q %q after %v, want 14 within 2s", got, msg, time.Since(began).Round(time.Millisecond))
+		}
+	})
 }
 
 func TestUpstreamKeepAliveFlags(t *testing.T) {
@@ -292,5 +327,52 @@ func TestUpstreamKeepAliveFlags(t *testing.T) {
 	}
 	if _, err := parse([]string{"--upstream-keepalive-time=soon"}, nil); err == nil {
 		t.Error("--upstream-keepalive-time=soon accepted")
+	}
+}
+
+// TestLostEndpointAvoided: once a stream's upstream stopped answering, the client's next stream (on the same
+// connection, which was pinned there) goes to another endpoint at once, without waiting for the probe.
+func TestLostEndpointAvoided(t *testing.T) {
+	t.Parallel()
+	named := func(name string) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", rules.GRPCContentType)
+			w.Write(rawFrame([]byte(name)))
+			w.(http.Flusher).Flush()
+			<-r.Context().Done()
+		}
+	}
+	a, b := newCuttableUpstream(t, named("a")), newCuttableUpstream(t, named("b"))
+	_, u := startProxy(t, Config{Upstreams: []string{a.url, b.url}, UpstreamKeepAliveTime: 200 * time.Millisecond,
+		UpstreamKeepAliveTimeout: 300 * time.Millisecond})
+	tr := &http.Transport{Protocols: new(http.Protocols)}
+	tr.Protocols.SetUnencryptedHTTP2(true)
+	t.Cleanup(tr.CloseIdleConnections)
+	watch := func() (string, *http.Response) {
+		pr, pw := io.Pipe()
+		t.Cleanup(func() { pw.Close() })
+		req, _ := http.NewRequest(http.MethodPost, u+"/etcdserverpb.Watch/Watch", pr)
+		req.Header.Set("Content-Type", rules.GRPCContentType)
+		go pw.Write(rawFrame([]byte("create")))
+		resp, err := tr.RoundTrip(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { resp.Body.Close() })
+		first := make([]byte, len(rawFrame([]byte("a"))))
+		if _, err := io.ReadFull(resp.Body, first); err != nil {
+			t.Fatal(err)
+		}
+		return string(first[grpcFrameHeader:]), resp
+	}
+	served, resp := watch()
+	map[string]*cuttableUpstream{"a": a, "b": b}[served].freeze()
+	if _, err := readWithin(resp.Body, 2*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	began := time.Now()
+	again, _ := watch()
+	if again == served || time.Since(began) > 100*time.Millisecond {
+		t.Errorf("the next stream was served by %s after %v, want the other endpoint at once", again, time.Since(began))
 	}
 }
