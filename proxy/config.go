@@ -105,6 +105,13 @@ type Config struct {
 	// a shared connection would end its other requests). gRPC calls carry their clients' deadlines. Zero means
 	// none, which v2 watches need.
 	ReadTimeout time.Duration
+	// UpstreamKeepAliveTime is how long an upstream connection may stay silent before the proxy checks that the
+	// upstream still answers: an HTTP/2 ping, or for v2 streams over HTTP/1.1 a GET /version to their endpoint.
+	// Zero means DefaultUpstreamKeepAliveTime; negative means no checks.
+	UpstreamKeepAliveTime time.Duration
+	// UpstreamKeepAliveTimeout is how long that check may wait for its answer before the connection is closed and
+	// its streams end. Zero means DefaultUpstreamKeepAliveTimeout.
+	UpstreamKeepAliveTimeout time.Duration
 	// FailureWait is how long an endpoint that could not be reached gets no new requests, unless the probe finds
 	// it healthy sooner. Zero means DefaultFailureWait; negative means no wait.
 	FailureWait time.Duration
@@ -244,7 +251,8 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	}{
 		{&c.FailureWait, DefaultFailureWait}, {&c.RefreshInterval, DefaultRefreshInterval},
 		{&c.ReadHeaderTimeout, DefaultReadHeaderTimeout}, {&c.IdleTimeout, DefaultIdleTimeout},
-		{&c.ShutdownTimeout, DefaultShutdownTimeout},
+		{&c.ShutdownTimeout, DefaultShutdownTimeout}, {&c.UpstreamKeepAliveTime, DefaultUpstreamKeepAliveTime},
+		{&c.UpstreamKeepAliveTimeout, DefaultUpstreamKeepAliveTimeout},
 	} {
 		if *d.p == 0 {
 			*d.p = d.def
@@ -275,6 +283,8 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.Var(msFlag{p: &c.DialTimeout}, "proxy-dial-timeout", "milliseconds to wait for a connection to the upstream")
 	fs.Var(msFlag{p: &c.WriteTimeout}, "proxy-write-timeout", "milliseconds to wait for a request to be written to the upstream")
 	fs.Var(msFlag{p: &c.ReadTimeout}, "proxy-read-timeout", "milliseconds an HTTP request waits for the upstream (each read over HTTP/1.1, the headers over HTTP/2; not gRPC); 0 waits for ever (v2 watches need it)")
+	fs.Var(durationFlag{&c.UpstreamKeepAliveTime}, "upstream-keepalive-time", "how long an upstream connection may be silent before the proxy checks that the upstream answers (HTTP/2 ping; GET /version for v2 streams over HTTP/1.1), e.g. 30s; 0 for never")
+	fs.Var(durationFlag{&c.UpstreamKeepAliveTimeout}, "upstream-keepalive-timeout", "how long that check waits for its answer before the connection is closed and its streams end, e.g. 15s")
 	fs.Var(msFlag{p: &c.FailureWait, zeroOff: true}, "proxy-failure-wait", "milliseconds an endpoint that could not be reached gets no new requests (unless the probe finds it healthy sooner)")
 	fs.Var(msFlag{p: &c.RefreshInterval, zeroOff: true}, "proxy-refresh-interval", "milliseconds between discovery refreshes (--discovery-srv, --discover-members); 0 discovers once, at start")
 	fs.StringVar(&c.DiscoverySRV, "discovery-srv", "", "DNS domain whose _etcd-client-ssl._tcp / _etcd-client._tcp SRV records name the upstream endpoints (instead of --upstream)")
@@ -421,6 +431,9 @@ func (c *Config) Validate() error {
 	if c.MaxRequestBytes > math.MaxInt32 { // a gRPC message's length has 32 bits
 		add("--max-request-bytes: at most %d", math.MaxInt32)
 	}
+	if c.UpstreamKeepAliveTimeout < 0 {
+		add("--upstream-keepalive-timeout: must be greater than 0")
+	}
 	c.OpsConfig.validate(c, add) // ops.go
 	return sortErrors(errs)
 }
@@ -479,6 +492,12 @@ func (c *Config) readHeaderTimeout() time.Duration {
 	return orDefault(c.ReadHeaderTimeout, DefaultReadHeaderTimeout)
 }
 func (c *Config) idleTimeout() time.Duration { return orDefault(c.IdleTimeout, DefaultIdleTimeout) }
+
+// upstreamKeepAlive is the keep-alive time (zero: no checks) and timeout, with their defaults.
+func (c *Config) upstreamKeepAlive() (time.Duration, time.Duration) {
+	return orDefault(c.UpstreamKeepAliveTime, DefaultUpstreamKeepAliveTime),
+		orDefault(c.UpstreamKeepAliveTimeout, DefaultUpstreamKeepAliveTimeout)
+}
 
 // ShutdownGrace is how long Shutdown should let in-flight requests finish: ShutdownTimeout with its default.
 func (c *Config) ShutdownGrace() time.Duration {

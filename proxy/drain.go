@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"sync"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
 )
@@ -20,10 +21,18 @@ const msgShuttingDown = "etcd-proxy-proxy: shutting down; reconnect"
 type streamKey struct{}
 
 // streamState is what ending a stream cleanly needs: the client's ResponseWriter, for the trailers, and the
-// request body's limiter, to tell a message over the limit from a broken upstream.
+// request body's limiter, to tell a message over the limit from a broken upstream; and what ending it when its
+// upstream goes away needs (streams.go).
 type streamState struct {
-	w     http.ResponseWriter
-	limit *grpcLimitBody // nil but for gRPC
+	w      http.ResponseWriter
+	limit  *grpcLimitBody // nil but for gRPC
+	f      *Forwarder
+	in     io.Closer               // the client's body, when the transport may close it (closableBody)
+	cancel context.CancelCauseFunc // ends the request toward the upstream
+
+	mu      sync.Mutex
+	ep      *endpoint // where the last attempt went
+	unwatch func()    // stops the liveness checks of ep; nil when none
 }
 
 // drainable reports the requests that last as long as the client wants — watches, lease keep-alives, election
@@ -50,10 +59,10 @@ var (
 func (f *Forwarder) drainStream(w http.ResponseWriter, r *http.Request) (*http.Request, func()) {
 	ctx, cancel := context.WithCancelCause(r.Context())
 	stop := context.AfterFunc(f.drain, func() { cancel(errShuttingDown) })
-	st := &streamState{w: w}
+	st := &streamState{w: w, f: f, in: closableBody(r), cancel: cancel}
 	st.limit, _ = r.Body.(*grpcLimitBody)
 	ctx = context.WithValue(ctx, streamKey{}, st)
-	return r.WithContext(ctx), func() { stop(); cancel(nil) }
+	return r.WithContext(ctx), func() { stop(); st.end(); cancel(nil) }
 }
 
 // drained reports whether the request was ended by a shutdown.
@@ -61,7 +70,8 @@ func drained(r *http.Request) bool { return errors.Is(context.Cause(r.Context())
 
 // endStreamCleanly makes the streamed answer of a drainable request end cleanly when the proxy ends it: on a
 // shutdown the body ends (a v2 stream watch gets its last chunk) and a gRPC stream gets Unavailable, which
-// clients retry; a gRPC message over --max-request-bytes ends the stream with ResourceExhausted.
+// clients retry; a gRPC message over --max-request-bytes ends the stream with ResourceExhausted; when the
+// upstream connection is lost, the same as on a shutdown, with msgUpstreamLost (streams.go).
 func endStreamCleanly(resp *http.Response) {
 	st, ok := resp.Request.Context().Value(streamKey{}).(*streamState)
 	if !ok {
@@ -86,6 +96,9 @@ func (b *drainedBody) Read(p []byte) (int, error) {
 		b.trailers(rules.CodeUnavailable, msgShuttingDown)
 	case b.st.limit != nil && b.st.limit.exceeded.Load():
 		b.trailers(rules.CodeResourceExhausted, msgTooLarge)
+	case b.req.Context().Err() == nil || lost(b.req): // not the client that went away: the upstream
+		b.st.upstreamLost(b.req, err)
+		b.trailers(rules.CodeUnavailable, msgUpstreamLost)
 	default:
 		return n, err
 	}

@@ -50,15 +50,12 @@ type Forwarder struct {
 	dialTimeout time.Duration
 	// ids are the per-client upstream identities of --upstream-cert-dir (identity.go); nil without one.
 	ids *identities
-	log *slog.Logger
+	// live checks the endpoints of HTTP/1.1 streams (streams.go); nil when --upstream-keepalive-time is 0.
+	live *liveChecks
+	// streamLost, if set, is told of every stream ended because its upstream connection was lost (metrics).
+	streamLost func()
+	log        *slog.Logger
 }
-
-// HTTP/2 health checks of upstream connections: a ping after pingAfter of silence, the connection closed when
-// no answer comes within pingTimeout.
-const (
-	pingAfter   = 30 * time.Second
-	pingTimeout = 15 * time.Second
-)
 
 // exchangeKey carries the answer of a rule that replied (or failed) from Rewrite to the transport and
 // ModifyResponse; requests that no rule answers carry nothing.
@@ -109,6 +106,10 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 		return nil, err
 	}
 	dialer := &net.Dialer{Timeout: dialTimeout, KeepAlive: 30 * time.Second}
+	// HTTP/2 health checks of upstream connections: a ping after pingAfter of silence, the connection closed when
+	// no answer comes within pingTimeout; the same for the streams of HTTP/1.1 connections (streams.go).
+	pingAfter, pingTimeout := cfg.upstreamKeepAlive()
+	f.live = newLiveChecks(f, pingAfter, pingTimeout)
 	writeTimeout, readTimeout := cfg.WriteTimeout, cfg.ReadTimeout
 	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
 		c, err := dialer.DialContext(ctx, network, addr)
@@ -163,7 +164,7 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 		BufferPool:     bufferPool{},
 		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelDebug),
 	}
-	if f.gateway, err = newGateway(&f.rp); err != nil {
+	if f.gateway, err = newGateway(http.HandlerFunc(f.serveGatewayCall)); err != nil { // streams.go
 		return nil, err
 	}
 	return f, nil
@@ -175,7 +176,7 @@ func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	if drainable(r) { // drain.go
+	if drainable(r) { // drain.go; streams.go ends them when their upstream goes
 		var done func()
 		r, done = f.drainStream(w, r)
 		defer done()
@@ -251,6 +252,10 @@ func (rt roundTripper) RoundTrip(req *http.Request) (*http.Response, error) {
 func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
 	aff := affinityOf(req.Context())
 	eps := f.endpoints.order(aff)
+	st, _ := req.Context().Value(streamKey{}).(*streamState)
+	if st != nil && st.in != nil && req.Body != nil {
+		req.Body = &streamBody{ReadCloser: req.Body, in: st.in} // streams.go: a lost upstream ends the stream
+	}
 	var body *retryBody
 	if req.Body != nil && req.Body != http.NoBody && len(eps) > 1 {
 		if err := bufferRange(req, f.maxRequestBytes); err != nil {
@@ -270,9 +275,14 @@ func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
 				req.Body = body
 			} else if body != nil && body.n.Load() > 0 {
 				break // some of it went out: the request may have been received
+			} else if body != nil {
+				body.attempt()
 			}
 		}
 		req.URL.Scheme, req.URL.Host = e.url.Scheme, e.url.Host
+		if st != nil {
+			st.useEndpoint(e, !rules.IsGRPC(req)) // HTTP/2 pings watch gRPC streams
+		}
 		var resp *http.Response
 		resp, err = f.transportFor(req).RoundTrip(req)
 		if err == nil {
@@ -283,7 +293,7 @@ func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
 			return resp, nil
 		}
 		if cerr := req.Context().Err(); cerr != nil {
-			return nil, cerr // the client went away (or a shutdown ended the stream): nobody to try again for
+			return nil, cerr // the client went away (or a shutdown or a lost upstream ended the stream)
 		}
 		if !unreached(err) {
 			if !retry || i == len(eps)-1 {
@@ -388,15 +398,27 @@ func (f *Forwarder) fixLocation(resp *http.Response) {
 // retryBody is a request body that survives a failed attempt: it counts what the transport read, and while
 // held it does not pass Close on (http.Transport closes a request's body even when the dial fails, and
 // ReverseProxy's body refuses every read after that). Once an attempt got an answer, or none is left, Close goes
-// through again, so that a transport ending a stream still unblocks a Read.
+// through again, so that a transport ending a stream still unblocks a Read. So does a Close once the transport
+// has begun to read in this attempt: the request went out, it is not sent again, and the HTTP/2 transport waits
+// for its Read to return before it reports a connection lost before the answer (streams.go).
 type retryBody struct {
-	rc     io.ReadCloser
-	n      atomic.Int64
-	hold   atomic.Bool
-	closed atomic.Bool // Close was called while held
+	rc      io.ReadCloser
+	n       atomic.Int64
+	hold    atomic.Bool
+	closed  atomic.Bool // Close was called while held, in this attempt
+	reading atomic.Bool // the transport has called Read in this attempt
+}
+
+// attempt starts an attempt with the body: what the transport did with it in the last one is forgotten.
+func (b *retryBody) attempt() {
+	b.closed.Store(false)
+	b.reading.Store(false)
 }
 
 func (b *retryBody) Read(p []byte) (int, error) {
+	if !b.reading.Swap(true) && b.closed.Load() {
+		_ = b.rc.Close() // a Close raced with this first Read: it must not wait
+	}
 	n, err := b.rc.Read(p)
 	b.n.Add(int64(n))
 	return n, err
@@ -405,7 +427,9 @@ func (b *retryBody) Read(p []byte) (int, error) {
 func (b *retryBody) Close() error {
 	if b.hold.Load() {
 		b.closed.Store(true)
-		return nil
+		if !b.reading.Load() {
+			return nil
+		}
 	}
 	return b.rc.Close()
 }
@@ -471,6 +495,17 @@ func (e *handshakeError) Unwrap() error { return e.err }
 // the error's own text (it names upstream addresses). The full error goes to the log.
 func (f *Forwarder) handleError(w http.ResponseWriter, r *http.Request, err error) {
 	switch {
+	case lost(r): // streams.go: the upstream stopped answering before the stream's headers
+		if st, ok := r.Context().Value(streamKey{}).(*streamState); ok {
+			st.upstreamLost(r, err)
+		}
+		if rules.IsGRPC(r) {
+			rules.SetGRPCStatus(w.Header(), rules.CodeUnavailable, msgUpstreamLost)
+			w.WriteHeader(http.StatusOK)
+			return
+		}
+		writeError(w, http.StatusBadGateway, msgUpstreamLost)
+		return
 	case drained(r):
 		f.log.Debug("stream ended by shutdown", "method", r.Method, "path", r.URL.Path)
 		if rules.IsGRPC(r) {

@@ -56,7 +56,7 @@ func TestGRPCAnswersKnown(t *testing.T) {
 		}
 		_, _ = io.Copy(io.Discard, w.Result().Body)
 	}
-	for _, msg := range []string{msgShuttingDown, msgTooLarge, msgNoIdentity} { // trailers of a drained stream, refusals
+	for _, msg := range []string{msgShuttingDown, msgTooLarge, msgNoIdentity, msgUpstreamLost} { // trailers of a drained stream, refusals
 		if !rules.KnownGRPCMessage(msg) {
 			t.Errorf("%q is not in the rules' ownMessages", msg)
 		}

@@ -40,6 +40,7 @@ const (
 	reasonTooLarge       = "too_large"       // the request was over --max-request-bytes (413)
 	reasonShutdown       = "shutdown"        // a stream ended by a graceful shutdown
 	reasonBadRequest     = "bad_request"     // the client's request body was malformed (400)
+	reasonStreamLost     = "stream_lost"     // a stream ended because its upstream connection was lost
 )
 
 // grpcMethods are the gRPC methods etcd v3.5 serves; any other path counts as "other" so that a client cannot
@@ -175,7 +176,8 @@ func newMetrics(ready func() float64) *metrics {
 		m.ruleActions, m.certReloads, m.certNotAfter, readyGauge,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, r := range []string{reasonNoEndpoint, reasonTimeout, reasonTLS, reasonSendFailed, reasonRule,
-		reasonResponseFailed, reasonClientGone, reasonTooLarge, reasonShutdown, reasonBadRequest} {
+		reasonResponseFailed, reasonClientGone, reasonTooLarge, reasonShutdown, reasonBadRequest,
+		reasonStreamLost} {
 		m.errs[r] = m.errors.WithLabelValues(r) // present at 0 from the start, so rate() sees the first error
 	}
 	return m
@@ -294,9 +296,12 @@ func errorReason(r *http.Request, err error) string {
 func (m *metrics) countErrors(f *Forwarder) {
 	handle := f.rp.ErrorHandler
 	f.rp.ErrorHandler = func(w http.ResponseWriter, r *http.Request, err error) {
-		m.errs[errorReason(r, err)].Inc()
+		if !lost(r) { // counted by streamLost
+			m.errs[errorReason(r, err)].Inc()
+		}
 		handle(w, r, err)
 	}
+	f.streamLost = m.errs[reasonStreamLost].Inc
 }
 
 // countedRule counts the requests a rule answers and the responses it claims. Name, and anything else of the

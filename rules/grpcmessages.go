@@ -88,6 +88,7 @@ var ownMessages = []string{
 	"etcd-proxy-proxy: upstream timed out",
 	"etcd-proxy-proxy: unable to get a response from the upstream",
 	"etcd-proxy-proxy: upstream response header too large",
+	"etcd-proxy-proxy: the upstream connection was lost; retry", // proxy/streams.go
 	"etcd-proxy-proxy: this client has no upstream identity (--upstream-identity=strict): " +
 		"present a certificate whose common name has a pair in --upstream-cert-dir", // proxy/identity.go
 }

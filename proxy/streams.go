@@ -1,0 +1,221 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
+)
+
+// Streams whose upstream goes away end for the client (contract rule 6): a gRPC stream with Unavailable and
+// msgUpstreamLost in clean trailers, a v2 long poll or stream watch with the end of its response (or 502 before
+// its headers). etcd's clients re-establish them by themselves, to the proxy, which picks an available endpoint;
+// resuming a watch inside the proxy belongs with watch fan-out, which will hold one upstream watch per key range.
+//
+// Two things kept a stream open after its upstream connection was gone:
+//   - net/http's HTTP/2 client stops a stream by closing the request body it is copying upstream, but
+//     httputil.ReverseProxy hands it the client's body behind a no-op Close: the copy went on waiting for the
+//     client's next message, and the response was never ended. streamBody gives the transport a Close that
+//     reaches the client's body.
+//   - HTTP/1.1 has no ping: an upstream that stops answering without closing (a stopped process, a host gone)
+//     leaves a v2 long poll waiting for ever. liveChecks asks the endpoint of such streams every
+//     --upstream-keepalive-time and ends them when no answer comes within --upstream-keepalive-timeout.
+
+// msgUpstreamLost is what a client reads when its stream ended because the upstream connection under it was lost.
+const msgUpstreamLost = "etcd-proxy-proxy: the upstream connection was lost; retry"
+
+// errUpstreamLost is the cause of a stream ended because its upstream stopped answering (liveChecks).
+var errUpstreamLost = errors.New("the upstream of a stream stopped answering")
+
+// Defaults of the upstream keep-alive: HTTP/2 pings (gRPC, and TLS upstreams that speak HTTP/2), and the
+// liveness checks of HTTP/1.1 streams.
+const (
+	DefaultUpstreamKeepAliveTime    = 30 * time.Second
+	DefaultUpstreamKeepAliveTimeout = 15 * time.Second
+)
+
+// lost reports whether r was ended because its upstream stopped answering.
+func lost(r *http.Request) bool { return errors.Is(context.Cause(r.Context()), errUpstreamLost) }
+
+// streamBody is the request body the transport sees for a gRPC stream: Close reaches the client's body, which
+// for net/http's HTTP/2 server stops a Read in progress.
+type streamBody struct {
+	io.ReadCloser           // what ReverseProxy handed the transport (its no-op closer around the client's body)
+	in            io.Closer // the client's body
+}
+
+func (b *streamBody) Close() error {
+	_ = b.ReadCloser.Close()
+	return b.in.Close()
+}
+
+// closableBody returns the client's body of a stream when closing it is safe while a Read waits: an HTTP/2
+// server's body (HTTP/1's Close would wait to drain it). Nil otherwise.
+func closableBody(r *http.Request) io.Closer {
+	if r.ProtoMajor != 2 || r.Body == nil || r.Body == http.NoBody || !rules.IsGRPC(r) {
+		return nil
+	}
+	return r.Body
+}
+
+// upstreamLost ends a stream whose upstream went away: the endpoint is avoided for --proxy-failure-wait (the
+// probe brings it back sooner), so that the client's new stream goes elsewhere — unless only the stream's own
+// read timed out (--proxy-read-timeout), which says nothing about the endpoint. The first stream to find the
+// endpoint gone logs a warning, the others (a member may have carried thousands) only at debug level.
+func (st *streamState) upstreamLost(r *http.Request, err error) {
+	if st.f == nil {
+		return
+	}
+	first := true
+	var nerr net.Error
+	if e := st.endpoint(); e != nil && (lost(r) || !errors.As(err, &nerr) || !nerr.Timeout()) {
+		first = e.available(time.Now().UnixNano())
+		st.f.endpoints.failed(e)
+	}
+	if st.f.streamLost != nil {
+		st.f.streamLost()
+	}
+	level := slog.LevelDebug
+	if first {
+		level = slog.LevelWarn
+	}
+	st.f.log.Log(r.Context(), level, "stream ended: its upstream connection was lost", "method", r.Method, "path", r.URL.Path, "err", err)
+}
+
+// useEndpoint records the endpoint a stream's attempt goes to and, for streams without HTTP/2 pings, has its
+// liveness checked until the stream ends or goes elsewhere.
+func (st *streamState) useEndpoint(e *endpoint, check bool) {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.unwatch != nil {
+		st.unwatch()
+		st.unwatch = nil
+	}
+	st.ep = e
+	if check && st.f != nil && st.f.live != nil && st.cancel != nil {
+		st.unwatch = st.f.live.watch(e, st)
+	}
+}
+
+func (st *streamState) endpoint() *endpoint {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.ep
+}
+
+// end stops the liveness checks of a finished stream.
+func (st *streamState) end() {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.unwatch != nil {
+		st.unwatch()
+		st.unwatch = nil
+	}
+}
+
+// liveChecks checks the endpoints of HTTP/1.1 streams (v2 long polls and stream watches): one check per
+// endpoint every interval, shared by all its streams, and only while it has some. A check is GET /version,
+// which every etcd, stock proxy and proxy-proxy answers; any answer will do. None within timeout ends every
+// stream of the endpoint.
+type liveChecks struct {
+	f                 *Forwarder
+	interval, timeout time.Duration
+	mu                sync.Mutex
+	streams           map[*endpoint]map[*streamState]struct{}
+}
+
+func newLiveChecks(f *Forwarder, interval, timeout time.Duration) *liveChecks {
+	if interval <= 0 {
+		return nil
+	}
+	return &liveChecks{f: f, interval: interval, timeout: timeout, streams: map[*endpoint]map[*streamState]struct{}{}}
+}
+
+// watch adds st to e's streams and returns what removes it.
+func (l *liveChecks) watch(e *endpoint, st *streamState) func() {
+	l.mu.Lock()
+	set, ok := l.streams[e]
+	if !ok {
+		set = map[*streamState]struct{}{}
+		l.streams[e] = set
+		go l.run(e)
+	}
+	set[st] = struct{}{}
+	l.mu.Unlock()
+	return func() {
+		l.mu.Lock()
+		delete(set, st)
+		l.mu.Unlock()
+	}
+}
+
+// run checks e until it has no stream left.
+func (l *liveChecks) run(e *endpoint) {
+	t := time.NewTicker(l.interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-t.C:
+		case <-l.f.drain.Done():
+			l.mu.Lock()
+			delete(l.streams, e)
+			l.mu.Unlock()
+			return
+		}
+		l.mu.Lock()
+		if len(l.streams[e]) == 0 {
+			delete(l.streams, e)
+			l.mu.Unlock()
+			return
+		}
+		l.mu.Unlock()
+		err := l.check(e)
+		if err == nil {
+			continue
+		}
+		l.mu.Lock()
+		var ended []*streamState
+		for st := range l.streams[e] {
+			ended = append(ended, st)
+		}
+		l.mu.Unlock()
+		if len(ended) > 0 {
+			l.f.log.Warn("upstream endpoint stopped answering: its streams end", "streams", len(ended), "err", err)
+		}
+		for _, st := range ended {
+			st.cancel(errUpstreamLost)
+		}
+	}
+}
+
+func (l *liveChecks) check(e *endpoint) error {
+	ctx, cancel := context.WithTimeout(l.f.drain, l.timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, e.url.Scheme+"://"+e.url.Host+"/version", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := l.f.transportFor(req).RoundTrip(req)
+	if err != nil {
+		return err
+	}
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	return resp.Body.Close()
+}
+
+// serveGatewayCall serves a call of the JSON gateway (which comes back over the gateway's in-memory connection)
+// as ServeHTTP serves a client's: a stream ends when its upstream goes, and with a shutdown.
+func (f *Forwarder) serveGatewayCall(w http.ResponseWriter, r *http.Request) {
+	if drainable(r) {
+		var done func()
+		r, done = f.drainStream(w, r)
+		defer done()
+	}
+	f.rp.ServeHTTP(w, r)
+}
