@@ -382,6 +382,10 @@ func TestGuideHTTPSMigration(t *testing.T) {
 		restartMember(t, ctx, m)
 		waitLeader(t, ctx, c)
 		t.Logf("%s %s: back under a leader %v after its stop", step, m.Name, time.Since(t0).Round(time.Millisecond))
+		// The hosts' etcdctl lines answer the same at every step.
+		for _, cmd := range g.etcdctl() {
+			runGuideEtcdctl(t, ctx, dir, cmd)
+		}
 	}
 	certs := map[string]harness.TLSFiles{}
 	for _, m := range c.Members {
@@ -501,6 +505,28 @@ func TestGuideHTTPSMigration(t *testing.T) {
 		return len(m) == len(want) && !slices.Contains(m, false), fmt.Sprintf("upstream_healthy: %v", m)
 	})
 	for _, cmd := range g.etcdctl() {
+		runGuideEtcdctl(t, ctx, dir, cmd)
+	}
+
+	// The README's last step, for the proxy's next start: the same drop-in with https in
+	// ETCD_PROXY_PROXY_UPSTREAM. A second proxy started from it serves the same commands.
+	next := slices.Clone(env)
+	for i, kv := range next {
+		if strings.HasPrefix(kv, "ETCD_PROXY_PROXY_UPSTREAM=") {
+			next[i] = strings.ReplaceAll(kv, "http://", "https://")
+		}
+	}
+	listen2, legacy2, metrics2 := closedAddr(t), closedAddr(t), closedAddr(t)
+	r2 := strings.NewReplacer(listen, listen2, legacyListen, legacy2, metricsAddr, metrics2)
+	for i, kv := range next {
+		next[i] = r2.Replace(kv)
+	}
+	startGuideProxy(t, ctx, dir, nil, next, "http://"+listen2, nil)
+	for _, cmd := range g.etcdctl() {
+		cmd.line = r2.Replace(cmd.line)
+		for i, w := range cmd.want {
+			cmd.want[i] = r2.Replace(w)
+		}
 		runGuideEtcdctl(t, ctx, dir, cmd)
 	}
 }
