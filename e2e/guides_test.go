@@ -276,9 +276,9 @@ func TestGuideSecureCluster(t *testing.T) {
 
 // TestGuideHTTPSMigration replays "Enabling HTTPS in an existing cluster": a plain cluster whose members also
 // listen on a plain local port (the guide's 127.0.0.1:4001), the proxy started once from the README's drop-in
-// (with --proxy-refresh-interval 500 ms), then each member migrated as the guide says — certificates configured
-// (restart), peer URL to https (member update, restart with https peer and client URLs), and at the end its
-// plain listener closed (restart) — under a load through the proxy: two v2 writers, a v3 writer, an etcdctl
+// (with --proxy-refresh-interval 500 ms), then each member migrated as the guide says — peer URL to https
+// (member update), then a restart with https peer and client URLs, and at the end its plain listener closed
+// (restart) — under a load through the proxy: two v2 writers, a v3 writer, an etcdctl
 // watch (v3) and a v2 long-poll watcher. Measured: every acknowledged write stored once, each watcher saw every
 // event, the longest pause without an acknowledgement, and the proxy talking https to every member without a
 // restart or a reload.
@@ -288,16 +288,23 @@ func TestGuideHTTPSMigration(t *testing.T) {
 	g := readGuide(t, "Enabling HTTPS in an existing cluster")
 	e := harness.NewTestEnv(t)
 
-	// Every member gets its plain local port (the guide's 4001) from the start.
+	// Every member gets its plain local port (the guide's 4001) and, from the start, the guide's 30-certs.conf:
+	// TLS files and client-certificate auth, the URLs still plain. (That step is a restart of each member like
+	// the later ones; it is applied at start to keep the test short.)
 	var mu sync.Mutex
 	legacy := map[string]string{} // member name → "http://127.0.0.1:PORT"
+	certs := map[string]harness.TLSFiles{}
 	c, err := e.StartCluster(ctx, harness.WithMemberConfig(func(m *harness.Member, cfg *embed.Config) {
 		mu.Lock()
 		defer mu.Unlock()
 		if legacy[m.Name] == "" {
 			legacy[m.Name] = "http://" + closedAddr(t)
+			certs[m.Name] = issueCert(t, e.PKI.Cluster, "guide-"+m.Name)
 		}
 		cfg.ListenClientUrls = append(cfg.ListenClientUrls, types.MustNewURLs([]string{legacy[m.Name]})...)
+		info := certs[m.Name].TLSInfo()
+		info.ClientCertAuth = true
+		cfg.ClientTLSInfo, cfg.PeerTLSInfo = info, info
 	}))
 	if err != nil {
 		t.Fatal(err)
@@ -387,19 +394,7 @@ func TestGuideHTTPSMigration(t *testing.T) {
 			runGuideEtcdctl(t, ctx, dir, cmd)
 		}
 	}
-	certs := map[string]harness.TLSFiles{}
-	for _, m := range c.Members {
-		certs[m.Name] = issueCert(t, e.PKI.Cluster, "guide-"+m.Name)
-	}
-	// 1. The guide's 30-certs.conf: TLS files and client-certificate auth, the URLs still plain.
-	for _, m := range c.Members {
-		migrate("certificates", m, nil, func(cfg *embed.Config) {
-			info := certs[m.Name].TLSInfo()
-			info.ClientCertAuth = true
-			cfg.ClientTLSInfo, cfg.PeerTLSInfo = info, info
-		})
-	}
-	// 2. Per member: its peer URL to https (member update, on a member's local port as the guide does), then
+	// 1. Per member: its peer URL to https (member update, on a member's local port as the guide does), then
 	// its 40-tls.conf: client and peer URLs on https, the local port kept.
 	for _, m := range c.Members {
 		id := types.ID(m.ID).String()
@@ -420,7 +415,7 @@ func TestGuideHTTPSMigration(t *testing.T) {
 			cfg.AdvertisePeerUrls = types.MustNewURLs([]string{peer})
 		})
 	}
-	// 3. The plain local ports closed: only https is left.
+	// 2. The plain local ports closed: only https is left.
 	for _, m := range c.Members {
 		migrate("plain port closed", m, nil, func(cfg *embed.Config) {
 			cfg.ListenClientUrls = cfg.AdvertiseClientUrls
