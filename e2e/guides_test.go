@@ -24,6 +24,7 @@ import (
 	"go.etcd.io/etcd/server/v3/embed"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
 )
 
 // The guides of README.md ("## Guides") replayed end to end: the proxy is the real binary started with the
@@ -733,3 +734,36 @@ func scrapeHealthy(ctx context.Context, u string) []bool {
 }
 
 var _ io.Writer = (*syncBuffer)(nil)
+
+// TestGuideOldDropIn: after the migration, a proxy started from the drop-in as it was before (http:// seeds, the
+// members now on https on the same ports) still finds the members: a member closes a plain connection to its
+// TLS port, and discovery then asks it over https. Without that, every request fails (502) until someone edits
+// the drop-in.
+func TestGuideOldDropIn(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 30*time.Second)
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx, harness.WithTLS())
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := c.Endpoint()
+	for i, u := range old.URLs {
+		old.URLs[i] = strings.Replace(u, "https://", "http://", 1)
+	}
+	p, err := e.StartProxyProxy(ctx, old, harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
+		cfg.DiscoverMembers = true
+		cfg.RefreshInterval = -1 // once, at start: what is found then is what is used
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	base := p.Endpoint.URLs[0]
+	cl := &http.Client{Timeout: 5 * time.Second}
+	if code, body := do(ctx, cl, http.MethodPut, base+"/v2/keys/guide-old-drop-in", "value=1"); code/100 != 2 {
+		t.Fatalf("PUT through a proxy started with the old http seeds: %d %s", code, body)
+	}
+	if code, body := do(ctx, cl, http.MethodGet, base+"/v2/keys/guide-old-drop-in?quorum=true", ""); code != http.StatusOK {
+		t.Errorf("GET through a proxy started with the old http seeds: %d %s", code, body)
+	}
+}

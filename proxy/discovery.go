@@ -188,6 +188,18 @@ func (d *discoverer) memberURLs(ctx context.Context, seeds []*url.URL) ([]*url.U
 	var errs *multierror.Error
 	for _, seed := range ask {
 		urls, err := d.askMembers(ctx, seed)
+		if err != nil && seed.Scheme == "http" && !unreached(err) && ctx.Err() == nil {
+			// Something listens there but did not answer plain HTTP: the member may have moved its client URLs
+			// to https on the same port (etcd's live migration to TLS) since the seed or the endpoint was
+			// written down. etcd's TLS listener just closes such a connection; net/http's answers 400. Ask it
+			// over https, verified as any upstream. Never the other way round: an https seed is not asked
+			// over http.
+			https := *seed
+			https.Scheme = "https"
+			if hurls, herr := d.askMembers(ctx, &https); herr == nil {
+				urls, err = hurls, nil
+			}
+		}
 		if err == nil {
 			return urls, nil
 		}
