@@ -778,3 +778,64 @@ func TestGuideOldDropIn(t *testing.T) {
 		t.Errorf("GET through a proxy started with the old http seeds: %d %s", code, body)
 	}
 }
+
+// TestGuideSchemeChangeAdopted: with the default --proxy-refresh-interval (30 s), a member that restarts with its
+// client URL moved from http to https on the same port is adopted within moments: the probe finds the old URL
+// unreachable, and discovery looks again at once instead of at the next interval. Without that the proxy has
+// no usable endpoint for up to 30 s when every member moves within one interval (here: the only one).
+func TestGuideSchemeChangeAdopted(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 40*time.Second)
+	e := harness.NewTestEnv(t)
+	var server harness.TLSFiles
+	c, err := e.StartCluster(ctx, harness.WithMembers(1), harness.WithMemberConfig(func(m *harness.Member, cfg *embed.Config) {
+		if server.IsZero() {
+			server = issueCert(t, e.PKI.Cluster, "guide-scheme-"+m.Name)
+		}
+		info := server.TLSInfo()
+		info.ClientCertAuth = true
+		cfg.ClientTLSInfo = info
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := c.Members[0]
+	ep := c.Endpoint()
+	ep.TLS = issueCert(t, e.PKI.Cluster, "guide-scheme-proxy", harness.ClientAuth())
+	p, err := e.StartProxyProxy(ctx, ep, harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
+		cfg.DiscoverMembers = true
+		cfg.RefreshInterval = proxy.DefaultRefreshInterval
+		cfg.UpstreamHealthInterval = 250 * time.Millisecond
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := p.Endpoint.URLs[0] + "/v2/keys/guide-scheme"
+	cl := &http.Client{Timeout: 2 * time.Second}
+	if code, body := do(ctx, cl, http.MethodPut, key, "value=1"); code/100 != 2 {
+		t.Fatalf("PUT through the proxy: %d %s", code, body)
+	}
+	stopMember(t, ctx, m)
+	https := strings.Replace(m.ClientURL, "http://", "https://", 1)
+	m.Reconfigure(func(cfg *embed.Config) {
+		cfg.ListenClientUrls = types.MustNewURLs([]string{https})
+		cfg.AdvertiseClientUrls = cfg.ListenClientUrls
+	})
+	restartMember(t, ctx, m)
+	back := time.Now()
+	var last string
+	for {
+		code, body := do(ctx, cl, http.MethodGet, key+"?quorum=true", "")
+		if code == http.StatusOK {
+			break
+		}
+		last = fmt.Sprintf("%d %s", code, body)
+		if time.Since(back) > 5*time.Second {
+			t.Fatalf("no answer through the proxy within 5 s of the member serving on https (refresh interval %v; last: %s)",
+				proxy.DefaultRefreshInterval, last)
+		}
+		pause(ctx, 50*time.Millisecond)
+	}
+	t.Logf("first answer through the proxy %v after the member served on https (last failure: %s)",
+		time.Since(back).Round(time.Millisecond), last)
+}
