@@ -277,7 +277,7 @@ func TestGuideSecureCluster(t *testing.T) {
 
 // TestGuideHTTPSMigration replays "Enabling HTTPS in an existing cluster": a plain cluster whose members also
 // listen on a plain local port (the guide's 127.0.0.1:4001), the proxy started once from the README's drop-in
-// (with --proxy-refresh-interval 500 ms), then each member migrated as the guide says — peer URL to https
+// (its defaults: --proxy-refresh-interval 30 s, the probe every 5 s), then each member migrated as the guide says — peer URL to https
 // (member update), then a restart with https peer and client URLs, and at the end its plain listener closed
 // (restart) — under a load through the proxy: two v2 writers, a v3 writer, an etcdctl
 // watch (v3) and a v2 long-poll watcher. Measured: every acknowledged write stored once, each watcher saw every
@@ -325,9 +325,10 @@ func TestGuideHTTPSMigration(t *testing.T) {
 	if len(g.env) == 0 {
 		t.Fatal("README.md: the guide has no drop-in")
 	}
-	// The test's own settings: a short refresh, a probe to see every endpoint healthy, the log of discovery.
-	env := append(slices.Clone(g.env), "ETCD_PROXY_PROXY_PROXY_REFRESH_INTERVAL=500",
-		"ETCD_PROXY_PROXY_UPSTREAM_HEALTH_INTERVAL=250ms", "ETCD_PROXY_PROXY_LISTEN_METRICS_URLS=http://"+metricsAddr,
+	// The test's own settings: metrics, to see every endpoint probed healthy, and the log of discovery. The
+	// refresh interval and the probe keep their defaults: the migration is faster than one 30 s interval, so
+	// the proxy must look again when a member stops answering (discovery.go refreshSoon), not only every 30 s.
+	env := append(slices.Clone(g.env), "ETCD_PROXY_PROXY_LISTEN_METRICS_URLS=http://"+metricsAddr,
 		"ETCD_PROXY_PROXY_LOG_LEVEL=info")
 	base := "http://" + listen
 	p := startGuideProxy(t, ctx, dir, nil, env, base, nil)
@@ -504,10 +505,14 @@ func TestGuideHTTPSMigration(t *testing.T) {
 		}
 	}
 	slices.Sort(want)
-	if got := lastEndpoints(p.out.String()); !slices.Equal(got, want) {
-		t.Errorf("the proxy's endpoints after the migration: %v, want %v (the members' https URLs)", got, want)
-	}
-	eventually(t, ctx, "every upstream endpoint healthy over https", func() (bool, string) {
+	// Discovery logs every change of the list; the probe then finds each endpoint healthy over TLS.
+	actx, cancel := context.WithTimeout(ctx, 7*time.Second)
+	defer cancel()
+	eventually(t, actx, "the proxy's endpoints to be the members' https URLs", func() (bool, string) {
+		got := lastEndpoints(p.out.String())
+		return slices.Equal(got, want), fmt.Sprintf("logged last: %v, want %v", got, want)
+	})
+	eventually(t, actx, "every upstream endpoint probed healthy over https", func() (bool, string) {
 		m := scrapeHealthy(ctx, "http://"+metricsAddr+"/metrics")
 		return len(m) == len(want) && !slices.Contains(m, false), fmt.Sprintf("upstream_healthy: %v", m)
 	})
