@@ -138,7 +138,7 @@ func (g guide) proxyArgs(t *testing.T) []string {
 }
 
 var (
-	maskID   = regexp.MustCompile(`\b[0-9a-f]{16}\b`)
+	maskID   = regexp.MustCompile(`\b[0-9a-f]{8,16}\b`) // etcdctl v2 prints IDs without leading zeros
 	maskTook = regexp.MustCompile(`took = \S+`)
 )
 
