@@ -96,6 +96,17 @@ func readGuide(t *testing.T, title string) guide {
 	if !found || len(g.cmds) == 0 {
 		t.Fatalf("README.md: no guide %q with commands", title)
 	}
+	// Every command is run by the test (systemctl: the test starts the binary with the drop-in's environment),
+	// so that none can go untested.
+	for _, c := range g.cmds {
+		f := strings.Fields(c.line)
+		for len(f) > 1 && strings.Contains(f[0], "=") {
+			f = f[1:]
+		}
+		if !slices.Contains([]string{"etcdctl", "etcd-proxy-proxy", "systemctl"}, f[0]) {
+			t.Fatalf("README.md, guide %q: the test does not run %q", title, c.line)
+		}
+	}
 	return g
 }
 
@@ -116,7 +127,7 @@ func (g guide) subst(pairs ...string) guide {
 	return out
 }
 
-// etcdctl returns the guide's etcdctl commands; proxy the arguments of its etcd-proxy-proxy command, if any.
+// etcdctl returns the guide's etcdctl commands.
 func (g guide) etcdctl() (cmds []guideCmd) {
 	for _, c := range g.cmds {
 		if slices.Contains(strings.Fields(c.line), "etcdctl") {
@@ -126,6 +137,7 @@ func (g guide) etcdctl() (cmds []guideCmd) {
 	return cmds
 }
 
+// proxyArgs returns the arguments of the guide's etcd-proxy-proxy command.
 func (g guide) proxyArgs(t *testing.T) []string {
 	t.Helper()
 	for _, c := range g.cmds {
