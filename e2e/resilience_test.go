@@ -261,6 +261,8 @@ type writer struct {
 	name string // also the prefix of its values
 	base string
 	cl   *http.Client
+	// pace is a pause after each write; zero writes back to back.
+	pace time.Duration
 	acks []ack
 	errs []writeErr
 }
@@ -313,11 +315,13 @@ func (w *writer) run(ctx context.Context, dir string, done <-chan struct{}) {
 			what = err.Error()
 		case resp.StatusCode/100 == 2:
 			w.acks = append(w.acks, ack{value, call, ret})
+			pause(ctx, w.pace)
 			continue
 		default:
 			what = fmt.Sprintf("%d %s", resp.StatusCode, strings.TrimSpace(string(body)))
 		}
 		w.errs = append(w.errs, writeErr{call, ret, what})
+		pause(ctx, w.pace)
 	}
 }
 
@@ -547,6 +551,9 @@ func doResp(ctx context.Context, cl *http.Client, method, u, body string) (*http
 
 // pause lets time pass (load run, polling interval); it ends early with ctx.
 func pause(ctx context.Context, d time.Duration) {
+	if d <= 0 {
+		return
+	}
 	select {
 	case <-ctx.Done():
 	case <-time.After(d):

@@ -29,6 +29,7 @@ type clusterConfig struct {
 	members  int
 	tls      bool
 	certOpts []CertOption
+	configs  []func(*Member, *embed.Config)
 }
 
 // WithMembers sets the number of members (default 3).
@@ -40,6 +41,13 @@ func WithMembers(n int) ClusterOption {
 // negative test). Implies nothing about TLS: combine with WithTLS.
 func WithMemberCertOptions(opts ...CertOption) ClusterOption {
 	return clusterOptionFunc(func(c *clusterConfig) { c.certOpts = append(c.certOpts, opts...) })
+}
+
+// WithMemberConfig changes every member's configuration after the harness has filled it in, at the first start
+// and at every Restart: an extra client listener (etcd's legacy plain-HTTP port 4001, say). It must not change
+// the first advertised client or peer URL at the first start: the harness names members by the IDs those give.
+func WithMemberConfig(f func(*Member, *embed.Config)) ClusterOption {
+	return clusterOptionFunc(func(c *clusterConfig) { c.configs = append(c.configs, f) })
 }
 
 // Cluster is a set of embedded etcd members started together.
@@ -182,6 +190,9 @@ func (c *Cluster) start(ctx context.Context, cfg clusterConfig, dir string) erro
 			m.TLS = f
 		}
 		m.config = memberConfig(m, c.Token, strings.Join(initial, ","), cfg.tls)
+		for _, f := range cfg.configs {
+			m.Reconfigure(func(ec *embed.Config) { f(m, ec) })
+		}
 		members[i] = m
 	}
 	var started []*Member
@@ -373,8 +384,24 @@ func (m *Member) Stop(ctx context.Context) error {
 	}
 }
 
-// Restart starts a stopped member again with the same directory, ports and certificate, and waits until it
-// serves. The other members must be able to form a quorum with it.
+// Reconfigure adds f to the member's configuration from its next (re)start on, after the changes made before: an
+// operator's drop-in and restart, such as client and peer URLs moving to https with the TLS files to serve them.
+// Call it while the member is stopped, and from one goroutine: Restart then sets ClientURL and PeerURL to the
+// first advertised client and peer URL of the new configuration (they are plain fields, read without a lock).
+// A changed peer URL must be told to the cluster too (member update), as etcd requires.
+func (m *Member) Reconfigure(f func(*embed.Config)) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	base := m.config
+	m.config = func() *embed.Config {
+		cfg := base()
+		f(cfg)
+		return cfg
+	}
+}
+
+// Restart starts a stopped member again with the same directory, ports and certificate (or what Reconfigure
+// changed), and waits until it serves. The other members must be able to form a quorum with it.
 func (m *Member) Restart(ctx context.Context) error {
 	ctx, cancel := withDefaultTimeout(ctx, DefaultStartTimeout)
 	defer cancel()
@@ -383,12 +410,15 @@ func (m *Member) Restart(ctx context.Context) error {
 		m.mu.Unlock()
 		return fmt.Errorf("harness: restart %s: still running", m.Name)
 	}
+	config := m.config
 	m.mu.Unlock()
 	var ee *embed.Etcd
 	var err error
+	var cfg *embed.Config
 	// The old listeners may linger for a moment after Close; retry the bind until the deadline.
 	for {
-		ee, err = embed.StartEtcd(m.config())
+		cfg = config()
+		ee, err = embed.StartEtcd(cfg)
 		if err == nil || !isAddrInUse(err) {
 			break
 		}
@@ -407,6 +437,12 @@ func (m *Member) Restart(ctx context.Context) error {
 	}
 	m.mu.Lock()
 	m.etcd = ee
+	if len(cfg.AdvertiseClientUrls) > 0 {
+		m.ClientURL = cfg.AdvertiseClientUrls[0].String()
+	}
+	if len(cfg.AdvertisePeerUrls) > 0 {
+		m.PeerURL = cfg.AdvertisePeerUrls[0].String()
+	}
 	m.mu.Unlock()
 	return nil
 }

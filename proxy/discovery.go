@@ -46,7 +46,13 @@ type discoverer struct {
 	interval time.Duration
 	// timeout bounds each SRV lookup and each member list request.
 	timeout time.Duration
+	// kick asks run for a refresh before the interval is over (refreshSoon).
+	kick chan struct{}
 }
+
+// kickGap is the least time between a refresh and one asked for by refreshSoon: an endpoint that is simply down
+// (every request and every probe finds it so) costs at most one member list request a second.
+const kickGap = time.Second
 
 // discoverFirst runs the first discovery (Start); without discovery configured it does nothing. Nothing found
 // by SRV is an error; a member list that cannot be had is not: requests go to the seeds until a refresh gets one.
@@ -74,28 +80,54 @@ func (s *Server) discoverFirst() error {
 	d.client = &http.Client{Transport: t, Timeout: d.timeout,
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	s.discovery = d
+	if d.interval > 0 {
+		// An endpoint found unreachable may be a member that restarted on other URLs — in etcd's live migration
+		// to TLS, its client URLs move from http to https: look again then rather than at the next interval,
+		// which would leave the proxy without a usable endpoint if every member moved within one interval.
+		d.kick = make(chan struct{}, 1)
+		s.forwarder.endpoints.troubled = d.refreshSoon
+	}
 	if err := d.refresh(context.Background(), true); err != nil {
 		return fmt.Errorf("discovery: %w", err)
 	}
 	return nil
 }
 
-// run refreshes every interval until ctx is done. A refresh that fails keeps the endpoints as they are.
+// run refreshes every interval, and soon after refreshSoon (at most one such refresh per kickGap), until ctx is
+// done. A refresh that fails keeps the endpoints as they are.
 func (d *discoverer) run(ctx context.Context) {
 	if d.interval <= 0 {
 		return
 	}
 	t := time.NewTicker(d.interval)
 	defer t.Stop()
+	last := time.Now()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-d.kick:
+			if wait := time.Until(last.Add(kickGap)); wait > 0 {
+				select {
+				case <-ctx.Done():
+					return
+				case <-time.After(wait):
+				}
+			}
 		}
+		last = time.Now()
 		if err := d.refresh(ctx, false); err != nil && ctx.Err() == nil {
 			d.log.Warn("discovery: refresh failed; the upstream endpoints stay as they are", "err", err)
 		}
+	}
+}
+
+// refreshSoon asks run for a refresh now; it never blocks (a refresh already asked for covers this one).
+func (d *discoverer) refreshSoon() {
+	select {
+	case d.kick <- struct{}{}:
+	default:
 	}
 }
 
@@ -188,6 +220,18 @@ func (d *discoverer) memberURLs(ctx context.Context, seeds []*url.URL) ([]*url.U
 	var errs *multierror.Error
 	for _, seed := range ask {
 		urls, err := d.askMembers(ctx, seed)
+		if err != nil && seed.Scheme == "http" && !unreached(err) && ctx.Err() == nil {
+			// Something listens there but did not answer plain HTTP: the member may have moved its client URLs
+			// to https on the same port (etcd's live migration to TLS) since the seed or the endpoint was
+			// written down. etcd's TLS listener just closes such a connection; net/http's answers 400. Ask it
+			// over https, verified as any upstream. Never the other way round: an https seed is not asked
+			// over http.
+			https := *seed
+			https.Scheme = "https"
+			if hurls, herr := d.askMembers(ctx, &https); herr == nil {
+				urls, err = hurls, nil
+			}
+		}
 		if err == nil {
 			return urls, nil
 		}

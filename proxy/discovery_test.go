@@ -196,6 +196,66 @@ func TestDiscoverMembersSeedDown(t *testing.T) {
 	}
 }
 
+// TestDiscoverMembersSeedMovedToHTTPS: a seed written http:// whose port now serves only TLS (a member migrated
+// to https, the proxy's configuration not yet) is asked again over https, and its member list is used; an https
+// seed is never asked over plain http.
+func TestDiscoverMembersSeedMovedToHTTPS(t *testing.T) {
+	t.Parallel()
+	m1 := discUpstream(t, "m1", true)
+	seed := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.WriteString(w, `{"members":[{"ID":"1","name":"m1","clientURLs":["`+m1.URL+`"]}]}`)
+	}))
+	t.Cleanup(seed.Close)
+	stale := strings.Replace(seed.URL, "https://", "http://", 1)
+	s, proxyURL := startDiscProxy(t, Config{Upstreams: []string{stale}, DiscoverMembers: true, RefreshInterval: -1,
+		UpstreamTLS: TLSInfo{InsecureSkipVerify: true}}, io.Discard)
+	if diff := cmp.Diff([]string{m1.URL}, discEndpoints(s)); diff != "" {
+		t.Fatalf("endpoints (-want +got):\n%s", diff)
+	}
+	if got := discAsk(t, proxyURL); got != "m1" {
+		t.Errorf("answer from %q, want m1", got)
+	}
+
+	var plainAsked atomic.Bool
+	plain := httptest.NewServer(http.HandlerFunc(func(http.ResponseWriter, *http.Request) { plainAsked.Store(true) }))
+	t.Cleanup(plain.Close)
+	logs := &discLog{}
+	startDiscProxy(t, Config{Upstreams: []string{strings.Replace(plain.URL, "http://", "https://", 1)},
+		DiscoverMembers: true, RefreshInterval: -1, UpstreamTLS: TLSInfo{InsecureSkipVerify: true}}, logs)
+	if plainAsked.Load() {
+		t.Error("an https seed was asked over plain http")
+	}
+}
+
+// TestDiscoverMembersRefreshOnTrouble: an endpoint found unreachable makes discovery look again at once, not at
+// the next interval (an hour here): its member may have come back on other URLs.
+func TestDiscoverMembersRefreshOnTrouble(t *testing.T) {
+	t.Parallel()
+	m1, m2 := discUpstream(t, "m1", false), discUpstream(t, "m2", false)
+	var list atomic.Value
+	list.Store(m1.URL)
+	seed := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.WriteString(w, `{"members":[{"ID":"1","name":"m","clientURLs":["`+list.Load().(string)+`"]}]}`)
+	}))
+	t.Cleanup(seed.Close)
+	s, proxyURL := startDiscProxy(t, Config{Upstreams: []string{seed.URL}, DiscoverMembers: true,
+		RefreshInterval: time.Hour}, io.Discard)
+	if diff := cmp.Diff([]string{m1.URL}, discEndpoints(s)); diff != "" {
+		t.Fatalf("endpoints (-want +got):\n%s", diff)
+	}
+	list.Store(m2.URL) // the member moved
+	m1.Close()         // and its old URL is gone
+	if got := discAsk(t, proxyURL); got == "m2" {
+		t.Fatalf("answer from m2 before anything was found unreachable")
+	}
+	discWait(t, "the endpoints to follow the member list after a request found m1 unreachable", func() bool {
+		return slices.Equal(discEndpoints(s), []string{m2.URL})
+	})
+	if got := discAsk(t, proxyURL); got != "m2" {
+		t.Errorf("answer from %q, want m2", got)
+	}
+}
+
 // TestDiscoverSRVMembers: with both, the SRV records name the seeds and their member list the endpoints.
 func TestDiscoverSRVMembers(t *testing.T) {
 	dns := startDiscDNS(t)

@@ -44,6 +44,9 @@ type endpointSet struct {
 	failureWait time.Duration
 	// removed, if set, is told the endpoints that set dropped (their idle connections can go).
 	removed func([]*url.URL)
+	// troubled, if set, is told that an endpoint was found unreachable — by a request or by the probe — so
+	// that discovery looks again at once: its member may have come back on other URLs (discovery.go).
+	troubled func()
 }
 
 func newEndpointSet(urls []*url.URL, failureWait time.Duration) *endpointSet {
@@ -107,6 +110,14 @@ func (s *endpointSet) set(urls []*url.URL) (changed bool) {
 // failed marks e as unreachable for the failure wait.
 func (s *endpointSet) failed(e *endpoint) {
 	e.failedUntil.Store(time.Now().Add(s.failureWait).UnixNano())
+	s.trouble()
+}
+
+// trouble tells troubled, if set, that an endpoint was found unreachable.
+func (s *endpointSet) trouble() {
+	if s.troubled != nil {
+		s.troubled()
+	}
 }
 
 // order returns the endpoints in the order a request tries them: the connection's pinned endpoint if it is

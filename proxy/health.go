@@ -253,6 +253,7 @@ func (p *prober) round(ctx context.Context) {
 			} else {
 				p.m.upstream.WithLabelValues(label).Set(0)
 				p.m.probeFails.WithLabelValues(label).Inc()
+				p.endpoints.trouble()
 			}
 		})
 	}
