@@ -59,6 +59,13 @@ var grpcGoMessages = []string{
 	"cardinality violation: received multiple request messages for non-client-streaming RPC",
 }
 
+// raftMessages are the raft library's errors that etcd passes to clients as they are (a proposal dropped while a
+// member stops or has no leader: code Unknown). The generator reads etcd's modules, not raft's.
+var raftMessages = []string{
+	"raft proposal dropped", // raft.ErrProposalDropped
+	"raft: stopped",         // raft.ErrStopped
+}
+
 // grpcMessagePatterns are grpc-go's texts with a variable part that cannot name a host: sizes, and HTTP/2 error
 // code names.
 var grpcMessagePatterns = []*regexp.Regexp{
@@ -126,7 +133,7 @@ var withheldPattern = regexp.MustCompile(`^etcd-proxy-proxy: upstream error \((?
 // knownGRPCMessages holds every fixed text that passes.
 var knownGRPCMessages = func() map[string]bool {
 	known := make(map[string]bool, len(etcdMessages)+len(grpcGoMessages)+len(ownMessages)+40)
-	for _, list := range [][]string{etcdMessages, grpcGoMessages, ownMessages} {
+	for _, list := range [][]string{etcdMessages, raftMessages, grpcGoMessages, ownMessages} {
 		for _, m := range list {
 			known[m] = true
 		}

@@ -14,6 +14,7 @@ import (
 
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
+	"go.etcd.io/etcd/raft/v3"
 	"google.golang.org/protobuf/encoding/protowire"
 )
 
@@ -163,6 +164,7 @@ func TestGRPCStatusBypasses(t *testing.T) {
 func TestKnownGRPCMessages(t *testing.T) {
 	t.Parallel()
 	for _, err := range []error{
+		raft.ErrProposalDropped, raft.ErrStopped, // passed on by etcd as they are when a member stops
 		rpctypes.ErrGRPCEmptyKey, rpctypes.ErrGRPCKeyNotFound, rpctypes.ErrGRPCValueProvided, rpctypes.ErrGRPCLeaseProvided,
 		rpctypes.ErrGRPCTooManyOps, rpctypes.ErrGRPCDuplicateKey,
 		rpctypes.ErrGRPCCompacted, rpctypes.ErrGRPCFutureRev, rpctypes.ErrGRPCNoSpace,
