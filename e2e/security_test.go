@@ -211,12 +211,43 @@ func secDo(ctx context.Context, c *http.Client, base string, p secProbe) secResu
 		return secResult{err: err, dump: err.Error()}
 	}
 	defer resp.Body.Close()
+	if p.stream {
+		b, all, open, rerr := readStream(ctx, resp.Body)
+		res := secResult{status: resp.StatusCode, header: resp.Header, body: b, dump: dumpResponse(resp, all), open: open, err: rerr}
+		if rerr != nil {
+			res.dump += rerr.Error()
+		}
+		return res
+	}
 	b, rerr := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
-	open := p.stream && rerr != nil && ctx.Err() != nil
-	if rerr != nil && !open {
+	if rerr != nil {
 		return secResult{status: resp.StatusCode, header: resp.Header, body: b, err: rerr, dump: dumpResponse(resp, b) + rerr.Error()}
 	}
-	return secResult{status: resp.StatusCode, header: resp.Header, body: b, dump: dumpResponse(resp, b), open: open}
+	return secResult{status: resp.StatusCode, header: resp.Header, body: b, dump: dumpResponse(resp, b)}
+}
+
+// readStream reads a streamed answer until it ends or ctx does: open reports the latter. before is what came
+// before ctx ended, all is every byte read (for the leak check). What a read returns after the deadline may be
+// the server's answer to the client's own hang-up: closing a TLS connection sends close_notify before the
+// socket closes, the server sees its client go and ends the stream ("context canceled" and a clean end), and
+// the client can still read that, which net/http then returns as io.EOF, not as the cancellation.
+func readStream(ctx context.Context, r io.Reader) (before, all []byte, open bool, err error) {
+	buf := make([]byte, 32<<10)
+	for len(all) < 8<<20 {
+		n, rerr := r.Read(buf)
+		all = append(all, buf[:n]...)
+		if ctx.Err() != nil {
+			return before, all, true, nil
+		}
+		before = all
+		if rerr == io.EOF {
+			return before, all, false, nil
+		}
+		if rerr != nil {
+			return before, all, false, rerr
+		}
+	}
+	return before, all, false, nil
 }
 
 func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
