@@ -107,14 +107,13 @@ type v3Run struct {
 	version string
 }
 
-// v3Runs are every topology on v3.5.35 members, and the proxy-proxy alone on members of each newer line.
+// v3Runs are every topology on members of every version.
 func v3Runs() []v3Run {
 	var runs []v3Run
-	for _, topo := range v3Topologies {
-		runs = append(runs, v3Run{topo, ""})
-	}
-	for _, v := range harness.EtcdVersions {
-		runs = append(runs, v3Run{v3Topologies[0], v})
+	for _, v := range append([]string{""}, harness.EtcdVersions...) {
+		for _, topo := range v3Topologies {
+			runs = append(runs, v3Run{topo, v})
+		}
 	}
 	return runs
 }
