@@ -1,3 +1,4 @@
-// Package harness starts real etcd topologies for tests and for the demo: generated PKI, embedded members, the
-// stock v2 proxy and grpc-proxy, chains of proxies described as data, and the pinned etcdctl.
+// Package harness starts real etcd topologies for tests and for the demo: generated PKI, embedded members (or
+// etcd 3.6/3.7 members as processes), the stock v2 proxy and grpc-proxy, chains of proxies described as data,
+// and the pinned etcdctl.
 package harness
