@@ -12,10 +12,13 @@ all: lint test
 build:
 	$(GO) build -o $(BIN)/etcd-proxy-proxy ./cmd/etcd-proxy-proxy
 
-# The real etcd (members, stock v2 proxy, grpc-proxy) and etcdctl from the pinned v3.5.35 modules.
+# The real etcd (members, stock v2 proxy, grpc-proxy) and etcdctl from the pinned v3.5.35 modules; etcd-3.6
+# and etcd-3.7 (members of the newer lines, run as processes) from their own modules under tools/.
 tools:
 	$(GO) build -o $(BIN)/etcd go.etcd.io/etcd/server/v3
 	$(GO) build -o $(BIN)/etcdctl go.etcd.io/etcd/etcdctl/v3
+	cd tools/etcd36 && $(GO) build -o $(BIN)/etcd-3.6 go.etcd.io/etcd/server/v3
+	cd tools/etcd37 && $(GO) build -o $(BIN)/etcd-3.7 go.etcd.io/etcd/server/v3
 
 # The README's test command: unit, harness and golden end-to-end tests against real etcd. The end-to-end
 # tests run without -race: their embedded members race inside etcd itself (v2store stats JSON against atomic

@@ -40,8 +40,15 @@ type started struct {
 
 func start(t *testing.T, ctx context.Context, topo topology, tls bool) *started {
 	t.Helper()
+	return startVersion(t, ctx, topo, tls, "")
+}
+
+// startVersion is start on members of etcd version (one of harness.EtcdVersions, run as processes); ""
+// embeds v3.5.35 members.
+func startVersion(t *testing.T, ctx context.Context, topo topology, tls bool, version string) *started {
+	t.Helper()
 	e := harness.NewTestEnv(t)
-	r, err := e.Start(ctx, harness.Topology{Name: topo.name, Members: 3, TLS: tls, Hops: topo.hops(tls)})
+	r, err := e.Start(ctx, harness.Topology{Name: topo.name, Members: 3, TLS: tls, Version: version, Hops: topo.hops(tls)})
 	if err != nil {
 		t.Fatal(err)
 	}

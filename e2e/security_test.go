@@ -211,26 +211,62 @@ func secDo(ctx context.Context, c *http.Client, base string, p secProbe) secResu
 		return secResult{err: err, dump: err.Error()}
 	}
 	defer resp.Body.Close()
+	if p.stream {
+		b, all, open, rerr := readStream(ctx, resp.Body)
+		res := secResult{status: resp.StatusCode, header: resp.Header, body: b, dump: dumpResponse(resp, all), open: open, err: rerr}
+		if rerr != nil {
+			res.dump += rerr.Error()
+		}
+		return res
+	}
 	b, rerr := io.ReadAll(io.LimitReader(resp.Body, 8<<20))
-	open := p.stream && rerr != nil && ctx.Err() != nil
-	if rerr != nil && !open {
+	if rerr != nil {
 		return secResult{status: resp.StatusCode, header: resp.Header, body: b, err: rerr, dump: dumpResponse(resp, b) + rerr.Error()}
 	}
-	return secResult{status: resp.StatusCode, header: resp.Header, body: b, dump: dumpResponse(resp, b), open: open}
+	return secResult{status: resp.StatusCode, header: resp.Header, body: b, dump: dumpResponse(resp, b)}
+}
+
+// readStream reads a streamed answer until it ends or ctx does: open reports the latter. before is what came
+// before ctx ended, all is every byte read (for the leak check). What a read returns after the deadline may be
+// the server's answer to the client's own hang-up: closing a TLS connection sends close_notify before the
+// socket closes, the server sees its client go and ends the stream ("context canceled" and a clean end), and
+// the client can still read that, which net/http then returns as io.EOF, not as the cancellation.
+func readStream(ctx context.Context, r io.Reader) (before, all []byte, open bool, err error) {
+	buf := make([]byte, 32<<10)
+	for len(all) < 8<<20 {
+		n, rerr := r.Read(buf)
+		all = append(all, buf[:n]...)
+		if ctx.Err() != nil {
+			return before, all, true, nil
+		}
+		before = all
+		if rerr == io.EOF {
+			return before, all, false, nil
+		}
+		if rerr != nil {
+			return before, all, false, rerr
+		}
+	}
+	return before, all, false, nil
 }
 
 func b64(s string) string { return base64.StdEncoding.EncodeToString([]byte(s)) }
 
-// leakSetup writes what the probes read, directly on the members: v2 keys, and v3 revisions of "foo" of which
-// the first ones are compacted away. It returns the modified index of /leak/a (for a wait that answers at once).
+// leakSetup writes what the probes read, directly on the members: v2 keys (not on members of 3.6 and later,
+// which have no v2), and v3 revisions of "foo" of which the first ones are compacted away. It returns the
+// modified index of /leak/a (for a wait that answers at once).
 func leakSetup(t *testing.T, ctx context.Context, r *harness.Running) (waitIndex uint64) {
 	t.Helper()
 	members := r.Cluster.Endpoint()
 	c := httpClient(t, members)
 	base := members.URLs[0] + "/v2/keys"
-	for _, w := range []struct{ path, form string }{
-		{"/leak/a", "value=1"}, {"/leak/b", "value=2"}, {"/leak/del", "value=3"}, {"/leakdir/x", "value=4"},
-	} {
+	var v2Keys []struct{ path, form string }
+	if r.Cluster.Version == "" {
+		v2Keys = []struct{ path, form string }{
+			{"/leak/a", "value=1"}, {"/leak/b", "value=2"}, {"/leak/del", "value=3"}, {"/leakdir/x", "value=4"},
+		}
+	}
+	for _, w := range v2Keys {
 		req, _ := http.NewRequestWithContext(ctx, http.MethodPut, base+w.path, strings.NewReader(w.form))
 		req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 		resp, err := c.Do(req)
@@ -695,24 +731,45 @@ func rawGRPCRange(ctx context.Context, ep harness.Endpoint, timeout string) (dum
 	return dump, msg, nil
 }
 
-// TestLeak crawls every client-API endpoint, over HTTP and gRPC, through every topology, then stops the members
-// and checks every failure: no byte of any answer names anything below the top.
+// TestLeak crawls every client-API endpoint, over HTTP and gRPC, through every topology (and a proxy-proxy on
+// members of each newer etcd line), then stops the members and checks every failure: no byte of any answer
+// names anything below the top.
 func TestLeak(t *testing.T) {
 	t.Parallel()
+	type leakRun struct {
+		topo    topology
+		version string
+	}
+	var runs []leakRun
+	for _, topo := range leakTopologies {
+		runs = append(runs, leakRun{topo, ""})
+	}
+	for _, v := range harness.EtcdVersions {
+		runs = append(runs, leakRun{leakTopologies[0], v})
+	}
 	for _, mode := range []string{"plain", "tls"} {
-		for _, topo := range leakTopologies {
-			t.Run(mode+"/"+topo.name, func(t *testing.T) {
+		for _, run := range runs {
+			topo := run.topo
+			name := mode + "/" + topo.name
+			if run.version != "" {
+				name += "-" + run.version
+			}
+			t.Run(name, func(t *testing.T) {
 				t.Parallel()
 				ctx := testContext(t, 2*time.Minute)
-				s := start(t, ctx, topo, mode == "tls")
+				s := startVersion(t, ctx, topo, mode == "tls", run.version)
 				leaks := newLeakSet(s.run)
 				// The stock v2 proxy carries no gRPC (so neither v3 nor the gateway works through it); the
-				// grpc-proxy serves no HTTP API.
-				caps := leakCaps{v2: topo.name != "pp-grpc", v3: !strings.HasSuffix(topo.name, "-stock"), grpcProxy: topo.name == "pp-grpc"}
+				// grpc-proxy serves no HTTP API; members of 3.6 and later serve no v2.
+				caps := leakCaps{v2: topo.name != "pp-grpc" && run.version == "", v3: !strings.HasSuffix(topo.name, "-stock"), grpcProxy: topo.name == "pp-grpc"}
 				waitIndex := leakSetup(t, ctx, s.run)
 				// The detector works: the members' own membership view names them.
-				if res := secDo(ctx, httpClient(t, s.run.Layers[0]), s.run.Layers[0].URLs[0], secProbe{method: "GET", path: "/v2/members"}); leaksOf(leaks, res.dump) == nil {
-					t.Fatalf("the leak detector finds nothing in the members' own /v2/members:\n%s", res.dump)
+				view := secProbe{method: "GET", path: "/v2/members"}
+				if run.version != "" {
+					view = secProbe{method: "POST", path: "/v3/cluster/member/list", body: `{}`, ctype: "application/json"}
+				}
+				if res := secDo(ctx, httpClient(t, s.run.Layers[0]), s.run.Layers[0].URLs[0], view); leaksOf(leaks, res.dump) == nil {
+					t.Fatalf("the leak detector finds nothing in the members' own %s:\n%s", view.path, res.dump)
 				}
 				t.Run("http", func(t *testing.T) { crawlHTTP(t, ctx, s, leaks, waitIndex, caps) })
 				t.Run("grpc", func(t *testing.T) { crawlGRPC(t, ctx, s, leaks, caps) })

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -78,9 +79,10 @@ var v3Goldens goldens
 var (
 	// reLease is the ID in etcdctl's lease answers ("lease 694d7a1b2c3d4e5f granted with TTL(600s)").
 	reLease = regexp.MustCompile(`^lease ([0-9a-f]+) granted`)
-	// reStatusLine is a line of `endpoint status` in etcdctl's simple format, up to the raft numbers: the db
-	// size and the raft term and indexes vary.
-	reStatusLine = regexp.MustCompile(`(?m)^([^,\n]+, [^,\n]+, [^,\n]+), [\d.]+ [kMGT]?B, (true|false), (true|false), \d+, \d+, \d+,`)
+	// reStatusLine is a line of `endpoint status` in etcdctl's simple format, up to the raft numbers: the
+	// members' version (checked apart, one golden file serves every version), the db size and the raft term and
+	// indexes vary.
+	reStatusLine = regexp.MustCompile(`(?m)^([^,\n]+, [^,\n]+), (\d+\.\d+)\.\d+, [\d.]+ [kMGT]?B, (true|false), (true|false), \d+, \d+, \d+,`)
 	// reSnapshotSize and reSnapshotTook are the size and the humanized time ("now", "1 second ago") in the
 	// JSON log lines of `snapshot save`.
 	reSnapshotSize = regexp.MustCompile(`"size":"[\d.]+ [kMGT]?B"`)
@@ -99,20 +101,47 @@ var (
 	reSnapshotCaller = regexp.MustCompile(`"caller":"[^"]+"`)
 )
 
+// v3Run is a topology of v3Topologies on members of one etcd version ("": embedded v3.5.35).
+type v3Run struct {
+	topo    topology
+	version string
+}
+
+// v3Runs are every topology on members of every version.
+func v3Runs() []v3Run {
+	var runs []v3Run
+	for _, v := range append([]string{""}, harness.EtcdVersions...) {
+		for _, topo := range v3Topologies {
+			runs = append(runs, v3Run{topo, v})
+		}
+	}
+	return runs
+}
+
+func (r v3Run) String() string {
+	if r.version == "" {
+		return r.topo.name
+	}
+	return r.topo.name + "-" + r.version
+}
+
+// TestV3 runs the same golden cases through every v3 run: etcdctl 3.5.35 sees the same answers whatever etcd
+// version the members run.
 func TestV3(t *testing.T) {
 	t.Parallel()
 	for _, mode := range []string{"plain", "tls"} {
-		for _, topo := range v3Topologies {
-			t.Run(mode+"/"+topo.name, func(t *testing.T) {
+		for _, run := range v3Runs() {
+			topo := run.topo
+			t.Run(mode+"/"+run.String(), func(t *testing.T) {
 				t.Parallel()
 				ctx := testContext(t, 3*time.Minute)
-				s := start(t, ctx, topo, mode == "tls")
+				s := startVersion(t, ctx, topo, mode == "tls", run.version)
 				self := rules.NewSelf("etcd-proxy-proxy", s.top.URLs)
 				s.env.Register(fmt.Sprint(self.ID), "proxy-id") // decimal, as -w json prints IDs
 				ctl := s.env.Etcdctl(3, s.top)
 				norm := func(str string) string {
 					str = s.env.Normalize(str)
-					str = reStatusLine.ReplaceAllString(str, "$1, <SIZE>, $2, $3, <N>, <N>, <N>,")
+					str = reStatusLine.ReplaceAllString(str, "$1, <ETCD-VERSION>, <SIZE>, $3, $4, <N>, <N>, <N>,")
 					str = reSnapshotSize.ReplaceAllString(str, `"size":"<SIZE>"`)
 					str = reSnapshotTook.ReplaceAllString(str, `"took":"<AGO>"`)
 					str = reClientTarget.ReplaceAllString(str, "etcd-endpoints://<PTR>/")
@@ -148,6 +177,11 @@ func TestV3(t *testing.T) {
 						s.env.Register(lease, "lease-id")
 					case "13-member-list":
 						checkOneMember(t, res, s.top.URLs[0], self)
+					case "14-endpoint-status":
+						want := cmp.Or(run.version, "3.5")
+						if m := reStatusLine.FindStringSubmatch(res.Stdout); m == nil || m[2] != want {
+							t.Errorf("endpoint status %q: want the members' version %s.x", res.Stdout, want)
+						}
 					case "16-member-add":
 						if res.Exit == 0 || !strings.Contains(res.Stderr, "code = PermissionDenied desc = etcd-proxy-proxy: ") {
 							t.Errorf("member add: exit %d, stderr %q; want the proxy's PermissionDenied", res.Exit, res.Stderr)
@@ -211,66 +245,78 @@ func testV3Watch(t *testing.T, ctx context.Context, s *started, ctl *harness.Etc
 }
 
 // TestAutoSync: a real clientv3 with AutoSyncInterval on top of a chain of proxy-proxies keeps exactly the
-// proxy it was given: every sync learns the proxy alone, so the client never dials past it.
+// proxy it was given: every sync learns the proxy alone, so the client never dials past it. Members of every
+// etcd version ("": embedded v3.5.35).
 func TestAutoSync(t *testing.T) {
 	t.Parallel()
-	for _, mode := range []string{"plain", "tls"} {
-		t.Run(mode, func(t *testing.T) {
-			t.Parallel()
-			ctx := testContext(t, 2*time.Minute)
-			topo := topology{"pp-pp-members", func(tls bool) []harness.Hop { return []harness.Hop{pp(tls), pp(tls)} }}
-			s := start(t, ctx, topo, mode == "tls")
-			tc, err := s.top.TLS.ClientConfig()
-			if err != nil {
-				t.Fatal(err)
+	for _, version := range append([]string{""}, harness.EtcdVersions...) {
+		for _, mode := range []string{"plain", "tls"} {
+			name := mode
+			if version != "" {
+				name += "-" + version
 			}
-			proxyURL := s.top.URLs[0]
-			// A second endpoint that a sync must drop: it proves that a sync happened.
-			dead := s.top.TLS.Scheme() + "://127.0.0.1:1"
-			cli, err := clientv3.New(clientv3.Config{
-				Endpoints:        []string{proxyURL, dead},
-				TLS:              tc,
-				DialTimeout:      5 * time.Second,
-				AutoSyncInterval: 100 * time.Millisecond,
-				Logger:           zap.NewNop(),
+			t.Run(name, func(t *testing.T) {
+				t.Parallel()
+				testAutoSync(t, mode == "tls", version)
 			})
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer cli.Close()
-
-			if err := cli.Sync(ctx); err != nil {
-				t.Fatalf("sync: %v", err)
-			}
-			if got := cli.Endpoints(); !slices.Equal(got, []string{proxyURL}) {
-				t.Fatalf("after Sync, endpoints = %v, want only the proxy %s", got, proxyURL)
-			}
-
-			cli.SetEndpoints(proxyURL, dead)
-			tick := time.NewTicker(20 * time.Millisecond)
-			defer tick.Stop()
-			deadline := time.After(10 * time.Second)
-			for !slices.Equal(cli.Endpoints(), []string{proxyURL}) {
-				select {
-				case <-tick.C:
-				case <-deadline:
-					t.Fatalf("no auto sync within 10s: endpoints = %v, want only the proxy %s", cli.Endpoints(), proxyURL)
-				}
-			}
-
-			if _, err := cli.Put(ctx, "synced", "yes"); err != nil {
-				t.Fatalf("put after sync: %v", err)
-			}
-			resp, err := cli.Get(ctx, "synced")
-			if err != nil {
-				t.Fatalf("get after sync: %v", err)
-			}
-			if len(resp.Kvs) != 1 || string(resp.Kvs[0].Value) != "yes" {
-				t.Errorf("get after sync = %v, want synced=yes", resp.Kvs)
-			}
-			if got := cli.Endpoints(); !slices.Equal(got, []string{proxyURL}) {
-				t.Errorf("endpoints = %v after the requests, want only the proxy %s", got, proxyURL)
-			}
-		})
+		}
 	}
+}
+
+func testAutoSync(t *testing.T, tls bool, version string) {
+	ctx := testContext(t, 2*time.Minute)
+	topo := topology{"pp-pp-members", func(tls bool) []harness.Hop { return []harness.Hop{pp(tls), pp(tls)} }}
+	s := startVersion(t, ctx, topo, tls, version)
+	tc, err := s.top.TLS.ClientConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxyURL := s.top.URLs[0]
+	// A second endpoint that a sync must drop: it proves that a sync happened.
+	dead := s.top.TLS.Scheme() + "://127.0.0.1:1"
+	cli, err := clientv3.New(clientv3.Config{
+		Endpoints:        []string{proxyURL, dead},
+		TLS:              tc,
+		DialTimeout:      5 * time.Second,
+		AutoSyncInterval: 100 * time.Millisecond,
+		Logger:           zap.NewNop(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+
+	if err := cli.Sync(ctx); err != nil {
+		t.Fatalf("sync: %v", err)
+	}
+	if got := cli.Endpoints(); !slices.Equal(got, []string{proxyURL}) {
+		t.Fatalf("after Sync, endpoints = %v, want only the proxy %s", got, proxyURL)
+	}
+
+	cli.SetEndpoints(proxyURL, dead)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	deadline := time.After(10 * time.Second)
+	for !slices.Equal(cli.Endpoints(), []string{proxyURL}) {
+		select {
+		case <-tick.C:
+		case <-deadline:
+			t.Fatalf("no auto sync within 10s: endpoints = %v, want only the proxy %s", cli.Endpoints(), proxyURL)
+		}
+	}
+
+	if _, err := cli.Put(ctx, "synced", "yes"); err != nil {
+		t.Fatalf("put after sync: %v", err)
+	}
+	resp, err := cli.Get(ctx, "synced")
+	if err != nil {
+		t.Fatalf("get after sync: %v", err)
+	}
+	if len(resp.Kvs) != 1 || string(resp.Kvs[0].Value) != "yes" {
+		t.Errorf("get after sync = %v, want synced=yes", resp.Kvs)
+	}
+	if got := cli.Endpoints(); !slices.Equal(got, []string{proxyURL}) {
+		t.Errorf("endpoints = %v after the requests, want only the proxy %s", got, proxyURL)
+	}
+
 }

@@ -1,10 +1,12 @@
 package harness
 
 import (
+	"cmp"
 	"errors"
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -77,11 +79,22 @@ func TestGoldenFormat(t *testing.T) {
 	}
 }
 
+// TestMemberRestart: a member of every version (embedded, and processes of the newer lines) stops, refuses
+// clients, and restarts on its data.
 func TestMemberRestart(t *testing.T) {
 	t.Parallel()
+	for _, v := range append([]string{""}, EtcdVersions...) {
+		t.Run("etcd"+cmp.Or(v, "3.5"), func(t *testing.T) {
+			t.Parallel()
+			testMemberRestart(t, v)
+		})
+	}
+}
+
+func testMemberRestart(t *testing.T, version string) {
 	ctx := testContext(t, 60*time.Second)
 	e := NewTestEnv(t)
-	c, err := e.StartCluster(ctx, WithMembers(1))
+	c, err := e.StartCluster(ctx, WithMembers(1), WithVersion(version))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -111,6 +124,42 @@ func TestMemberRestart(t *testing.T) {
 	}
 }
 
+// TestProcessClusterLeader: the leader of a cluster of etcd processes is found and moved, as an embedded one's.
+func TestProcessClusterLeader(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 60*time.Second)
+	e := NewTestEnv(t)
+	v := EtcdVersions[len(EtcdVersions)-1]
+	c, err := e.StartCluster(ctx, WithVersion(v), WithTLS())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Version != v || c.ID == 0 || len(c.Members) != 3 {
+		t.Fatalf("cluster: version %q, ID %x, %d members; want %s, an ID, 3", c.Version, c.ID, len(c.Members), v)
+	}
+	lead := c.Leader()
+	if lead == nil {
+		t.Fatal("no leader")
+	}
+	target := c.Members[0]
+	if lead == target {
+		target = c.Members[1]
+	}
+	if err := c.MoveLeader(ctx, slices.Index(c.Members, target)); err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Leader(); got != target {
+		t.Errorf("leader after MoveLeader = %v, want %s", got, target.Name)
+	}
+	res := e.Etcdctl(3, c.Endpoint()).Run(ctx, "endpoint", "status", "-w", "json")
+	if err := res.Check(); err != nil {
+		t.Fatal(err)
+	}
+	if n := strings.Count(res.Stdout, `"version":"`+v+"."); n != 3 {
+		t.Errorf("endpoint status shows version %s.x %d times, want 3:\n%s", v, n, res.Stdout)
+	}
+}
+
 func TestTool(t *testing.T) {
 	t.Parallel()
 	root, err := ModuleRoot()
@@ -121,7 +170,7 @@ func TestTool(t *testing.T) {
 		t.Errorf("module root %s: %v", root, err)
 	}
 	ctx := testContext(t, 5*time.Minute)
-	for _, name := range []string{"etcd", "etcdctl"} {
+	for _, name := range []string{"etcd", "etcdctl", "etcd-3.6", "etcd-3.7"} {
 		p, err := Tool(ctx, name)
 		if err != nil {
 			t.Fatal(err)
@@ -131,6 +180,6 @@ func TestTool(t *testing.T) {
 		}
 	}
 	if _, err := Tool(ctx, "etcdutl"); err == nil {
-		t.Error("Tool(etcdutl) succeeded; only etcd and etcdctl are pinned")
+		t.Error("Tool(etcdutl) succeeded; only etcd, etcdctl and the newer etcd lines are pinned")
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -30,6 +31,7 @@ type clusterConfig struct {
 	tls      bool
 	certOpts []CertOption
 	configs  []func(*Member, *embed.Config)
+	version  string
 }
 
 // WithMembers sets the number of members (default 3).
@@ -50,7 +52,8 @@ func WithMemberConfig(f func(*Member, *embed.Config)) ClusterOption {
 	return clusterOptionFunc(func(c *clusterConfig) { c.configs = append(c.configs, f) })
 }
 
-// Cluster is a set of embedded etcd members started together.
+// Cluster is a set of etcd members started together: embedded v3.5.35 members, or processes of a newer etcd
+// (WithVersion).
 type Cluster struct {
 	// Name is the placeholder prefix of this cluster's members: "" for the first cluster of an Env, "c2-" …
 	Name string
@@ -63,11 +66,13 @@ type Cluster struct {
 	Token string
 	// TLS is the client certificate (Cluster CA, empty common name) for reaching the members; zero when plain.
 	TLS TLSFiles
+	// Version is the etcd line of process members (WithVersion); "" for embedded v3.5.35 members.
+	Version string
 
 	env *Env
 }
 
-// Member is one embedded etcd server.
+// Member is one etcd server: embedded, or a process (WithVersion).
 type Member struct {
 	// Name is the member's etcd name, equal to its placeholder ("member-0").
 	Name string
@@ -83,6 +88,12 @@ type Member struct {
 	mu     sync.Mutex
 	etcd   *embed.Etcd
 	config func() *embed.Config
+	// A process member: its binary and command line, the running process (nil when stopped), and the
+	// cluster's client certificate for asking it about itself.
+	bin       string
+	args      []string
+	proc      *memberProc
+	clientTLS TLSFiles
 }
 
 type memberSpec struct {
@@ -105,7 +116,17 @@ func (e *Env) StartCluster(ctx context.Context, opts ...ClusterOption) (*Cluster
 	defer cancel()
 
 	prefix := e.nextName("cluster")
-	c := &Cluster{env: e}
+	c := &Cluster{env: e, Version: cfg.version}
+	var bin string
+	if cfg.version != "" {
+		if !slices.Contains(EtcdVersions, cfg.version) {
+			return nil, fmt.Errorf("harness: no etcd %q to start (known: %s)", cfg.version, strings.Join(EtcdVersions, ", "))
+		}
+		var err error
+		if bin, err = Tool(ctx, "etcd-"+cfg.version); err != nil {
+			return nil, err
+		}
+	}
 	if prefix != "cluster" {
 		c.Name = "c" + strings.TrimPrefix(prefix, "cluster-") + "-"
 	}
@@ -120,7 +141,7 @@ func (e *Env) StartCluster(ctx context.Context, opts ...ClusterOption) (*Cluster
 
 	var lastErr error
 	for attempt := 1; attempt <= 3; attempt++ {
-		err := c.start(ctx, cfg, filepath.Join(clusterDir, fmt.Sprintf("try-%d", attempt)))
+		err := c.start(ctx, cfg, bin, filepath.Join(clusterDir, fmt.Sprintf("try-%d", attempt)))
 		if err == nil {
 			break
 		}
@@ -147,7 +168,7 @@ func (e *Env) StartCluster(ctx context.Context, opts ...ClusterOption) (*Cluster
 	return c, nil
 }
 
-func (c *Cluster) start(ctx context.Context, cfg clusterConfig, dir string) error {
+func (c *Cluster) start(ctx context.Context, cfg clusterConfig, bin, dir string) error {
 	e := c.env
 	ports, err := freePorts(2 * cfg.members)
 	if err != nil {
@@ -189,22 +210,38 @@ func (c *Cluster) start(ctx context.Context, cfg clusterConfig, dir string) erro
 			}
 			m.TLS = f
 		}
-		m.config = memberConfig(m, c.Token, strings.Join(initial, ","), cfg.tls)
-		for _, f := range cfg.configs {
-			m.Reconfigure(func(ec *embed.Config) { f(m, ec) })
+		if bin != "" {
+			m.bin, m.args, m.clientTLS = bin, processArgs(m, c.Token, strings.Join(initial, ","), cfg.tls), c.TLS
+		} else {
+			m.config = memberConfig(m, c.Token, strings.Join(initial, ","), cfg.tls)
+			for _, f := range cfg.configs {
+				m.Reconfigure(func(ec *embed.Config) { f(m, ec) })
+			}
 		}
 		members[i] = m
 	}
 	var started []*Member
 	stopAll := func() {
 		for _, m := range started {
-			m.etcd.Close()
+			sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			if err := m.discard(sctx); err != nil {
+				e.logf("harness: %v", err)
+			}
+			cancel()
 		}
 	}
 	for _, m := range members {
 		if err := os.MkdirAll(m.Dir, 0o700); err != nil {
 			stopAll()
 			return fmt.Errorf("harness: member dir: %w", err)
+		}
+		if bin != "" {
+			if err := m.startProcess(); err != nil {
+				stopAll()
+				return err
+			}
+			started = append(started, m)
+			continue
 		}
 		ee, err := embed.StartEtcd(m.config())
 		if err != nil {
@@ -215,6 +252,15 @@ func (c *Cluster) start(ctx context.Context, cfg clusterConfig, dir string) erro
 		started = append(started, m)
 	}
 	for _, m := range members {
+		if bin != "" {
+			id, err := m.waitServing(ctx)
+			if err != nil {
+				stopAll()
+				return err
+			}
+			c.ID = id
+			continue
+		}
 		if err := waitReady(ctx, m.etcd); err != nil {
 			stopAll()
 			return fmt.Errorf("harness: %s not ready: %w", m.Name, err)
@@ -223,9 +269,9 @@ func (c *Cluster) start(ctx context.Context, cfg clusterConfig, dir string) erro
 			stopAll()
 			return fmt.Errorf("harness: %s has ID %x, computed %x", m.Name, got, m.ID)
 		}
+		c.ID = uint64(m.etcd.Server.Cluster().ID())
 	}
 	c.Members = members
-	c.ID = uint64(members[0].etcd.Server.Cluster().ID())
 	return nil
 }
 
@@ -290,11 +336,14 @@ func (c *Cluster) PeerURLs() []string {
 func (c *Cluster) Leader() *Member {
 	var lead uint64
 	for _, m := range c.Members {
-		ee := m.server()
-		if ee == nil {
+		var l uint64
+		if ee := m.server(); ee != nil {
+			l = uint64(ee.Server.Leader())
+		} else if m.process() != nil {
+			l = m.processLeader()
+		} else {
 			continue
 		}
-		l := uint64(ee.Server.Leader())
 		if l == 0 || (lead != 0 && l != lead) {
 			return nil
 		}
@@ -320,10 +369,14 @@ func (c *Cluster) MoveLeader(ctx context.Context, i int) error {
 		case lead == target:
 			return nil
 		case lead != nil:
+			var err error
 			if ee := lead.server(); ee != nil {
-				if err := ee.Server.MoveLeader(ctx, lead.ID, target.ID); err != nil && ctx.Err() == nil {
-					c.env.logf("harness: move leader to %s: %v (retrying)", target.Name, err)
-				}
+				err = ee.Server.MoveLeader(ctx, lead.ID, target.ID)
+			} else if lead.process() != nil {
+				err = moveLeaderProcess(ctx, lead, target)
+			}
+			if err != nil && ctx.Err() == nil {
+				c.env.logf("harness: move leader to %s: %v (retrying)", target.Name, err)
 			}
 		}
 		select {
@@ -334,7 +387,7 @@ func (c *Cluster) MoveLeader(ctx context.Context, i int) error {
 	}
 }
 
-// Close stops every member still running.
+// Close stops every member still running; process members are killed.
 func (c *Cluster) Close() error {
 	var errs *multierror.Error
 	var wg sync.WaitGroup
@@ -345,7 +398,7 @@ func (c *Cluster) Close() error {
 			defer wg.Done()
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()
-			if err := m.Stop(ctx); err != nil {
+			if err := m.discard(ctx); err != nil {
 				mu.Lock()
 				errs = multierror.Append(errs, err)
 				mu.Unlock()
@@ -362,12 +415,22 @@ func (m *Member) server() *embed.Etcd {
 	return m.etcd
 }
 
+func (m *Member) process() *memberProc {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.proc
+}
+
 // Stop stops the member, keeping its data directory and ports for Restart. Stopping a stopped member is a no-op.
+// A process member gets SIGTERM, and SIGKILL when ctx ends first.
 func (m *Member) Stop(ctx context.Context) error {
 	m.mu.Lock()
-	ee := m.etcd
-	m.etcd = nil
+	ee, p := m.etcd, m.proc
+	m.etcd, m.proc = nil, nil
 	m.mu.Unlock()
+	if p != nil {
+		return stopProcess(ctx, m.Name, p)
+	}
 	if ee == nil {
 		return nil
 	}
@@ -406,12 +469,15 @@ func (m *Member) Restart(ctx context.Context) error {
 	ctx, cancel := withDefaultTimeout(ctx, DefaultStartTimeout)
 	defer cancel()
 	m.mu.Lock()
-	if m.etcd != nil {
+	if m.etcd != nil || m.proc != nil {
 		m.mu.Unlock()
 		return fmt.Errorf("harness: restart %s: still running", m.Name)
 	}
 	config := m.config
 	m.mu.Unlock()
+	if m.bin != "" {
+		return m.restartProcess(ctx)
+	}
 	var ee *embed.Etcd
 	var err error
 	var cfg *embed.Config
@@ -448,7 +514,7 @@ func (m *Member) Restart(ctx context.Context) error {
 }
 
 // Running reports whether the member is started.
-func (m *Member) Running() bool { return m.server() != nil }
+func (m *Member) Running() bool { return m.server() != nil || m.process() != nil }
 
 // freePorts returns n distinct ports that were free a moment ago on 127.0.0.1.
 func freePorts(n int) ([]int, error) {

@@ -20,9 +20,15 @@ const EtcdVersion = "v3.5.35"
 // ModulePath is this project's module path.
 const ModulePath = "github.com/etcd-proxy-proxy/etcd-proxy-proxy"
 
-var toolPackages = map[string]string{
-	"etcd":    "go.etcd.io/etcd/server/v3",
-	"etcdctl": "go.etcd.io/etcd/etcdctl/v3",
+// toolSpec is a tool's main package and the module it is built in: a directory under the module root, "" for
+// the root itself. Newer etcd lines have their own modules under tools/ (their dependencies fight ours).
+type toolSpec struct{ pkg, dir string }
+
+var toolPackages = map[string]toolSpec{
+	"etcd":     {"go.etcd.io/etcd/server/v3", ""},
+	"etcdctl":  {"go.etcd.io/etcd/etcdctl/v3", ""},
+	"etcd-3.6": {"go.etcd.io/etcd/server/v3", "tools/etcd36"},
+	"etcd-3.7": {"go.etcd.io/etcd/server/v3", "tools/etcd37"},
 }
 
 type toolResult struct {
@@ -33,22 +39,23 @@ type toolResult struct {
 
 var tools sync.Map // name → *toolResult
 
-// Tool returns the path of a pinned tool binary, "etcd" or "etcdctl". If $EPP_TOOLS_DIR holds it, that one is
-// used; otherwise it is built once per process with `go build` from the module root (fast from the Go build
-// cache) into os.UserCacheDir()/etcd-proxy-proxy/v3.5.35/, renamed into place atomically so that test binaries
-// running side by side share it. A failed build is not retried within the process.
+// Tool returns the path of a pinned tool binary: "etcd" or "etcdctl" (v3.5.35), "etcd-3.6" or "etcd-3.7" (the
+// versions tools/etcd36 and tools/etcd37 pin). If $EPP_TOOLS_DIR holds it, that one is used; otherwise it is
+// built once per process with `go build` in its module (fast from the Go build cache) into
+// os.UserCacheDir()/etcd-proxy-proxy/v3.5.35/, renamed into place atomically so that test binaries running side
+// by side share it. A failed build is not retried within the process.
 func Tool(ctx context.Context, name string) (string, error) {
-	pkg, ok := toolPackages[name]
+	spec, ok := toolPackages[name]
 	if !ok {
 		return "", fmt.Errorf("harness: unknown tool %q", name)
 	}
 	v, _ := tools.LoadOrStore(name, &toolResult{})
 	r := v.(*toolResult)
-	r.once.Do(func() { r.path, r.err = buildTool(ctx, name, pkg) })
+	r.once.Do(func() { r.path, r.err = buildTool(ctx, name, spec) })
 	return r.path, r.err
 }
 
-func buildTool(ctx context.Context, name, pkg string) (string, error) {
+func buildTool(ctx context.Context, name string, spec toolSpec) (string, error) {
 	if dir := os.Getenv("EPP_TOOLS_DIR"); dir != "" {
 		p := filepath.Join(dir, name)
 		if fi, err := os.Stat(p); err == nil && !fi.IsDir() && fi.Mode()&0o111 != 0 {
@@ -76,12 +83,12 @@ func buildTool(ctx context.Context, name, pkg string) (string, error) {
 
 	ctx, cancel := withDefaultTimeout(ctx, 10*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, goCommand(), "build", "-o", tmp.Name(), pkg)
-	cmd.Dir = root
+	cmd := exec.CommandContext(ctx, goCommand(), "build", "-o", tmp.Name(), spec.pkg)
+	cmd.Dir = filepath.Join(root, spec.dir)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("harness: go build %s in %s: %w\n%s", pkg, root, err, out.Bytes())
+		return "", fmt.Errorf("harness: go build %s in %s: %w\n%s", spec.pkg, cmd.Dir, err, out.Bytes())
 	}
 	final := filepath.Join(dir, name)
 	if err := os.Rename(tmp.Name(), final); err != nil {

@@ -84,12 +84,18 @@ type Topology struct {
 	Members int
 	// TLS puts the members' client and peer sides on TLS (WithTLS).
 	TLS bool
+	// Version runs the members as processes of that etcd line (WithVersion); "" embeds v3.5.35 members.
+	Version string
 	// Hops are started bottom-up in order.
 	Hops []Hop
 }
 
 func (t Topology) String() string {
-	parts := []string{fmt.Sprintf("%d members%s", t.members(), tlsSuffix(t.TLS))}
+	v := ""
+	if t.Version != "" {
+		v = " etcd " + t.Version
+	}
+	parts := []string{fmt.Sprintf("%d%s members%s", t.members(), v, tlsSuffix(t.TLS))}
 	for _, h := range t.Hops {
 		parts = append(parts, h.String())
 	}
@@ -120,7 +126,7 @@ func (e *Env) Start(ctx context.Context, topo Topology) (*Running, error) {
 	if topo.members() < 1 {
 		return nil, errors.New("harness: topology " + topo.Name + " needs members")
 	}
-	opts := []ClusterOption{WithMembers(topo.members())}
+	opts := []ClusterOption{WithMembers(topo.members()), WithVersion(topo.Version)}
 	if topo.TLS {
 		opts = append(opts, WithTLS())
 	}
@@ -140,7 +146,7 @@ func (e *Env) Start(ctx context.Context, topo Topology) (*Running, error) {
 // StartOn starts hops bottom-up on a cluster that is already running, so that several chains can share one
 // cluster (the demo's do). The Running's Topology lists the hops.
 func (e *Env) StartOn(ctx context.Context, c *Cluster, hops ...Hop) (*Running, error) {
-	r := &Running{Topology: Topology{Members: len(c.Members), TLS: !c.TLS.IsZero(), Hops: hops}, Cluster: c,
+	r := &Running{Topology: Topology{Members: len(c.Members), TLS: !c.TLS.IsZero(), Version: c.Version, Hops: hops}, Cluster: c,
 		Layers: []Endpoint{c.Endpoint()}}
 	for i, h := range hops {
 		ep, err := h.Start(ctx, e, r.Top(), c)
