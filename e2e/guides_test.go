@@ -6,7 +6,6 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -199,12 +198,12 @@ func runGuideEtcdctl(t *testing.T, ctx context.Context, dir string, c guideCmd) 
 type guideProxy struct {
 	cmd    *exec.Cmd
 	exited chan error
-	out    *syncBuffer
+	out    *harness.Buffer
 }
 
 func startGuideProxy(t *testing.T, ctx context.Context, dir string, args, env []string, endpoint string, tc *tls.Config) *guideProxy {
 	t.Helper()
-	p := &guideProxy{exited: make(chan error, 1), out: &syncBuffer{}}
+	p := &guideProxy{exited: make(chan error, 1), out: &harness.Buffer{}}
 	p.cmd = exec.CommandContext(ctx, proxyBinary(t, ctx), args...)
 	p.cmd.Dir = dir
 	p.cmd.Env = append(readmeEnv("ETCD_PROXY_PROXY_", "SSL_CERT_"), env...)
@@ -221,23 +220,6 @@ func startGuideProxy(t *testing.T, ctx context.Context, dir string, args, env []
 		t.Fatalf("the proxy did not serve: %v\n%s", err, p.out.String())
 	}
 	return p
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // copyFiles copies src (name → path) into dir.
@@ -772,8 +754,6 @@ func scrapeHealthy(ctx context.Context, u string) []bool {
 	}
 	return h
 }
-
-var _ io.Writer = (*syncBuffer)(nil)
 
 // TestGuideOldDropIn: after the migration, a proxy started from the drop-in as it was before (http:// seeds, the
 // members now on https on the same ports) still finds the members: a member closes a plain connection to its

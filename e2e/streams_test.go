@@ -752,12 +752,7 @@ type relay struct {
 
 func newRelay(t *testing.T, to string) *relay {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	_ = l.Close()
+	addr := closedAddr(t) // free now; the relay listens there once it opens
 	r := &relay{url: "http://" + addr, to: strings.TrimPrefix(to, "http://"), addr: addr}
 	t.Cleanup(r.close)
 	return r

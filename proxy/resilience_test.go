@@ -274,16 +274,8 @@ func TestStreamMessageTooLarge(t *testing.T) {
 	})
 	_, u := startProxy(t, Config{Upstreams: []string{up}, MaxRequestBytes: 1000})
 	pr, pw := io.Pipe()
-	tr := &http.Transport{Protocols: new(http.Protocols)}
-	tr.Protocols.SetUnencryptedHTTP2(true)
-	t.Cleanup(tr.CloseIdleConnections)
-	req, _ := http.NewRequest(http.MethodPost, u+"/etcdserverpb.Watch/Watch", pr)
-	req.Header.Set("Content-Type", rules.GRPCContentType)
 	go pw.Write(rawFrame([]byte("create")))
-	resp, err := tr.RoundTrip(req)
-	if err != nil {
-		t.Fatal(err)
-	}
+	resp := grpcStream(t, u+"/etcdserverpb.Watch/Watch", pr)
 	defer resp.Body.Close()
 	first := make([]byte, len(rawFrame([]byte("created"))))
 	if _, err := io.ReadFull(resp.Body, first); err != nil {
@@ -524,10 +516,17 @@ func rawFrame(msg []byte) []byte {
 // grpcCall sends one gRPC request over h2c and returns the response, its body unread.
 func grpcCall(t *testing.T, url string, body []byte) *http.Response {
 	t.Helper()
+	return grpcStream(t, url, bytes.NewReader(body))
+}
+
+// grpcStream starts a gRPC call over h2c, on a connection of its own, whose request stream is body (a pipe keeps
+// it open, as a watching client's is), and returns the response once its headers came, its body unread.
+func grpcStream(t *testing.T, url string, body io.Reader) *http.Response {
+	t.Helper()
 	tr := &http.Transport{Protocols: new(http.Protocols)}
 	tr.Protocols.SetUnencryptedHTTP2(true)
 	t.Cleanup(tr.CloseIdleConnections)
-	req, _ := http.NewRequest(http.MethodPost, url, bytes.NewReader(body))
+	req, _ := http.NewRequest(http.MethodPost, url, body)
 	req.Header.Set("Content-Type", rules.GRPCContentType)
 	req.Header.Set("Te", "trailers")
 	resp, err := tr.RoundTrip(req)

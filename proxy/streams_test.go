@@ -166,16 +166,8 @@ func TestStreamEndsWhenUpstreamLost(t *testing.T) {
 					case "grpc":
 						pr, pw := io.Pipe() // the client's side stays open, as a watching client's does
 						defer pw.Close()
-						tr := &http.Transport{Protocols: new(http.Protocols)}
-						tr.Protocols.SetUnencryptedHTTP2(true)
-						t.Cleanup(tr.CloseIdleConnections)
-						req, _ := http.NewRequest(http.MethodPost, u+"/etcdserverpb.Watch/Watch", pr)
-						req.Header.Set("Content-Type", rules.GRPCContentType)
 						go pw.Write(rawFrame([]byte("create")))
-						resp, err := tr.RoundTrip(req)
-						if err != nil {
-							t.Fatal(err)
-						}
+						resp := grpcStream(t, u+"/etcdserverpb.Watch/Watch", pr)
 						defer resp.Body.Close()
 						if _, err := io.ReadFull(resp.Body, make([]byte, len(rawFrame([]byte("event"))))); err != nil {
 							t.Fatal(err)
@@ -267,17 +259,9 @@ func TestStreamLostBeforeHeaders(t *testing.T) {
 		// Go's HTTP/2 client has the same wait: it returns only once its body's Read does. Give up after 3 s.
 		stop := time.AfterFunc(3*time.Second, func() { pw.CloseWithError(errors.New("no answer after 3s")) })
 		defer stop.Stop()
-		tr := &http.Transport{Protocols: new(http.Protocols)}
-		tr.Protocols.SetUnencryptedHTTP2(true)
-		t.Cleanup(tr.CloseIdleConnections)
-		req, _ := http.NewRequest(http.MethodPost, u+"/etcdserverpb.Watch/Watch", pr)
-		req.Header.Set("Content-Type", rules.GRPCContentType)
 		go pw.Write(rawFrame([]byte("create")))
 		began := time.Now()
-		resp, err := tr.RoundTrip(req)
-		if err != nil {
-			t.Fatal(err)
-		}
+		resp := grpcStream(t, u+"/etcdserverpb.Watch/Watch", pr)
 		defer resp.Body.Close()
 		_, _ = io.ReadAll(resp.Body)
 		if got, msg := grpcStatus(resp), resp.Header.Get("Grpc-Message"); got != "14" || time.Since(began) > 2*time.Second {
