@@ -8,6 +8,7 @@ import (
 	"reflect"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -157,6 +158,51 @@ func TestProcessClusterLeader(t *testing.T) {
 	}
 	if n := strings.Count(res.Stdout, `"version":"`+v+"."); n != 3 {
 		t.Errorf("endpoint status shows version %s.x %d times, want 3:\n%s", v, n, res.Stdout)
+	}
+}
+
+// TestProcessMemberSignal: a member process of the pinned etcd serves v2 as an embedded member, exits on SIGKILL
+// (Exited, Running), and Restart starts a new process on its data.
+func TestProcessMemberSignal(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 60*time.Second)
+	e := NewTestEnv(t)
+	c, err := e.StartCluster(ctx, WithMembers(1), WithProcesses())
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := c.Members[0]
+	ctl := e.Etcdctl(2, c.Endpoint())
+	if err := ctl.Run(ctx, "set", "k", "v1").Check(); err != nil {
+		t.Fatal(err)
+	}
+	pid := m.Pid()
+	if pid == 0 || c.Leader() != m {
+		t.Fatalf("pid %d, leader %v; want a pid and %s", pid, c.Leader(), m.Name)
+	}
+	if err := m.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-m.Exited():
+	case <-ctx.Done():
+		t.Fatal("no exit after SIGKILL")
+	}
+	if m.Running() {
+		t.Error("member running after its process exited")
+	}
+	if err := m.Restart(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if got := m.Pid(); got == 0 || got == pid {
+		t.Errorf("pid after Restart %d, before %d", got, pid)
+	}
+	res := ctl.Run(ctx, "get", "k")
+	if err := res.Check(); err != nil {
+		t.Fatal(err)
+	}
+	if got := strings.TrimSpace(res.Stdout); got != "v1" {
+		t.Errorf("after restart k = %q, want v1", got)
 	}
 }
 

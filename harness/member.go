@@ -32,6 +32,7 @@ type clusterConfig struct {
 	certOpts []CertOption
 	configs  []func(*Member, *embed.Config)
 	version  string
+	process  bool // members as processes (WithProcesses)
 }
 
 // WithMembers sets the number of members (default 3).
@@ -52,8 +53,8 @@ func WithMemberConfig(f func(*Member, *embed.Config)) ClusterOption {
 	return clusterOptionFunc(func(c *clusterConfig) { c.configs = append(c.configs, f) })
 }
 
-// Cluster is a set of etcd members started together: embedded v3.5.35 members, or processes of a newer etcd
-// (WithVersion).
+// Cluster is a set of etcd members started together: embedded v3.5.35 members, or processes of the pinned etcd
+// (WithProcesses) or of a newer one (WithVersion).
 type Cluster struct {
 	// Name is the placeholder prefix of this cluster's members: "" for the first cluster of an Env, "c2-" …
 	Name string
@@ -66,13 +67,13 @@ type Cluster struct {
 	Token string
 	// TLS is the client certificate (Cluster CA, empty common name) for reaching the members; zero when plain.
 	TLS TLSFiles
-	// Version is the etcd line of process members (WithVersion); "" for embedded v3.5.35 members.
+	// Version is the etcd line of the members (WithVersion); "" for v3.5.35 members, embedded or processes.
 	Version string
 
 	env *Env
 }
 
-// Member is one etcd server: embedded, or a process (WithVersion).
+// Member is one etcd server: embedded, or a process (WithProcesses, WithVersion).
 type Member struct {
 	// Name is the member's etcd name, equal to its placeholder ("member-0").
 	Name string
@@ -118,12 +119,16 @@ func (e *Env) StartCluster(ctx context.Context, opts ...ClusterOption) (*Cluster
 	prefix := e.nextName("cluster")
 	c := &Cluster{env: e, Version: cfg.version}
 	var bin string
-	if cfg.version != "" {
-		if !slices.Contains(EtcdVersions, cfg.version) {
-			return nil, fmt.Errorf("harness: no etcd %q to start (known: %s)", cfg.version, strings.Join(EtcdVersions, ", "))
+	if cfg.version != "" || cfg.process {
+		tool := "etcd"
+		if cfg.version != "" {
+			if !slices.Contains(EtcdVersions, cfg.version) {
+				return nil, fmt.Errorf("harness: no etcd %q to start (known: %s)", cfg.version, strings.Join(EtcdVersions, ", "))
+			}
+			tool += "-" + cfg.version
 		}
 		var err error
-		if bin, err = Tool(ctx, "etcd-"+cfg.version); err != nil {
+		if bin, err = Tool(ctx, tool); err != nil {
 			return nil, err
 		}
 	}
@@ -211,7 +216,7 @@ func (c *Cluster) start(ctx context.Context, cfg clusterConfig, bin, dir string)
 			m.TLS = f
 		}
 		if bin != "" {
-			m.bin, m.args, m.clientTLS = bin, processArgs(m, c.Token, strings.Join(initial, ","), cfg.tls), c.TLS
+			m.bin, m.args, m.clientTLS = bin, processArgs(m, c.Token, strings.Join(initial, ","), cfg.tls, cfg.version == ""), c.TLS
 		} else {
 			m.config = memberConfig(m, c.Token, strings.Join(initial, ","), cfg.tls)
 			for _, f := range cfg.configs {
@@ -339,7 +344,7 @@ func (c *Cluster) Leader() *Member {
 		var l uint64
 		if ee := m.server(); ee != nil {
 			l = uint64(ee.Server.Leader())
-		} else if m.process() != nil {
+		} else if p := m.process(); p != nil && !p.done() {
 			l = m.processLeader()
 		} else {
 			continue
@@ -463,12 +468,16 @@ func (m *Member) Reconfigure(f func(*embed.Config)) {
 	}
 }
 
-// Restart starts a stopped member again with the same directory, ports and certificate (or what Reconfigure
-// changed), and waits until it serves. The other members must be able to form a quorum with it.
+// Restart starts a stopped member (or a process member whose process exited) again with the same directory, ports
+// and certificate (or what Reconfigure changed), and waits until it serves. The other members must be able to
+// form a quorum with it.
 func (m *Member) Restart(ctx context.Context) error {
 	ctx, cancel := withDefaultTimeout(ctx, DefaultStartTimeout)
 	defer cancel()
 	m.mu.Lock()
+	if m.proc != nil && m.proc.done() {
+		m.proc = nil // it exited (Signal): the member is stopped
+	}
 	if m.etcd != nil || m.proc != nil {
 		m.mu.Unlock()
 		return fmt.Errorf("harness: restart %s: still running", m.Name)
@@ -513,8 +522,11 @@ func (m *Member) Restart(ctx context.Context) error {
 	return nil
 }
 
-// Running reports whether the member is started.
-func (m *Member) Running() bool { return m.server() != nil || m.process() != nil }
+// Running reports whether the member is started (and, for a process member, its process has not exited).
+func (m *Member) Running() bool {
+	p := m.process()
+	return m.server() != nil || (p != nil && !p.done())
+}
 
 // freePorts returns n distinct ports that were free a moment ago on 127.0.0.1.
 func freePorts(n int) ([]int, error) {

@@ -17,8 +17,10 @@ import (
 
 // Members of a newer etcd line than the pinned one cannot be embedded (their modules fight ours), so they run
 // as processes of a binary built from their own module under tools/: WithVersion("3.6") starts tool "etcd-3.6".
+// WithProcesses runs the pinned etcd (tool "etcd") the same way, for the failures an embedded member cannot
+// have: SIGKILL, SIGSTOP, a process that exits (Member.Signal).
 
-// EtcdVersions are the etcd lines WithVersion accepts, oldest first; "" (the pinned v3.5.35, embedded) is not
+// EtcdVersions are the etcd lines WithVersion accepts, oldest first; "" (the pinned v3.5.35) is not
 // among them.
 var EtcdVersions = []string{"3.6", "3.7"}
 
@@ -28,6 +30,12 @@ func WithVersion(v string) ClusterOption {
 	return clusterOptionFunc(func(c *clusterConfig) { c.version = v })
 }
 
+// WithProcesses runs the members as processes of the pinned etcd (v3.5.35, with the v2 API as the embedded ones)
+// instead of embedding them. WithVersion implies it.
+func WithProcesses() ClusterOption {
+	return clusterOptionFunc(func(c *clusterConfig) { c.process = true })
+}
+
 // memberProc is a member running as an etcd process.
 type memberProc struct {
 	cmd    *exec.Cmd
@@ -35,8 +43,19 @@ type memberProc struct {
 	err    error // Wait's result, set before exited is closed
 }
 
-// processArgs is the command line of m: the same settings memberConfig gives an embedded member, as flags.
-func processArgs(m *Member, token, initial string, tls bool) []string {
+// done reports whether p has exited.
+func (p *memberProc) done() bool {
+	select {
+	case <-p.exited:
+		return true
+	default:
+		return false
+	}
+}
+
+// processArgs is the command line of m: the same settings memberConfig gives an embedded member, as flags; v2
+// turns the v2 API on (only the pinned etcd has it).
+func processArgs(m *Member, token, initial string, tls, v2 bool) []string {
 	args := []string{
 		"--name=" + m.Name,
 		"--data-dir=" + m.Dir,
@@ -46,6 +65,9 @@ func processArgs(m *Member, token, initial string, tls bool) []string {
 		"--initial-cluster-token=" + token,
 		"--initial-cluster-state=new",
 		"--log-level=error",
+	}
+	if v2 {
+		args = append(args, "--enable-v2")
 	}
 	if tls {
 		args = append(args,
@@ -244,4 +266,36 @@ func (m *Member) kill(ctx context.Context) error {
 	case <-ctx.Done():
 		return fmt.Errorf("harness: kill %s: still running: %w", m.Name, ctx.Err())
 	}
+}
+
+// Signal sends sig to a process member's process: syscall.SIGTERM (etcd stops gracefully), SIGKILL, SIGSTOP (the
+// process keeps its sockets open and answers nothing: the kernel still accepts connections), SIGCONT. Once the
+// process has exited (Exited), the member counts as stopped: Restart starts it again; Close kills a stopped
+// (SIGSTOP) process too.
+func (m *Member) Signal(sig syscall.Signal) error {
+	p := m.process()
+	if p == nil {
+		return fmt.Errorf("harness: signal %s to %s: no process", sig, m.Name)
+	}
+	if err := p.cmd.Process.Signal(sig); err != nil {
+		return fmt.Errorf("harness: signal %s to %s: %w", sig, m.Name, err)
+	}
+	return nil
+}
+
+// Exited is closed when the process member's current process has exited; nil when the member has no process
+// (embedded, or stopped with Stop).
+func (m *Member) Exited() <-chan struct{} {
+	if p := m.process(); p != nil {
+		return p.exited
+	}
+	return nil
+}
+
+// Pid is the process ID of the member's current process; 0 when it has none.
+func (m *Member) Pid() int {
+	if p := m.process(); p != nil {
+		return p.cmd.Process.Pid
+	}
+	return 0
 }
