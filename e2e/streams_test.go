@@ -68,14 +68,14 @@ func sigName(sig syscall.Signal) string {
 func testStreamsEnd(t *testing.T, sig syscall.Signal) {
 	ctx := testContext(t, 90*time.Second)
 	e := harness.NewTestEnv(t)
-	c, err := e.StartProcessCluster(ctx, 3)
+	c, err := e.StartCluster(ctx, harness.WithProcesses())
 	if err != nil {
 		t.Fatal(err)
 	}
 	// The member to stop is a follower, so that writes go on without an election.
 	ids := map[string]uint64{}
-	var target *harness.ProcessMember
-	var others []*harness.ProcessMember
+	var target *harness.Member
+	var others []*harness.Member
 	for _, m := range c.Members {
 		cli := v3Client(t, m.ClientURL)
 		st, err := cli.Status(ctx, m.ClientURL)
