@@ -189,7 +189,7 @@ func (f *Forwarder) scrubUpstream(resp *http.Response) {
 		Cause     *string `json:"cause,omitempty"`
 		Index     *uint64 `json:"index,omitempty"`
 	}
-	if json.Unmarshal(body, &e) != nil || !names(e.Message, needles) {
+	if !names(string(body), needles) || json.Unmarshal(body, &e) != nil || !names(e.Message, needles) {
 		return
 	}
 	e.Message = replaceNames(e.Message, needles)
