@@ -24,12 +24,14 @@ import (
 
 func init() {
 	// curl goes through the proxy too: etcd-proxy-proxy serves v2 and the v3 JSON gateway (the grpc-proxy does
-	// not, so etcd's starter sends curl to the member).
+	// not, so etcd's starter sends curl to the member). A member serving TLS and plain on one port (ClientBoth)
+	// is the exception: the proxy serves one of them, and curl asks for both, so it goes to the member.
 	curlURL = func(m EtcdProcess) string {
-		if p, ok := m.(*eppEtcdProcess); ok {
-			return p.epp.endpoints()[0]
+		acurl := m.Config().Acurl
+		if p, ok := m.(*eppEtcdProcess); ok && p.epp.tls == strings.HasPrefix(acurl, "https://") {
+			return p.epp.v2
 		}
-		return m.Config().Acurl
+		return acurl
 	}
 }
 
@@ -107,11 +109,10 @@ type eppProc struct {
 	lg         *zap.Logger
 	args       []string
 	v2, v3     string // listen URLs: where etcd's starter puts its v2 and v3 proxies
+	tls        bool   // the proxy serves TLS
 	stopSignal os.Signal
 	proc       *expect.ExpectProcess
 }
-
-func (pp *eppProc) endpoints() []string { return []string{pp.v2, pp.v3} }
 
 func newEppProc(cfg *EtcdServerProcessConfig) (*eppProc, error) {
 	v2, v3 := proxyListenURL(cfg, 2), proxyListenURL(cfg, 3)
@@ -177,7 +178,7 @@ func newEppProc(cfg *EtcdServerProcessConfig) (*eppProc, error) {
 	if bin == "" {
 		return nil, fmt.Errorf("EPP_PROXY_BIN: the etcd-proxy-proxy binary is not set")
 	}
-	return &eppProc{lg: cfg.lg, args: append([]string{bin}, args...), v2: v2, v3: v3}, nil
+	return &eppProc{lg: cfg.lg, args: append([]string{bin}, args...), v2: v2, v3: v3, tls: tlsListener}, nil
 }
 
 // proxyListenURL is etcd's starter's: the member's client URL with its port moved by portOffset.
