@@ -63,7 +63,7 @@ conformance: tools build
 	$(GO) run ./conformance -tools $(BIN) -proxy $(BIN)/etcd-proxy-proxy -out results/conformance $(CONFORMANCE_FLAGS)
 
 # The subset CI runs after test: named e2e tests through etcd-proxy-proxy only (a few minutes, cold).
-CONFORMANCE_SMOKE ?= ^(TestCtlV3(Put|Get|Del|Txn|Watch|Lease|Elect|Lock)[A-Za-z]*|TestCtlV2(Set|Get|Ls|Watch)[A-Za-z]*|TestV3Curl[A-Za-z]*)$$
+CONFORMANCE_SMOKE ?= ^(TestCtlV3(Put|Get|Del|Txn|Watch|Elect|Lock|Snapshot|Endpoint)[A-Za-z]*|TestCtlV3LeaseKeepAlive[A-Za-z]*|TestCtlV2(Set|Get|Ls|Watch)[A-Za-z]*|TestV3Curl(PutGet|Watch|Txn|Auth|Campaign)[A-Za-z]*)$$
 conformance-smoke: tools build
 	$(GO) run ./conformance -tools $(BIN) -proxy $(BIN)/etcd-proxy-proxy -variants ours -run '$(CONFORMANCE_SMOKE)' \
 		-work build/conformance-smoke $(CONFORMANCE_FLAGS)

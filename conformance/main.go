@@ -57,7 +57,7 @@ func main() {
 	flag.StringVar(&packages, "packages", "e2e", "packages of the tests module, comma-separated")
 	flag.StringVar(&o.run, "run", "", "only tests matching this regexp (go test -run)")
 	flag.StringVar(&o.skip, "skip", "", "also skip tests matching this regexp (go test -skip)")
-	flag.DurationVar(&o.timeout, "timeout", 4*time.Minute, "limit for one test (its process gets a goroutine dump and fails)")
+	flag.DurationVar(&o.timeout, "timeout", 2*time.Minute, "limit for one test (its process gets a goroutine dump and fails)")
 	flag.IntVar(&o.retries, "retries", 1, "how often a failed test is tried again")
 	flag.BoolVar(&o.verbose, "v", false, "print each test's result as it ends")
 	flag.StringVar(&o.from, "from", "", "run nothing: classify the results of an earlier run (its OUT.json) again")
