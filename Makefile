@@ -57,7 +57,7 @@ bench-smoke: tools build
 
 # etcd's own e2e suite (go.etcd.io/etcd/tests/v3 at the pinned version, -tags cluster_proxy) through an
 # etcd-proxy-proxy per member, and through etcd's own grpc-proxy as the anchor, in one run; the table goes to
-# results/conformance.md (README "Conformance"). Not part of test: it takes about an hour on 2 cores.
+# results/conformance.md (README "Conformance"). Not part of test: 35-45 minutes on 2 cores.
 CONFORMANCE_FLAGS ?=
 conformance: tools build
 	$(GO) run ./conformance -tools $(BIN) -proxy $(BIN)/etcd-proxy-proxy -out results/conformance $(CONFORMANCE_FLAGS)

@@ -122,7 +122,17 @@ func reclassify(o options, exp *expected) error {
 	if err := json.Unmarshal(b, &saved); err != nil {
 		return fmt.Errorf("%s: %w", o.from, err)
 	}
+	// Tests the list now skips would not have run.
+	var skip *regexp.Regexp
+	if re := exp.skipRegexp(); re != "" {
+		skip = regexp.MustCompile(re)
+	}
 	for _, r := range saved {
+		for t := range r.Tests {
+			if skip != nil && skip.MatchString(strings.SplitN(t, "/", 2)[0]) {
+				delete(r.Tests, t)
+			}
+		}
 		fresh := &pkgResult{Package: r.Package, Variant: r.Variant, Log: r.Log, Build: r.Build, Duration: r.Duration,
 			Tests: r.Tests, Flaky: r.Flaky, Leaked: r.Leaked, order: slices.Sorted(maps.Keys(r.Tests))}
 		fresh.classify(exp)
