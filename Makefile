@@ -62,7 +62,8 @@ CONFORMANCE_FLAGS ?=
 conformance: tools build
 	$(GO) run ./conformance -tools $(BIN) -proxy $(BIN)/etcd-proxy-proxy -out results/conformance $(CONFORMANCE_FLAGS)
 
-# The subset CI runs after test: named e2e tests through etcd-proxy-proxy only (a few minutes, cold).
+# The subset CI runs after test: 84 named e2e tests through etcd-proxy-proxy only (3.5 minutes on 2 cores; about 5
+# with an empty build cache).
 CONFORMANCE_SMOKE ?= ^(TestCtlV3(Put|Get|Del|Txn|Watch|Elect|Lock|Snapshot|Endpoint)[A-Za-z]*|TestCtlV3LeaseKeepAlive[A-Za-z]*|TestCtlV2(Set|Get|Ls|Watch)[A-Za-z]*|TestV3Curl(PutGet|Watch|Txn|Auth|Campaign)[A-Za-z]*)$$
 conformance-smoke: tools build
 	$(GO) run ./conformance -tools $(BIN) -proxy $(BIN)/etcd-proxy-proxy -variants ours -run '$(CONFORMANCE_SMOKE)' \
