@@ -915,6 +915,17 @@ func TestListenerTLS(t *testing.T) {
 	}
 	other := issueCert(t, e.PKI.Other, "intruder", harness.ClientAuth())
 	expired := issueCert(t, e.PKI.Client, "expired-client", harness.ClientAuth(), harness.Expired())
+	revoked := issueCert(t, e.PKI.Client, "revoked-client", harness.ClientAuth())
+	crl, err := e.PKI.Client.RevocationList("revoked", revoked.CertFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	withCRL, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{TLS: true, Configure: func(cfg *proxy.Config) {
+		cfg.ListenerTLS.CRLFile = crl // --client-crl-file
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
 	serverOnly := issueCert(t, e.PKI.Client, "server-only", harness.ServerAuth())
 	valid := auth.Endpoint.TLS // a Client-CA client certificate
 	roots := e.PKI.Client.Pool()
@@ -940,6 +951,10 @@ func TestListenerTLS(t *testing.T) {
 		{"verify-if-given/no-cert", verifyIfGiven.Endpoint.URLs[0], nil, 0, ""},
 		{"verify-if-given/other-ca", verifyIfGiven.Endpoint.URLs[0], &other, 0, "tls: unknown certificate authority"},
 		{"verify-if-given/valid", verifyIfGiven.Endpoint.URLs[0], &valid, 0, ""},
+		{"crl/revoked", withCRL.Endpoint.URLs[0], &revoked, 0, "tls: bad certificate"},
+		{"crl/revoked-tls1.2", withCRL.Endpoint.URLs[0], &revoked, tls.VersionTLS12, "tls: bad certificate"},
+		{"crl/valid", withCRL.Endpoint.URLs[0], &valid, 0, ""},
+		{"no-crl/revoked", auth.Endpoint.URLs[0], &revoked, 0, ""},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {

@@ -258,6 +258,27 @@ func (ca *CA) Issue(name string, opts ...CertOption) (TLSFiles, error) {
 	return f, nil
 }
 
+// RevocationList writes a certificate revocation list signed by the CA to name.crl in its folder, revoking the
+// certificates in the given files, and returns its path.
+func (ca *CA) RevocationList(name string, revoked ...string) (string, error) {
+	now := time.Now()
+	tmpl := &x509.RevocationList{Number: serial(), ThisUpdate: now.Add(-time.Hour), NextUpdate: now.Add(24 * time.Hour)}
+	for _, f := range revoked {
+		c, err := LoadCert(f)
+		if err != nil {
+			return "", err
+		}
+		tmpl.RevokedCertificateEntries = append(tmpl.RevokedCertificateEntries,
+			x509.RevocationListEntry{SerialNumber: c.SerialNumber, RevocationTime: now.Add(-time.Minute)})
+	}
+	der, err := x509.CreateRevocationList(rand.Reader, tmpl, ca.Cert, ca.key)
+	if err != nil {
+		return "", fmt.Errorf("harness: revocation list %s of %s: %w", name, ca.Name, err)
+	}
+	path := filepath.Join(ca.Dir, name+".crl")
+	return path, writePEM(path, "X509 CRL", der, 0o644)
+}
+
 // LoadCert parses the first certificate of a PEM file.
 func LoadCert(file string) (*x509.Certificate, error) {
 	b, err := os.ReadFile(file)

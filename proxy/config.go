@@ -67,6 +67,9 @@ type TLSInfo struct {
 	CAFile string
 	// ClientCertAuth, on a listener, requires a client certificate signed by CAFile.
 	ClientCertAuth bool
+	// CRLFile, on a listener, is a certificate revocation list (PEM or DER): a client certificate whose serial
+	// it lists is refused in the handshake, as etcd's --client-crl-file. Empty means no list.
+	CRLFile string
 	// InsecureSkipVerify, toward the upstream, accepts any server certificate (-k).
 	InsecureSkipVerify bool
 }
@@ -277,6 +280,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.ListenerTLS.CAFile, "trusted-ca-file", "", "verify client certificates with this CA bundle")
 	fs.StringVar(&c.ListenerTLS.CAFile, "trust-ca-file", "", "alias of --trusted-ca-file (the seed's README spelling)")
 	fs.BoolVar(&c.ListenerTLS.ClientCertAuth, "client-cert-auth", false, "require a client certificate signed by --trusted-ca-file")
+	fs.StringVar(&c.ListenerTLS.CRLFile, "client-crl-file", "", "refuse client certificates revoked by this certificate revocation list (PEM or DER)")
 	fs.StringVar(&c.Name, "name", c.Name, "member name reported in membership views")
 	fs.BoolVar(&c.ForwardMemberChanges, "forward-member-changes", false, "forward member add/update/remove upstream instead of rejecting them")
 	fs.BoolVar(&c.ReadOnly, "readonly", false, "answer every request but GET and HEAD with 501, as the stock readonly proxy does")
@@ -373,6 +377,9 @@ func (c *Config) Validate() error {
 	if c.ListenerTLS.ClientCertAuth && c.ListenerTLS.CAFile == "" {
 		add("--client-cert-auth needs --trusted-ca-file")
 	}
+	if c.ListenerTLS.CRLFile != "" && c.ListenerTLS.CAFile == "" {
+		add("--client-crl-file needs --trusted-ca-file")
+	}
 	if c.ListenerTLS.ClientCertAuth {
 		for _, u := range listen {
 			if strings.HasPrefix(u, "http://") {
@@ -385,8 +392,9 @@ func (c *Config) Validate() error {
 	}
 	for flagName, path := range map[string]string{
 		"--cert-file": c.ListenerTLS.CertFile, "--key-file": c.ListenerTLS.KeyFile,
-		"--trusted-ca-file": c.ListenerTLS.CAFile, "--upstream-ca-file": c.UpstreamTLS.CAFile,
-		"--upstream-cert-file": c.UpstreamTLS.CertFile, "--upstream-key-file": c.UpstreamTLS.KeyFile,
+		"--trusted-ca-file": c.ListenerTLS.CAFile, "--client-crl-file": c.ListenerTLS.CRLFile,
+		"--upstream-ca-file": c.UpstreamTLS.CAFile, "--upstream-cert-file": c.UpstreamTLS.CertFile,
+		"--upstream-key-file": c.UpstreamTLS.KeyFile,
 	} {
 		if path == "" {
 			continue

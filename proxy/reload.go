@@ -52,7 +52,7 @@ type fileStamp struct {
 
 func (s *certSide) files() []string {
 	var fs []string
-	for _, f := range []string{s.info.CertFile, s.info.KeyFile, s.info.CAFile} {
+	for _, f := range []string{s.info.CertFile, s.info.KeyFile, s.info.CAFile, s.info.CRLFile} {
 		if f != "" {
 			fs = append(fs, f)
 		}

@@ -3,6 +3,7 @@ package proxy
 import (
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"os"
 )
@@ -26,7 +27,42 @@ func (t TLSInfo) serverConfig() (*tls.Config, error) {
 			c.ClientAuth = tls.RequireAndVerifyClientCert
 		}
 	}
+	if t.CRLFile != "" {
+		revoked, err := loadCRL(t.CRLFile)
+		if err != nil {
+			return nil, err
+		}
+		c.VerifyConnection = func(cs tls.ConnectionState) error {
+			for _, cert := range cs.PeerCertificates {
+				if revoked[string(cert.SerialNumber.Bytes())] {
+					return fmt.Errorf("client certificate serial %x revoked", cert.SerialNumber.Bytes())
+				}
+			}
+			return nil
+		}
+	}
 	return c, nil
+}
+
+// loadCRL returns the serials a revocation list names. As etcd's --client-crl-file, the list is the operator's
+// file and its signature is not checked.
+func loadCRL(file string) (map[string]bool, error) {
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return nil, fmt.Errorf("reading the revocation list: %w", err)
+	}
+	if block, _ := pem.Decode(b); block != nil {
+		b = block.Bytes
+	}
+	crl, err := x509.ParseRevocationList(b)
+	if err != nil {
+		return nil, fmt.Errorf("parsing the revocation list %s: %w", file, err)
+	}
+	revoked := map[string]bool{}
+	for _, e := range crl.RevokedCertificateEntries {
+		revoked[string(e.SerialNumber.Bytes())] = true
+	}
+	return revoked, nil
 }
 
 func loadPool(file string) (*x509.CertPool, error) {
