@@ -72,14 +72,19 @@ func TestUpstreamIdentity(t *testing.T) {
 	as := func(p *harness.ProxyProxy, who string) harness.Endpoint {
 		return harness.Endpoint{URLs: p.Endpoint.URLs, TLS: certs[who]}
 	}
+	// alice writes as alice over gRPC and the gateway: in her prefix, and denied by etcd outside it.
+	actsAsAlice := func(t *testing.T, p *harness.ProxyProxy, mine, others string) {
+		t.Helper()
+		alice := secV3Client(t, as(p, "alice"))
+		mustPut(t, ctx, alice, mine)
+		wantEtcdDenied(t, ctx, alice, others)
+		gateway(t, ctx, as(p, "alice"), mine+"-gw", nil, http.StatusOK, "")
+		gateway(t, ctx, as(p, "alice"), others+"-gw", nil, http.StatusForbidden, "etcdserver: permission denied")
+	}
 
 	t.Run("shared", func(t *testing.T) {
 		p, _ := startProxy(proxy.IdentityShared)
-		alice := secV3Client(t, as(p, "alice"))
-		mustPut(t, ctx, alice, "/alice/shared")
-		wantEtcdDenied(t, ctx, alice, "/root/by-alice")
-		gateway(t, ctx, as(p, "alice"), "/alice/shared-gw", nil, http.StatusOK, "")
-		gateway(t, ctx, as(p, "alice"), "/root/by-alice-gw", nil, http.StatusForbidden, "etcdserver: permission denied")
+		actsAsAlice(t, p, "/alice/shared", "/root/by-alice")
 		// Documented: with --upstream-identity=shared a client without a pair acts as --upstream-cert-file.
 		for _, who := range []string{"mallory", "no-cert"} {
 			mustPut(t, ctx, secV3Client(t, as(p, who)), "/root/by-"+who)
@@ -88,11 +93,7 @@ func TestUpstreamIdentity(t *testing.T) {
 
 	t.Run("strict", func(t *testing.T) {
 		p, dir := startProxy(proxy.IdentityStrict)
-		alice := secV3Client(t, as(p, "alice"))
-		mustPut(t, ctx, alice, "/alice/strict")
-		wantEtcdDenied(t, ctx, alice, "/root/by-alice-strict")
-		gateway(t, ctx, as(p, "alice"), "/alice/strict-gw", nil, http.StatusOK, "")
-		gateway(t, ctx, as(p, "alice"), "/root/by-alice-strict-gw", nil, http.StatusForbidden, "etcdserver: permission denied")
+		actsAsAlice(t, p, "/alice/strict", "/root/by-alice-strict")
 
 		forged := map[string]string{"Grpc-Metadata-Etcd-Proxy-Proxy-Client-Identity": "alice",
 			"Etcd-Proxy-Proxy-Client-Identity": "alice"}

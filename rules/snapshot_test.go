@@ -217,6 +217,19 @@ func assertEmptyDir(t *testing.T, dir string) {
 	}
 }
 
+// runFailing runs r on resp, which must fail: no message reaches the client, the stream ends with code and a
+// message containing text, and the spool directory is left empty. It returns what the client read.
+func runFailing(t *testing.T, r *rules.Snapshot, resp *http.Response, code int, text string) []byte {
+	t.Helper()
+	msgs, raw := runSnapshotRule(t, r, resp)
+	if len(msgs) != 0 {
+		t.Errorf("%d messages sent, want none", len(msgs))
+	}
+	assertStatus(t, resp, code, text)
+	assertEmptyDir(t, r.SpoolDir)
+	return raw
+}
+
 func assertStatus(t *testing.T, resp *http.Response, code int, msg string) {
 	t.Helper()
 	if got := resp.Trailer.Get(rules.GRPCStatusHeader); got != strconv.Itoa(code) {
@@ -307,12 +320,7 @@ func TestSnapshotRewrite(t *testing.T) {
 		t.Parallel()
 		dir := t.TempDir()
 		resp, body := snapshotResponse(frames, statusOK(), nil)
-		msgs, _ := runSnapshotRule(t, &rules.Snapshot{Self: self, SpoolDir: dir, MaxBytes: int64(len(up.blobs()) - 1), Log: logs}, resp)
-		if len(msgs) != 0 {
-			t.Errorf("%d messages sent, want none", len(msgs))
-		}
-		assertStatus(t, resp, rules.CodeResourceExhausted, "--max-snapshot-bytes")
-		assertEmptyDir(t, dir)
+		runFailing(t, &rules.Snapshot{Self: self, SpoolDir: dir, MaxBytes: int64(len(up.blobs()) - 1), Log: logs}, resp, rules.CodeResourceExhausted, "--max-snapshot-bytes")
 		// Once, before the status is set: the rules below (GRPCStatus) rewrite trailers when it closes.
 		if body.closes != 1 {
 			t.Errorf("the upstream's stream was closed %d times, want once", body.closes)
@@ -331,12 +339,7 @@ func TestSnapshotRewrite(t *testing.T) {
 			bad = append(bad, grpcFrame(t, m, false)...)
 		}
 		resp, _ := snapshotResponse(bad, statusOK(), nil)
-		msgs, _ := runSnapshotRule(t, &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, resp)
-		if len(msgs) != 0 {
-			t.Errorf("%d messages sent, want none", len(msgs))
-		}
-		assertStatus(t, resp, rules.CodeDataLoss, "SHA-256")
-		assertEmptyDir(t, dir)
+		runFailing(t, &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, resp, rules.CodeDataLoss, "SHA-256")
 	})
 
 	t.Run("upstream-error", func(t *testing.T) {
@@ -345,34 +348,21 @@ func TestSnapshotRewrite(t *testing.T) {
 		half := grpcFrame(t, up.msgs[0], false)
 		trailer := http.Header{"Grpc-Status": {"14"}, "Grpc-Message": {"etcdserver: leader changed"}}
 		resp, _ := snapshotResponse(half, trailer, nil)
-		msgs, _ := runSnapshotRule(t, &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, resp)
-		if len(msgs) != 0 {
-			t.Errorf("%d messages sent, want none", len(msgs))
-		}
-		assertStatus(t, resp, 14, "etcdserver: leader changed")
-		assertEmptyDir(t, dir)
+		runFailing(t, &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, resp, 14, "etcdserver: leader changed")
 	})
 
 	t.Run("broken-stream", func(t *testing.T) {
 		t.Parallel()
 		dir := t.TempDir()
 		resp, _ := snapshotResponse(frames[:len(frames)/2], nil, io.ErrUnexpectedEOF)
-		msgs, _ := runSnapshotRule(t, &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, resp)
-		if len(msgs) != 0 {
-			t.Errorf("%d messages sent, want none", len(msgs))
-		}
-		assertStatus(t, resp, rules.CodeUnavailable, "broke off")
-		assertEmptyDir(t, dir)
+		runFailing(t, &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, resp, rules.CodeUnavailable, "broke off")
 	})
 
 	t.Run("no-status", func(t *testing.T) {
 		t.Parallel()
 		dir := t.TempDir()
 		resp, _ := snapshotResponse(frames, nil, nil)
-		if msgs, _ := runSnapshotRule(t, &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, resp); len(msgs) != 0 {
-			t.Errorf("%d messages sent, want none", len(msgs))
-		}
-		assertStatus(t, resp, rules.CodeUnavailable, "broke off")
+		runFailing(t, &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, resp, rules.CodeUnavailable, "broke off")
 	})
 
 	t.Run("not-a-database", func(t *testing.T) {
@@ -384,12 +374,10 @@ func TestSnapshotRewrite(t *testing.T) {
 		fr = append(fr, grpcFrame(t, &pb.SnapshotResponse{RemainingBytes: 0, Blob: junk}, false)...)
 		fr = append(fr, grpcFrame(t, &pb.SnapshotResponse{Blob: sum[:]}, false)...)
 		resp, _ := snapshotResponse(fr, statusOK(), nil)
-		msgs, raw := runSnapshotRule(t, &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, resp)
-		if len(msgs) != 0 || bytes.Contains(raw, []byte("10.0.0.1")) {
-			t.Errorf("%d messages sent, want none", len(msgs))
+		raw := runFailing(t, &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, resp, rules.CodeInternal, "could not rewrite")
+		if bytes.Contains(raw, []byte("10.0.0.1")) {
+			t.Error("the upstream's bytes reached the client")
 		}
-		assertStatus(t, resp, rules.CodeInternal, "could not rewrite")
-		assertEmptyDir(t, dir)
 	})
 
 	t.Run("client-gone", func(t *testing.T) {
