@@ -48,7 +48,7 @@ lint:
 	$(GO) tool staticcheck $(PKGS)
 
 demo:
-	$(GO) run ./cmd/etcd-proxy-proxy demo
+	$(GO) run ./cmd/demo
 
 # The benchmark of issue 5: members, stock proxies and proxy-proxies as separate processes, measured in one run;
 # table, CSV, JSON and PNG under results/. bench-smoke runs every row for a moment (CI runs it as bench's test).

@@ -1,5 +1,6 @@
 // Package cli is the etcd-proxy-proxy command: flags and environment to proxy.Config, the serve loop with its
-// signals, and the subcommands.
+// signals, and the version subcommand. The demo is a command of its own, cmd/demo, so that this one links no
+// test rig.
 package cli
 
 import (
@@ -38,7 +39,9 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	if len(args) > 1 {
 		switch args[1] {
 		case "demo":
-			return demo(args[2:], stdout, stderr)
+			// Older READMEs ran the demo as a subcommand: say where it went rather than parse "demo" as an argument.
+			fmt.Fprintln(stderr, "etcd-proxy-proxy: the demo is a command of its own now: go run ./cmd/demo [--dir DIR], in the source tree")
+			return exitUsage
 		case "version":
 			printVersion(stdout)
 			return exitOK
@@ -161,9 +164,10 @@ func splitUnknown(fs *flag.FlagSet, args []string) (known, unknown []string) {
 }
 
 func usage(w io.Writer, fs *flag.FlagSet) {
-	fmt.Fprintf(w, "Usage: %s --upstream URL [flags]\n       %s demo [--dir DIR]\n       %s version\n\n"+
-		"Every flag can also be set from the environment: --listen-client-urls is %sLISTEN_CLIENT_URLS.\n\nFlags:\n",
-		fs.Name(), fs.Name(), fs.Name(), proxy.EnvPrefix)
+	fmt.Fprintf(w, "Usage: %s --upstream URL [flags]\n       %s version\n\n"+
+		"Every flag can also be set from the environment: --listen-client-urls is %sLISTEN_CLIENT_URLS.\n"+
+		"The reference TLS deployment is a command of its own: go run ./cmd/demo, in the source tree.\n\nFlags:\n",
+		fs.Name(), fs.Name(), proxy.EnvPrefix)
 	fs.SetOutput(w)
 	fs.PrintDefaults()
 	fs.SetOutput(io.Discard)

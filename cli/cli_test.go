@@ -228,19 +228,16 @@ func TestSplitUnknown(t *testing.T) {
 	}
 }
 
-// The demo empties its directory on start: only one it made itself, never a directory with other files.
-func TestDemoRefusesForeignDir(t *testing.T) {
+// The demo is cmd/demo now: the old subcommand says so in one line and exits 2, whatever follows it. (The
+// directory holds a file so that a binary that still ran the demo refuses it at once instead of starting.)
+func TestDemoMoved(t *testing.T) {
 	t.Parallel()
 	dir := t.TempDir()
-	keep := filepath.Join(dir, "precious")
-	if err := os.WriteFile(keep, []byte("x"), 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "precious"), []byte("x"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	code, _, stderr := run("demo", "--dir", dir)
-	if code != exitUsage || !strings.Contains(stderr, "not made by the demo") {
-		t.Errorf("demo --dir with other files: exit %d, %q", code, stderr)
-	}
-	if _, err := os.Stat(keep); err != nil {
-		t.Errorf("the demo removed a file it did not make: %v", err)
+	code, stdout, stderr := run("demo", "--dir", dir)
+	if code != exitUsage || stdout != "" || strings.Count(stderr, "\n") != 1 || !strings.Contains(stderr, "go run ./cmd/demo") {
+		t.Errorf("etcd-proxy-proxy demo: exit %d, stdout %q, stderr %q; want 2 and one line naming go run ./cmd/demo", code, stdout, stderr)
 	}
 }

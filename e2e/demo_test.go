@@ -17,51 +17,86 @@ import (
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
 )
 
+// command is a command of this module, built once per test run.
+type command struct {
+	pkg  string // as go build takes it: ./cmd/...
+	once sync.Once
+	path string
+	err  error
+}
+
 var (
-	buildOnce sync.Once
-	binPath   string
-	buildErr  error
+	proxyCommand = &command{pkg: "./cmd/etcd-proxy-proxy"}
+	demoCommand  = &command{pkg: "./cmd/demo"}
 )
 
-// proxyBinary builds cmd/etcd-proxy-proxy once per test run.
-func proxyBinary(t testing.TB, ctx context.Context) string {
+func (c *command) build(t testing.TB, ctx context.Context) string {
 	t.Helper()
-	buildOnce.Do(func() {
+	c.once.Do(func() {
 		root, err := harness.ModuleRoot()
 		if err != nil {
-			buildErr = err
+			c.err = err
 			return
 		}
 		dir, err := os.MkdirTemp("", "epp-bin-")
 		if err != nil {
-			buildErr = err
+			c.err = err
 			return
 		}
-		binPath = filepath.Join(dir, "etcd-proxy-proxy")
-		cmd := exec.CommandContext(ctx, "go", "build", "-o", binPath, "./cmd/etcd-proxy-proxy")
+		c.path = filepath.Join(dir, filepath.Base(c.pkg))
+		cmd := exec.CommandContext(ctx, "go", "build", "-o", c.path, c.pkg)
 		cmd.Dir = root
 		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = fmt.Errorf("go build: %v\n%s", err, out)
+			c.err = fmt.Errorf("go build %s: %v\n%s", c.pkg, err, out)
 		}
 	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
+	if c.err != nil {
+		t.Fatal(c.err)
 	}
-	return binPath
+	return c.path
 }
 
-// TestDemo runs `etcd-proxy-proxy demo` as a user does: it must print working etcdctl lines (run here exactly
-// as printed, v2 and v3) and exit 0 soon after SIGINT. Everything runs in that one process, so its exit closes
-// every port it opened.
+// proxyBinary builds cmd/etcd-proxy-proxy once per test run.
+func proxyBinary(t testing.TB, ctx context.Context) string { return proxyCommand.build(t, ctx) }
+
+// readmeDemoCommand is the demo's line in README.md's "## The two commands", which must be `go run ./cmd/demo`
+// (the test runs the binary that go build makes of it: a signal to `go run` would not reach the demo).
+func readmeDemoCommand(t *testing.T) string {
+	t.Helper()
+	root, err := harness.ModuleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(root, "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, section, _ := strings.Cut(string(b), "\n## The two commands\n")
+	section, _, _ = strings.Cut(section, "\n## ")
+	for line := range strings.Lines(section) {
+		if cmd, _, _ := strings.Cut(line, "#"); strings.Contains(cmd, "demo") {
+			return strings.TrimSpace(cmd)
+		}
+	}
+	t.Fatal(`README.md: no demo command in "## The two commands"`)
+	return ""
+}
+
+// TestDemo runs the demo as a user does (README.md's `go run ./cmd/demo`): it must print working etcdctl lines
+// (run here exactly as printed, v2 and v3) and exit 0 soon after SIGINT. Everything runs in that one process, so
+// its exit closes every port it opened.
 func TestDemo(t *testing.T) {
 	t.Parallel()
+	if got, want := readmeDemoCommand(t), "go run "+demoCommand.pkg; got != want {
+		t.Fatalf("README.md runs the demo with %q, want %q", got, want)
+	}
 	ctx := testContext(t, 3*time.Minute)
-	bin := proxyBinary(t, ctx)
+	bin := demoCommand.build(t, ctx)
 	etcdctl, err := harness.Tool(ctx, "etcdctl")
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.CommandContext(ctx, bin, "demo", "--dir", filepath.Join(t.TempDir(), "demo"))
+	cmd := exec.CommandContext(ctx, bin, "--dir", filepath.Join(t.TempDir(), "demo"))
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)

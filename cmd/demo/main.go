@@ -1,4 +1,7 @@
-package cli
+// Command demo runs etcd-proxy-proxy's reference TLS deployment in one process: `go run ./cmd/demo [--dir DIR]`.
+// It is a command of its own so that the product binary does not link the harness (embedded etcd members,
+// raft, testing and the goldens' -update flag).
+package main
 
 import (
 	"context"
@@ -20,6 +23,15 @@ import (
 // demoStartTimeout bounds the start of the whole reference deployment.
 const demoStartTimeout = 2 * time.Minute
 
+// Exit statuses, as etcd-proxy-proxy's.
+const (
+	exitOK    = 0
+	exitError = 1
+	exitUsage = 2
+)
+
+func main() { os.Exit(demo(os.Args[1:], os.Stdout, os.Stderr)) }
+
 // demo runs the reference TLS deployment in this process until SIGINT/SIGTERM:
 //
 //	3 TLS members (cluster CA) ← stock v2 proxy (etcd --proxy=on) ← proxy-proxy ← proxy-proxy   v2, the seed's layout
@@ -28,7 +40,7 @@ const demoStartTimeout = 2 * time.Minute
 // The stock v2 proxy relays no gRPC, so the v3 lines use the second chain. Listeners that clients see use the
 // client CA; everything toward the members uses the cluster CA.
 func demo(args []string, stdout, stderr io.Writer) int {
-	fs := flag.NewFlagSet("etcd-proxy-proxy demo", flag.ContinueOnError)
+	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	dir := fs.String("dir", filepath.Join(os.TempDir(), "etcd-proxy-proxy-demo"),
 		"directory for the certificates and the members' data; emptied first if an earlier demo made it, refused if it holds anything else")
@@ -84,7 +96,12 @@ func demo(args []string, stdout, stderr io.Writer) int {
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP)
 	defer signal.Stop(sig)
-	return waitAndShutdown(log, sig, nil, nil, 0, func(context.Context) error { return nil })
+	for s := range sig { // SIGHUP, on which Go would exit, has nothing to reload here
+		if s != syscall.SIGHUP {
+			break
+		}
+	}
+	return exitOK // the deferred env.Close stops everything
 }
 
 func printDemo(w io.Writer, env *harness.Env, seed, v3 *harness.Running) {
