@@ -35,7 +35,8 @@ type Forwarder struct {
 	h1        *h1Transport    // plain-HTTP upstreams, HTTP/1.1 (h1.go)
 	transport *http.Transport // TLS upstreams: HTTP/1.1, or HTTP/2 where TLS negotiates it; upgrades
 	grpc      *http.Transport // HTTP/2 only: h2c toward http:// upstreams
-	gateway   *gateway        // the v3 JSON gateway, calling back into rp over gRPC
+	core      *grpcCore       // v3 gRPC, on grpc-go's transport (grpccore.go)
+	gateway   *gateway        // the v3 JSON gateway, calling the gRPC core in memory
 	// maxRequestBytes bounds a request body, or each message of a gRPC stream.
 	maxRequestBytes int64
 	// drain is cancelled, with errShuttingDown, when the server shuts down: open streams end (drain.go).
@@ -91,6 +92,7 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 		for _, u := range gone {
 			f.h1.closeIdleTo(u.Host)
 		}
+		f.core.dropConns(gone)
 	}
 	// The files as they are now; with the operations side, reload.go takes over the handshakes (useUpstreamTLS).
 	upTLS, err := loadUpstream(cfg.UpstreamTLS)
@@ -164,7 +166,8 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 		BufferPool:     bufferPool{},
 		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelDebug),
 	}
-	if f.gateway, err = newGateway(http.HandlerFunc(f.serveGatewayCall)); err != nil { // streams.go
+	f.core = newGRPCCore(f, cfg, rs)
+	if f.gateway, err = newGateway(f.core.srv); err != nil {
 		return nil, err
 	}
 	return f, nil
@@ -172,6 +175,10 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 
 // ServeHTTP implements http.Handler.
 func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if rules.IsGRPC(r) {
+		f.core.srv.ServeHTTP(w, r) // a gRPC call that came to the HTTP server (a connection that began with another request)
+		return
+	}
 	r, ok := f.limitRequest(w, r) // bounds.go
 	if !ok {
 		return
@@ -182,7 +189,6 @@ func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		defer done()
 	}
 	switch {
-	case rules.IsGRPC(r):
 	case isGatewayPath(r.URL.Path):
 		f.gateway.handler.ServeHTTP(w, r)
 		return
@@ -195,6 +201,8 @@ func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // Close drops idle upstream connections.
 func (f *Forwarder) Close() {
 	f.gateway.close()
+	f.core.srv.Stop()
+	f.core.close()
 	f.h1.CloseIdleConnections()
 	f.transport.CloseIdleConnections()
 	f.grpc.CloseIdleConnections()

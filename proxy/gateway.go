@@ -31,30 +31,23 @@ const GatewayTimeout = 30 * time.Second
 type gateway struct {
 	handler http.Handler
 	conn    *grpc.ClientConn
-	srv     *http.Server
 	ln      *pipeListener
 	cancel  context.CancelFunc
 }
 
-func newGateway(grpcHandler http.Handler) (*gateway, error) {
+// newGateway starts the gateway; its gRPC calls go to srv over an in-memory connection. One connection carries
+// every gateway call, so its calls have no connection affinity: each goes to the next available endpoint in turn
+// (endpoints.go). Only on that connection is the client identity entry believed (identity.go).
+func newGateway(srv *grpc.Server) (*gateway, error) {
 	g := &gateway{ln: newPipeListener()}
-	// One in-memory connection carries every gateway call, so its calls have no connection affinity: each goes
-	// to the next available endpoint in turn (endpoints.go).
-	g.srv = &http.Server{Handler: grpcHandler, Protocols: new(http.Protocols)}
-	g.srv.Protocols.SetUnencryptedHTTP2(true)
-	g.srv.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: 1 << 20}
-	// Its requests are the gateway's own: only there is the client identity entry believed (identity.go).
-	g.srv.ConnContext = func(ctx context.Context, _ net.Conn) context.Context {
-		return context.WithValue(ctx, gatewayConnKey{}, true)
-	}
-	go func() { _ = g.srv.Serve(g.ln) }()
+	go func() { _ = srv.Serve(g.ln) }()
 	conn, err := grpc.NewClient("passthrough:///etcd-proxy-proxy", append([]grpc.DialOption{
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return g.ln.dial(ctx) }),
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32)),
 	}, gatewayIdentityOptions...)...) // every call carries its client's identity (identity.go)
 	if err != nil {
-		_ = g.srv.Close()
+		_ = g.ln.Close()
 		return nil, fmt.Errorf("gateway connection: %w", err)
 	}
 	g.conn = conn
@@ -135,7 +128,7 @@ func (g *gateway) close() {
 	if g.conn != nil {
 		_ = g.conn.Close()
 	}
-	_ = g.srv.Close()
+	_ = g.ln.Close()
 }
 
 // pipeListener is an in-memory listener: dial hands one end of a net.Pipe to Accept.

@@ -73,11 +73,14 @@ func validCN(cn string) bool {
 
 // verifiedCN is the common name of the client certificate the listener verified, or "" when the client
 // presented none that was verified (a plain listener, no --trusted-ca-file).
-func verifiedCN(r *http.Request) string {
-	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 || len(r.TLS.VerifiedChains[0]) == 0 {
+func verifiedCN(r *http.Request) string { return verifiedCNOf(r.TLS) }
+
+// verifiedCNOf is verifiedCN of a TLS connection's state (nil: none).
+func verifiedCNOf(state *tls.ConnectionState) string {
+	if state == nil || len(state.VerifiedChains) == 0 || len(state.VerifiedChains[0]) == 0 {
 		return ""
 	}
-	return r.TLS.VerifiedChains[0][0].Subject.CommonName
+	return state.VerifiedChains[0][0].Subject.CommonName
 }
 
 // upstreamIdentity is one pair of --upstream-cert-dir and the transports that present it.

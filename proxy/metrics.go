@@ -327,6 +327,24 @@ func (r *countedRule) Response(resp *http.Response) (rules.BodyFunc, error) {
 	return fn, err
 }
 
+// Claim implements rules.MessageRule for the rules that have a message half.
+func (r *countedRule) Claim(m *rules.Method) rules.Claim {
+	if mr, ok := r.Rule.(rules.MessageRule); ok {
+		return mr.Claim(m)
+	}
+	return rules.ClaimNone
+}
+
+// Serve implements rules.MessageRule: a call the rule answers without calling next counts as answered.
+func (r *countedRule) Serve(s rules.Stream, next rules.Handler) error {
+	called := false
+	err := r.Rule.(rules.MessageRule).Serve(s, func(s rules.Stream) error { called = true; return next(s) })
+	if !called {
+		r.answered.Inc()
+	}
+	return err
+}
+
 // countRules wraps every rule of the chain with its pre-resolved counters.
 func (m *metrics) countRules(rs []rules.Rule) []rules.Rule {
 	out := make([]rules.Rule, len(rs))

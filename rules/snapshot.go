@@ -4,30 +4,26 @@ import (
 	"bufio"
 	"bytes"
 	"crypto/sha256"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"hash"
 	"io"
 	"log/slog"
-	"net/http"
 	"os"
 	"regexp"
 	"runtime/debug"
-	"strconv"
 
 	bolt "go.etcd.io/bbolt"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
 )
 
 // DefaultMaxSnapshotBytes bounds a snapshot spooled from the upstream: etcd's largest recommended
 // --quota-backend-bytes (8 GiB), so that the proxy refuses no database its members may hold.
 const DefaultMaxSnapshotBytes = 8 << 30
-
-// CodeDataLoss is the gRPC status of a snapshot that fails its SHA-256 check (google.golang.org/grpc/codes).
-const CodeDataLoss = 15
 
 const methodSnapshot = "/etcdserverpb.Maintenance/Snapshot"
 
@@ -74,263 +70,202 @@ func snapshotRule(o Options) *Snapshot {
 // Name implements Rule.
 func (*Snapshot) Name() string { return "snapshot" }
 
-// Response implements Rule: it replaces the body of a snapshot stream with the rewritten one. Trailers-only
-// answers (errors) pass untouched.
-func (s *Snapshot) Response(resp *http.Response) (BodyFunc, error) {
-	req := resp.Request
-	if req == nil || req.URL.Path != methodSnapshot || !IsGRPC(req) || resp.StatusCode != http.StatusOK ||
-		resp.Header.Get(GRPCStatusHeader) != "" {
-		return nil, nil
+// Claim implements MessageRule: the messages of Maintenance.Snapshot.
+func (s *Snapshot) Claim(m *Method) Claim {
+	if m.Name == methodSnapshot {
+		return ClaimMessages
 	}
-	resp.Header.Del("Content-Length")
-	resp.ContentLength = -1
-	resp.Body = &snapshotBody{rule: s, resp: resp, up: resp.Body}
-	return nil, nil
+	return ClaimNone
+}
+
+// Serve implements MessageRule: it spools the upstream's stream, checks and rewrites it, and sends the copy.
+// An upstream that ends the stream with an error status passes it on as it is.
+func (s *Snapshot) Serve(st Stream, next Handler) error {
+	w := &snapshotCall{rule: s}
+	defer w.release()
+	if err := w.startSpool(); err != nil {
+		return w.fail(err)
+	}
+	err := next(&StreamFuncs{Stream: st, Send: func(m any) error {
+		msg, ok := m.(*pb.SnapshotResponse)
+		if !ok {
+			return &snapshotError{codes.Internal, msgSnapshotMalformed, fmt.Errorf("a %T", m)}
+		}
+		return w.add(msg)
+	}})
+	var se *snapshotError
+	switch {
+	case errors.As(err, &se):
+		return w.fail(se)
+	case err != nil:
+		return err // the upstream's status, or the client went away
+	}
+	if err := w.prepare(); err != nil {
+		return w.fail(err)
+	}
+	for !w.done {
+		msg, err := w.next()
+		if err != nil {
+			return w.fail(&snapshotError{codes.Internal, msgSnapshotRewrite, err})
+		}
+		if err := st.SendMsg(msg); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // snapshotChunk is the blob size of each message sent, as etcd's snapshotSendBufferSize.
 const snapshotChunk = 32 << 10
 
-// maxSnapshotMessage bounds one message of the upstream's stream (etcd sends 32 KiB blobs).
-const maxSnapshotMessage = 4 << 20
-
 // snapshotTxMaxSize is how much the compaction copies per bbolt transaction: it bounds the copy's memory.
 const snapshotTxMaxSize = 8 << 20
 
-// snapshotBody is the rewritten stream. Its first Read spools, checks and copies the upstream's snapshot; the
-// following ones frame the copy. It is read and closed by the one goroutine that serves the response, which
-// also reads the upstream body, so the upstream's trailers (resp.Trailer) are complete when it looks at them.
-type snapshotBody struct {
-	rule     *Snapshot
-	resp     *http.Response
-	up       io.ReadCloser
-	upClosed bool
+// snapshotCall is one snapshot on its way: the spool of the upstream's blobs, then the rewritten copy.
+type snapshotCall struct {
+	rule *Snapshot
 
-	started, done bool
-	out           []byte // framed bytes not yet read
-	msg           []byte // buffer of the next message
+	// Spooling.
+	spool   *os.File
+	w       *bufio.Writer
+	tail    *tailHasher
+	total   int64
+	started bool
 
 	// The upstream's first message: its header and version go on our first one.
 	header  *pb.ResponseHeader
 	version string
 
-	files     []string // temporary files, removed by Close
+	files     []string // temporary files, removed by release
 	db        *os.File // the rewritten database
 	remaining int64    // its bytes not yet sent
 	sent      bool     // the first message went out
+	done      bool     // the last message went out
 	sum       hash.Hash
 	blob      []byte
 }
 
 // snapshotError ends the stream with a gRPC status; err is for the log.
 type snapshotError struct {
-	code int
+	code codes.Code
 	msg  string
 	err  error
 }
 
 func (e *snapshotError) Error() string { return e.msg + ": " + e.err.Error() }
 
-// errUpstreamStatus: the upstream ended the stream with an error status, which passes on as it is.
-var errUpstreamStatus = errors.New("the upstream ended the snapshot with an error")
-
-func (b *snapshotBody) Read(p []byte) (int, error) {
-	if !b.started {
-		b.started = true
-		if err := b.prepare(); err != nil {
-			b.fail(err)
-		}
-	}
-	for len(b.out) == 0 {
-		if b.done {
-			return 0, io.EOF
-		}
-		if err := b.next(); err != nil {
-			b.fail(&snapshotError{CodeInternal, msgSnapshotRewrite, err})
-		}
-	}
-	n := copy(p, b.out)
-	b.out = b.out[n:]
-	return n, nil
-}
-
-// Close ends the upstream's stream and removes the temporary files.
-func (b *snapshotBody) Close() error {
-	b.done = true
-	err := b.closeUp()
-	b.release()
-	return err
-}
-
-// closeUp closes the upstream's body once: closing it again would let the rules below (GRPCStatus) rewrite the
-// status that fail set.
-func (b *snapshotBody) closeUp() error {
-	if b.upClosed {
-		return nil
-	}
-	b.upClosed = true
-	return b.up.Close()
-}
-
-// release closes and removes the temporary files.
-func (b *snapshotBody) release() {
-	if b.db != nil {
-		_ = b.db.Close()
-		b.db = nil
-	}
-	for _, f := range b.files {
-		_ = os.Remove(f)
-	}
-	b.files = nil
-}
-
-// fail ends the stream: with the upstream's status as it is, or with ours in the trailers.
-func (b *snapshotBody) fail(err error) {
-	b.done, b.out = true, nil
-	_ = b.closeUp()
-	b.release()
-	if errors.Is(err, errUpstreamStatus) {
-		return
-	}
+// fail logs why the snapshot failed and returns the status the client gets.
+func (w *snapshotCall) fail(err error) error {
 	var se *snapshotError
 	if !errors.As(err, &se) {
-		se = &snapshotError{CodeInternal, msgSnapshotRewrite, err}
+		se = &snapshotError{codes.Internal, msgSnapshotRewrite, err}
 	}
-	log := b.rule.Log
+	log := w.rule.Log
 	if log == nil {
 		log = slog.Default()
 	}
 	log.Warn("snapshot failed", "code", se.code, "err", se)
-	if b.resp.Trailer == nil {
-		b.resp.Trailer = http.Header{}
-	}
-	b.resp.Trailer.Del(GRPCDetailsHeader)
-	b.resp.Trailer.Set(GRPCStatusHeader, strconv.Itoa(se.code))
-	b.resp.Trailer.Set(GRPCMessageHeader, encodeGRPCMessage(se.msg))
+	return status.Error(se.code, se.msg)
 }
 
-// prepare spools the upstream's snapshot, checks it and leaves the rewritten copy open in b.db. A database
-// from the upstream is a file bbolt maps into memory: a corrupt one must fail this call, not the process.
-func (b *snapshotBody) prepare() (err error) {
-	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
-	defer func() {
-		if r := recover(); r != nil {
-			err = &snapshotError{CodeInternal, msgSnapshotRewrite, fmt.Errorf("panic: %v", r)}
+// release closes and removes the temporary files.
+func (w *snapshotCall) release() {
+	for _, f := range []*os.File{w.spool, w.db} {
+		if f != nil {
+			_ = f.Close()
 		}
-	}()
-	spool, err := b.spool()
-	if err != nil {
-		return err
 	}
-	copyPath, size, err := b.rewrite(spool)
-	if err != nil {
-		return err
+	for _, f := range w.files {
+		_ = os.Remove(f)
 	}
-	_ = os.Remove(spool) // the disk it holds is free before the copy is sent
-	if b.db, err = os.Open(copyPath); err != nil {
-		return &snapshotError{CodeInternal, msgSnapshotSpool, err}
-	}
-	b.remaining, b.sum = size, sha256.New()
-	return nil
+	w.files = nil
 }
 
-func (b *snapshotBody) maxBytes() int64 {
-	if b.rule.MaxBytes > 0 {
-		return b.rule.MaxBytes
+func (w *snapshotCall) maxBytes() int64 {
+	if w.rule.MaxBytes > 0 {
+		return w.rule.MaxBytes
 	}
 	return DefaultMaxSnapshotBytes
 }
 
-func (b *snapshotBody) tempFile() (*os.File, error) {
-	f, err := os.CreateTemp(b.rule.SpoolDir, "etcd-proxy-proxy-snapshot-*.db")
+func (w *snapshotCall) tempFile() (*os.File, error) {
+	f, err := os.CreateTemp(w.rule.SpoolDir, "etcd-proxy-proxy-snapshot-*.db")
 	if err != nil {
-		return nil, &snapshotError{CodeInternal, msgSnapshotSpool, err}
+		return nil, &snapshotError{codes.Internal, msgSnapshotSpool, err}
 	}
-	b.files = append(b.files, f.Name())
+	w.files = append(w.files, f.Name())
 	return f, nil
 }
 
-// spool writes the upstream's blobs to a file and checks the trailing SHA-256 of the database, which it cuts
-// off. It returns the file's path.
-func (b *snapshotBody) spool() (string, error) {
-	f, err := b.tempFile()
+func (w *snapshotCall) startSpool() error {
+	f, err := w.tempFile()
 	if err != nil {
-		return "", err
+		return err
 	}
-	defer f.Close()
-	w := bufio.NewWriterSize(f, 64<<10)
-	sum := &tailHasher{h: sha256.New()}
-	r := bufio.NewReaderSize(b.up, 64<<10)
-	limit := b.maxBytes()
-	var (
-		total int64
-		frame []byte
-		msg   pb.SnapshotResponse
-	)
-	tooLarge := func(n int64) error {
-		return &snapshotError{CodeResourceExhausted, fmt.Sprintf("%s (%d bytes)", msgSnapshotTooLarge, limit),
-			fmt.Errorf("%d bytes announced or received", n)}
+	w.spool, w.w, w.tail = f, bufio.NewWriterSize(f, 64<<10), &tailHasher{h: sha256.New()}
+	return nil
+}
+
+func (w *snapshotCall) tooLarge(n int64) error {
+	return &snapshotError{codes.ResourceExhausted, fmt.Sprintf("%s (%d bytes)", msgSnapshotTooLarge, w.maxBytes()),
+		fmt.Errorf("%d bytes announced or received", n)}
+}
+
+// add spools one message of the upstream's stream.
+func (w *snapshotCall) add(msg *pb.SnapshotResponse) error {
+	limit := w.maxBytes()
+	if !w.started {
+		w.started = true
+		w.header, w.version = msg.Header, snapshotVersion(msg.XXX_unrecognized)
+		if announced := int64(len(msg.Blob)) + int64(min(msg.RemainingBytes, uint64(limit))) + sha256.Size; announced > limit {
+			return w.tooLarge(announced)
+		}
 	}
-	for first := true; ; first = false {
-		var hdr [5]byte
-		if _, err := io.ReadFull(r, hdr[:]); err == io.EOF {
-			break
-		} else if err != nil {
-			return "", &snapshotError{CodeUnavailable, msgSnapshotBroken, err}
-		}
-		n := binary.BigEndian.Uint32(hdr[1:])
-		if n > maxSnapshotMessage {
-			return "", &snapshotError{CodeInternal, msgSnapshotMalformed, fmt.Errorf("a message of %d bytes", n)}
-		}
-		frame = grow(frame, 5+int(n))
-		copy(frame, hdr[:])
-		if _, err := io.ReadFull(r, frame[5:]); err != nil {
-			return "", &snapshotError{CodeUnavailable, msgSnapshotBroken, err}
-		}
-		payload, err := unframe(frame)
-		if err == nil {
-			blob := msg.Blob[:0] // Unmarshal appends to it: one buffer for every blob
-			msg.Reset()
-			msg.Blob = blob
-			err = msg.Unmarshal(payload)
-		}
-		if err != nil {
-			return "", &snapshotError{CodeInternal, msgSnapshotMalformed, err}
-		}
-		if first {
-			b.header, b.version = msg.Header, snapshotVersion(msg.XXX_unrecognized)
-			if announced := int64(len(msg.Blob)) + int64(min(msg.RemainingBytes, uint64(limit))) + sha256.Size; announced > limit {
-				return "", tooLarge(announced)
-			}
-		}
-		if total += int64(len(msg.Blob)); total > limit {
-			return "", tooLarge(total)
-		}
-		if _, err := w.Write(msg.Blob); err != nil {
-			return "", &snapshotError{CodeResourceExhausted, msgSnapshotSpool, err}
-		}
-		sum.Write(msg.Blob)
+	if w.total += int64(len(msg.Blob)); w.total > limit {
+		return w.tooLarge(w.total)
 	}
-	switch st := b.resp.Trailer.Get(GRPCStatusHeader); st {
-	case "0":
-	case "":
-		return "", &snapshotError{CodeUnavailable, msgSnapshotBroken, errors.New("the stream ended without a status")}
-	default:
-		return "", errUpstreamStatus
+	if _, err := w.w.Write(msg.Blob); err != nil {
+		return &snapshotError{codes.ResourceExhausted, msgSnapshotSpool, err}
 	}
-	if !sum.full || !bytes.Equal(sum.Sum(), sum.tail[:]) {
-		return "", &snapshotError{CodeDataLoss, msgSnapshotHash, fmt.Errorf("%d bytes received", total)}
+	w.tail.Write(msg.Blob)
+	return nil
+}
+
+// prepare checks the spooled snapshot's SHA-256, cuts it off, and leaves the rewritten copy open in w.db. A
+// database from the upstream is a file bbolt maps into memory: a corrupt one must fail this call, not the
+// process.
+func (w *snapshotCall) prepare() (err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			err = &snapshotError{codes.Internal, msgSnapshotRewrite, fmt.Errorf("panic: %v", r)}
+		}
+	}()
+	if !w.tail.full || !bytes.Equal(w.tail.Sum(), w.tail.tail[:]) {
+		return &snapshotError{codes.DataLoss, msgSnapshotHash, fmt.Errorf("%d bytes received", w.total)}
 	}
-	if err := w.Flush(); err != nil {
-		return "", &snapshotError{CodeResourceExhausted, msgSnapshotSpool, err}
+	if err := w.w.Flush(); err != nil {
+		return &snapshotError{codes.ResourceExhausted, msgSnapshotSpool, err}
 	}
-	if err := f.Truncate(total - sha256.Size); err != nil {
-		return "", &snapshotError{CodeInternal, msgSnapshotSpool, err}
+	if err := w.spool.Truncate(w.total - sha256.Size); err != nil {
+		return &snapshotError{codes.Internal, msgSnapshotSpool, err}
 	}
-	if err := f.Close(); err != nil {
-		return "", &snapshotError{CodeInternal, msgSnapshotSpool, err}
+	spool := w.spool.Name()
+	err = w.spool.Close()
+	w.spool = nil
+	if err != nil {
+		return &snapshotError{codes.Internal, msgSnapshotSpool, err}
 	}
-	return f.Name(), nil
+	copyPath, size, err := w.rewrite(spool)
+	if err != nil {
+		return err
+	}
+	_ = os.Remove(spool) // the disk it holds is free before the copy is sent
+	if w.db, err = os.Open(copyPath); err != nil {
+		return &snapshotError{codes.Internal, msgSnapshotSpool, err}
+	}
+	w.remaining, w.sum = size, sha256.New()
+	return nil
 }
 
 // tailHasher hashes everything written to it but the last sha256.Size bytes, which it keeps: a snapshot's
@@ -363,32 +298,32 @@ func (t *tailHasher) Sum() []byte { return t.h.Sum(nil) }
 // rewrite gives the spooled database a membership of Self alone and copies it into a fresh file with bbolt's
 // compaction, which copies the live keys only: the old member records in the spooled file's freed pages stay
 // behind. It returns the copy's path and the size to send (the copy's last page).
-func (b *snapshotBody) rewrite(spool string) (string, int64, error) {
+func (w *snapshotCall) rewrite(spool string) (string, int64, error) {
 	src, err := bolt.Open(spool, 0o600, &bolt.Options{NoSync: true, NoGrowSync: true})
 	if err != nil {
-		return "", 0, &snapshotError{CodeInternal, msgSnapshotRewrite, fmt.Errorf("opening the upstream's database: %w", err)}
+		return "", 0, &snapshotError{codes.Internal, msgSnapshotRewrite, fmt.Errorf("opening the upstream's database: %w", err)}
 	}
 	defer src.Close()
-	if err := src.Update(func(tx *bolt.Tx) error { return rewriteMembership(tx, b.rule.Self) }); err != nil {
-		return "", 0, &snapshotError{CodeInternal, msgSnapshotRewrite, err}
+	if err := src.Update(func(tx *bolt.Tx) error { return rewriteMembership(tx, w.rule.Self) }); err != nil {
+		return "", 0, &snapshotError{codes.Internal, msgSnapshotRewrite, err}
 	}
-	f, err := b.tempFile()
+	f, err := w.tempFile()
 	if err != nil {
 		return "", 0, err
 	}
 	_ = f.Close()
 	dst, err := bolt.Open(f.Name(), 0o600, &bolt.Options{NoSync: true, NoGrowSync: true})
 	if err != nil {
-		return "", 0, &snapshotError{CodeInternal, msgSnapshotRewrite, err}
+		return "", 0, &snapshotError{codes.Internal, msgSnapshotRewrite, err}
 	}
 	defer dst.Close()
 	if err := bolt.Compact(dst, src, snapshotTxMaxSize); err != nil {
-		return "", 0, &snapshotError{CodeInternal, msgSnapshotRewrite, fmt.Errorf("compaction: %w", err)}
+		return "", 0, &snapshotError{codes.Internal, msgSnapshotRewrite, fmt.Errorf("compaction: %w", err)}
 	}
 	var size int64
 	_ = dst.View(func(tx *bolt.Tx) error { size = tx.Size(); return nil })
 	if err := dst.Close(); err != nil {
-		return "", 0, &snapshotError{CodeInternal, msgSnapshotRewrite, err}
+		return "", 0, &snapshotError{codes.Internal, msgSnapshotRewrite, err}
 	}
 	return f.Name(), size, nil
 }
@@ -474,47 +409,36 @@ func recreateBucket(tx *bolt.Tx, name []byte) (*bolt.Bucket, error) {
 	return b, nil
 }
 
-// next frames the next message of the rewritten stream: the database in snapshotChunk blobs, then its SHA-256
-// with remaining_bytes 0, as etcd sends them.
-func (b *snapshotBody) next() error {
-	var m pb.SnapshotResponse
+// next is the next message of the rewritten stream: the database in snapshotChunk blobs, then its SHA-256 with
+// remaining_bytes 0, as etcd sends them. Its blob is reused by the call after it.
+func (w *snapshotCall) next() (*pb.SnapshotResponse, error) {
+	m := &pb.SnapshotResponse{}
 	switch {
-	case b.remaining > 0:
-		n := min(b.remaining, snapshotChunk)
-		b.blob = grow(b.blob, int(n))
-		if _, err := io.ReadFull(b.db, b.blob); err != nil {
-			return err
+	case w.remaining > 0:
+		n := min(w.remaining, snapshotChunk)
+		w.blob = grow(w.blob, int(n))
+		if _, err := io.ReadFull(w.db, w.blob); err != nil {
+			return nil, err
 		}
-		b.sum.Write(b.blob)
-		b.remaining -= n
-		m.RemainingBytes, m.Blob = uint64(b.remaining), b.blob
+		w.sum.Write(w.blob)
+		w.remaining -= n
+		m.RemainingBytes, m.Blob = uint64(w.remaining), w.blob
 	default:
-		m.Blob = b.sum.Sum(nil)
-		b.done = true
+		m.Blob = w.sum.Sum(nil)
+		w.done = true
 	}
-	var version []byte
-	if !b.sent {
-		b.sent = true
-		h := &pb.ResponseHeader{MemberId: b.rule.Self.ID}
-		if u := b.header; u != nil {
+	if !w.sent {
+		w.sent = true
+		h := &pb.ResponseHeader{MemberId: w.rule.Self.ID}
+		if u := w.header; u != nil {
 			h.ClusterId, h.Revision, h.RaftTerm = u.ClusterId, u.Revision, u.RaftTerm
 		}
 		m.Header = h
-		if b.version != "" {
-			version = protowire.AppendString(protowire.AppendTag(nil, snapshotVersionField, protowire.BytesType), b.version)
+		if w.version != "" {
+			m.XXX_unrecognized = protowire.AppendString(protowire.AppendTag(nil, snapshotVersionField, protowire.BytesType), w.version)
 		}
 	}
-	size := m.Size() + len(version)
-	b.msg = grow(b.msg, 5+size)
-	b.msg[0] = 0
-	binary.BigEndian.PutUint32(b.msg[1:5], uint32(size))
-	n, err := m.MarshalTo(b.msg[5:])
-	if err != nil {
-		return err
-	}
-	copy(b.msg[5+n:], version)
-	b.out = b.msg
-	return nil
+	return m, nil
 }
 
 // grow returns b with length n, reusing its array when it is large enough.
@@ -555,4 +479,7 @@ func snapshotVersion(unknown []byte) string {
 	return ""
 }
 
-var _ Rule = (*Snapshot)(nil)
+var (
+	_ Rule        = (*Snapshot)(nil)
+	_ MessageRule = (*Snapshot)(nil)
+)

@@ -1,0 +1,719 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"net"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/credentials/insecure"
+	_ "google.golang.org/grpc/encoding/gzip" // clients may compress their messages, as etcd accepts
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/mem"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/stats"
+	"google.golang.org/grpc/status"
+
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
+)
+
+// grpcCore serves v3 gRPC on grpc-go's own transport, both sides: a grpc.Server whose unknown-service handler
+// takes every method, and one multiplexed grpc.ClientConn per upstream endpoint and upstream identity. Messages
+// pass as the bytes they came as (the frame codec), and are decoded only for the methods a message rule claims.
+type grpcCore struct {
+	f     *Forwarder
+	srv   *grpc.Server
+	rules []rules.MessageRule
+	// chains: per method etcd serves, the rules that claim it; methods nobody serves are looked up per call.
+	chains map[string]*methodChain
+	conns  sync.Map // connKey → *grpc.ClientConn
+	mu     sync.Mutex
+	closed bool
+
+	dialOpts []grpc.DialOption
+	// done, if set, is told of every finished call (metrics and the access log).
+	done func(c *serverCall, code codes.Code, d time.Duration)
+	// countError, if set, counts a failure by reason.
+	countError func(reason string)
+}
+
+// Server-side keep-alive enforcement as etcd's (--grpc-keepalive-min-time): grpc-go's default (5 minutes) would
+// send GOAWAY to clients that ping every 30 s (etcd's clients) or less.
+const grpcMinPingInterval = 5 * time.Second
+
+func newGRPCCore(f *Forwarder, cfg *Config, rs []rules.Rule) *grpcCore {
+	c := &grpcCore{f: f, chains: map[string]*methodChain{}}
+	for _, r := range rs {
+		if mr, ok := r.(rules.MessageRule); ok {
+			c.rules = append(c.rules, mr)
+		}
+	}
+	for _, m := range rules.Methods() {
+		c.chains[m.Name] = c.chainOf(m)
+	}
+	c.srv = grpc.NewServer(
+		grpc.UnknownServiceHandler(c.handle),
+		grpc.ForceServerCodecV2(frameCodec{}),
+		grpc.Creds(serverCreds{}),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: grpcMinPingInterval, PermitWithoutStream: true}),
+		grpc.MaxRecvMsgSize(int(min(f.maxRequestBytes, math.MaxInt32))),
+		grpc.MaxSendMsgSize(math.MaxInt32),
+		grpc.MaxConcurrentStreams(math.MaxUint32),
+		grpc.StatsHandler(connTagger{}),
+		grpc.SharedWriteBuffer(true),
+		grpc.WaitForHandlers(true),
+	)
+	pingAfter, pingTimeout := cfg.upstreamKeepAlive()
+	opts := []grpc.DialOption{
+		// The one dialer of upstream connections (a tunnel later replaces it); TLS goes on top in upstreamCreds.
+		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+			return f.dialTCP(ctx, "tcp", addr)
+		}),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32), grpc.MaxCallSendMsgSize(math.MaxInt32),
+			grpc.ForceCodecV2(frameCodec{})),
+		// An endpoint that failed is tried again within --proxy-failure-wait, not grpc-go's two minutes.
+		grpc.WithConnectParams(grpc.ConnectParams{MinConnectTimeout: f.dialTimeout, Backoff: backoff.Config{
+			BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: max(cfg.failureWait(), time.Second)}}),
+		grpc.WithStatsHandler(attemptStats{}),
+		grpc.WithSharedWriteBuffer(true),
+	}
+	if pingAfter > 0 {
+		// grpc-go pings no more often than every 10 s; etcd's members accept one every 5 s. Only while calls are
+		// open: a member counts pings on an idle connection as abuse.
+		opts = append(opts, grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: pingAfter, Timeout: pingTimeout}))
+	}
+	c.dialOpts = opts
+	return c
+}
+
+// methodChain is what runs for one method: the rules that claim it, and whether its messages are decoded.
+type methodChain struct {
+	m      *rules.Method
+	rules  []rules.MessageRule
+	decode bool
+}
+
+func (c *grpcCore) chainOf(m *rules.Method) *methodChain {
+	mc := &methodChain{m: m}
+	for _, r := range c.rules {
+		switch r.Claim(m) {
+		case rules.ClaimMessages:
+			mc.decode = m.NewRequest != nil
+			mc.rules = append(mc.rules, r)
+		case rules.ClaimCall:
+			mc.rules = append(mc.rules, r)
+		}
+	}
+	return mc
+}
+
+// chainFor returns the chain of a method; one etcd does not serve is relayed as a bidirectional stream.
+func (c *grpcCore) chainFor(name string) *methodChain {
+	if mc, ok := c.chains[name]; ok {
+		return mc
+	}
+	return c.chainOf(&rules.Method{Name: name, ClientStream: true, ServerStream: true})
+}
+
+// serverCall is a call from a client: the base Stream of the message rules.
+type serverCall struct {
+	ctx    context.Context
+	ss     grpc.ServerStream
+	chain  *methodChain
+	md     metadata.MD
+	id     *upstreamIdentity
+	header bool // the upstream's response header has been passed on
+}
+
+func (s *serverCall) Context() context.Context { return s.ctx }
+func (s *serverCall) Method() *rules.Method    { return s.chain.m }
+func (s *serverCall) Header() metadata.MD      { return s.md }
+
+func (s *serverCall) RecvMsg() (any, error) {
+	var m any = new(frame)
+	if s.chain.decode {
+		m = s.chain.m.NewRequest()
+	}
+	if err := s.ss.RecvMsg(m); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+func (s *serverCall) SendMsg(m any) error {
+	err := s.ss.SendMsg(m)
+	freeMsg(m)
+	return err
+}
+
+func (s *serverCall) newResponse() any {
+	if s.chain.decode {
+		return s.chain.m.NewResponse()
+	}
+	return new(frame)
+}
+
+// handle serves every call: the rules that claim the method, then the upstream.
+func (c *grpcCore) handle(_ any, ss grpc.ServerStream) error {
+	start := time.Now()
+	name, _ := grpc.MethodFromServerStream(ss)
+	call := &serverCall{ctx: ss.Context(), ss: ss, chain: c.chainFor(name)}
+	if call.chain.m.Long { // a graceful shutdown ends it at once (drain.go)
+		ctx, cancel := context.WithCancelCause(call.ctx)
+		stop := context.AfterFunc(c.f.drain, func() { cancel(errShuttingDown) })
+		defer func() { stop(); cancel(nil) }()
+		call.ctx = ctx
+	}
+	in, _ := metadata.FromIncomingContext(call.ctx)
+	call.md = upstreamMetadata(in)
+	var err error
+	if call.id, err = c.identify(call.ctx, in); err == nil {
+		err = c.serve(call, call, 0)
+	}
+	st := c.finish(call, err)
+	if c.done != nil {
+		c.done(call, st.Code(), time.Since(start))
+	}
+	return st.Err()
+}
+
+// serve runs the rules of the call from the i-th on, and at their end the upstream.
+func (c *grpcCore) serve(call *serverCall, s rules.Stream, i int) error {
+	if i == len(call.chain.rules) {
+		return c.forward(call, s)
+	}
+	r := call.chain.rules[i]
+	err := r.Serve(s, func(s rules.Stream) error { return c.serve(call, s, i+1) })
+	if _, ok := status.FromError(err); !ok && err != nil && !errors.Is(err, io.EOF) {
+		return &ruleError{Rule: r.Name(), Err: err}
+	}
+	return err
+}
+
+// forward sends the call to the upstream endpoints in the policy's order (endpoints.go), moving on to the next
+// when nothing of it can have reached the previous one, or when it changes nothing (Method.Retryable). A call
+// that may have been delivered is never sent again.
+func (c *grpcCore) forward(call *serverCall, s rules.Stream) error {
+	m := call.chain.m
+	ctx := call.ctx
+	eps := c.f.endpoints.order(affinityOf(ctx))
+	if len(eps) == 0 {
+		return &noEndpointError{errors.New("no upstream endpoint known")}
+	}
+	unary := !m.ClientStream && !m.ServerStream
+	var req any
+	if unary {
+		var err error
+		if req, err = s.RecvMsg(); err != nil {
+			return err
+		}
+		defer freeMsg(req)
+	}
+	var last error
+	for i, e := range eps {
+		cc, err := c.conn(e, call.id)
+		if err != nil {
+			return err
+		}
+		at := &attempt{}
+		actx := metadata.NewOutgoingContext(context.WithValue(ctx, attemptKey{}, at), call.md)
+		if unary {
+			err = c.unary(call, s, cc, actx, req)
+		} else {
+			err = c.stream(call, s, cc, actx, at)
+		}
+		switch {
+		case err == nil || at.answered.Load() || ctx.Err() != nil:
+			if err == nil && i > 0 {
+				if aff := affinityOf(ctx); aff != nil {
+					aff.ep.Store(e) // the connection follows the endpoint that answered
+				}
+			}
+			return err
+		case errors.Is(err, errLocal):
+			return err
+		case !at.sent.Load() || unary && m.Retryable:
+			c.f.endpoints.failed(e)
+			last = err
+			continue
+		case !unary:
+			c.streamLost(call, e, err)
+			return status.Error(codes.Unavailable, msgUpstreamLost)
+		}
+		return err // sent, and not to be sent again: the client decides
+	}
+	return &noEndpointError{last}
+}
+
+// errLocal marks an error of the client's side of a stream (a message over the limit, a rule's error): the
+// upstream has nothing to do with it.
+var errLocal = errors.New("local")
+
+type localError struct{ err error }
+
+func (e *localError) Error() string        { return e.err.Error() }
+func (e *localError) Unwrap() []error      { return []error{e.err, errLocal} }
+func (e *localError) GRPCStatus() *status.Status {
+	if st, ok := status.FromError(e.err); ok {
+		return st
+	}
+	return status.New(codes.Unknown, e.err.Error())
+}
+
+func (c *grpcCore) unary(call *serverCall, s rules.Stream, cc *grpc.ClientConn, ctx context.Context, req any) error {
+	resp := call.newResponse()
+	var hdr, tr metadata.MD
+	err := cc.Invoke(ctx, call.chain.m.Name, req, resp, grpc.Header(&hdr), grpc.Trailer(&tr))
+	at, _ := ctx.Value(attemptKey{}).(*attempt)
+	if err != nil && !at.answered.Load() {
+		freeMsg(resp)
+		return err
+	}
+	c.passHeader(call, hdr)
+	call.ss.SetTrailer(c.scrubMetadata(tr))
+	if err != nil {
+		freeMsg(resp)
+		return err
+	}
+	if err := s.SendMsg(resp); err != nil {
+		return &localError{err}
+	}
+	return nil
+}
+
+// streamDesc opens any call as a bidirectional stream: the server stream's messages say what it is.
+var streamDesc = &grpc.StreamDesc{ClientStreams: true, ServerStreams: true}
+
+func (c *grpcCore) stream(call *serverCall, s rules.Stream, cc *grpc.ClientConn, ctx context.Context, at *attempt) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	cs, err := cc.NewStream(ctx, streamDesc, call.chain.m.Name)
+	if err != nil {
+		return err
+	}
+	// The client's messages go up in their own goroutine; an error of the client's side ends the call.
+	var clientErr atomic.Pointer[error]
+	go func() {
+		for {
+			msg, err := s.RecvMsg()
+			if errors.Is(err, io.EOF) {
+				_ = cs.CloseSend()
+				return
+			}
+			if err != nil {
+				clientErr.Store(&err)
+				cancel()
+				return
+			}
+			err = cs.SendMsg(msg)
+			freeMsg(msg)
+			if err != nil {
+				return // the upstream's side ended: RecvMsg below says why
+			}
+		}
+	}()
+	for {
+		msg := call.newResponse()
+		err := cs.RecvMsg(msg)
+		if !call.header {
+			if hdr, herr := cs.Header(); herr == nil {
+				c.passHeader(call, hdr)
+			}
+		}
+		if err != nil {
+			freeMsg(msg)
+			if p := clientErr.Load(); p != nil {
+				return &localError{*p}
+			}
+			if errors.Is(err, io.EOF) {
+				call.ss.SetTrailer(c.scrubMetadata(cs.Trailer()))
+				return nil
+			}
+			if at.answered.Load() {
+				call.ss.SetTrailer(c.scrubMetadata(cs.Trailer()))
+			}
+			return err
+		}
+		if err := s.SendMsg(msg); err != nil {
+			return &localError{err}
+		}
+	}
+}
+
+// passHeader passes the upstream's response header on, once.
+func (c *grpcCore) passHeader(call *serverCall, hdr metadata.MD) {
+	call.header = true
+	if len(hdr) > 0 {
+		_ = call.ss.SetHeader(c.scrubMetadata(hdr))
+	}
+}
+
+// streamLost ends a stream whose upstream connection was lost: the endpoint is avoided for --proxy-failure-wait
+// (the probe brings it back sooner), so that the client's new stream goes elsewhere. The first stream to find the
+// endpoint gone logs a warning, the others only at debug level.
+func (c *grpcCore) streamLost(call *serverCall, e *endpoint, err error) {
+	first := e.available(time.Now().UnixNano())
+	c.f.endpoints.failed(e)
+	if c.f.streamLost != nil {
+		c.f.streamLost()
+	}
+	level := slog.LevelDebug
+	if first {
+		level = slog.LevelWarn
+	}
+	c.f.log.Log(call.ctx, level, "stream ended: its upstream connection was lost", "method", call.chain.m.Name, "err", err)
+}
+
+// finish turns the outcome of a call into the status the client gets: the one classification of failures for
+// the answer and the metrics. A status from below passes with its message scrubbed (rules.ScrubGRPCMessage).
+func (c *grpcCore) finish(call *serverCall, err error) *status.Status {
+	if err == nil {
+		return nil
+	}
+	ctx := call.ctx
+	count := func(reason string) {
+		if c.countError != nil {
+			c.countError(reason)
+		}
+	}
+	switch {
+	case errors.Is(context.Cause(ctx), errShuttingDown):
+		count(reasonShutdown)
+		return status.New(codes.Unavailable, msgShuttingDown)
+	case ctx.Err() != nil && call.ss.Context().Err() != nil:
+		count(reasonClientGone)
+		return status.FromContextError(ctx.Err()) // nobody reads it
+	}
+	var (
+		re *ruleError
+		ne *noEndpointError
+	)
+	switch {
+	case errors.As(err, &re):
+		count(reasonRule)
+		c.f.log.Warn("rule failed", "method", call.chain.m.Name, "rule", re.Rule, "err", re.Err)
+		return status.New(codes.Internal, "etcd-proxy-proxy: rule "+re.Rule+" could not handle the call")
+	case errors.As(err, &ne):
+		count(reasonNoEndpoint)
+		c.f.log.Warn("request failed", "method", call.chain.m.Name, "err", err)
+		return status.New(codes.Unavailable, "etcd-proxy-proxy: no upstream endpoint available")
+	}
+	st, ok := status.FromError(err)
+	if !ok {
+		count(reasonSendFailed)
+		c.f.log.Warn("request failed", "method", call.chain.m.Name, "err", err)
+		return status.New(codes.Unavailable, "etcd-proxy-proxy: unable to get a response from the upstream")
+	}
+	if st.Code() == codes.ResourceExhausted && errors.Is(err, errLocal) {
+		count(reasonTooLarge)
+	}
+	return status.New(st.Code(), rules.ScrubGRPCMessage(int(st.Code()), st.Message()))
+}
+
+// identify returns the upstream identity of a call (--upstream-cert-dir), or the refusal when there is none
+// and --upstream-identity=strict. The gateway's calls carry their client's CN in identityMetadata, believed
+// from the gateway's in-memory connection only; the entry never goes upstream.
+func (c *grpcCore) identify(ctx context.Context, in metadata.MD) (*upstreamIdentity, error) {
+	if c.f.ids == nil {
+		return nil, nil
+	}
+	var cn string
+	if fromGatewayConn(ctx) {
+		if v := in.Get(identityMetadata); len(v) > 0 {
+			cn = v[0]
+		}
+	} else if p, ok := peer.FromContext(ctx); ok {
+		if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok {
+			cn = verifiedCNOf(&ti.State)
+		}
+	}
+	id := c.f.ids.lookup(cn)
+	if id == nil && c.f.ids.strict {
+		c.f.log.Debug("no upstream identity for the client: refused", "cn", cn)
+		return nil, status.Error(codes.PermissionDenied, msgNoIdentity)
+	}
+	return id, nil
+}
+
+// fromGatewayConn reports a call that came over the JSON gateway's in-memory connection.
+func fromGatewayConn(ctx context.Context) bool {
+	p, ok := peer.FromContext(ctx)
+	return ok && p.Addr != nil && p.Addr.Network() == "pipe"
+}
+
+// upstreamMetadata is the request metadata that goes up: the client's, less what grpc-go sets for each hop and
+// what the proxy keeps for itself.
+func upstreamMetadata(in metadata.MD) metadata.MD {
+	out := make(metadata.MD, len(in))
+	for k, v := range in {
+		switch {
+		case strings.HasPrefix(k, ":"), strings.HasPrefix(k, "grpc-"), k == "content-type", k == "user-agent",
+			k == "te", k == "connection", k == identityMetadata:
+			continue
+		}
+		out[k] = v
+	}
+	return out
+}
+
+// scrubMetadata is response metadata from below as a client may see it: no grpc-go internals, and no entry
+// whose value names an upstream address.
+func (c *grpcCore) scrubMetadata(md metadata.MD) metadata.MD {
+	if len(md) == 0 {
+		return nil
+	}
+	needles := c.f.known.needles()
+	out := make(metadata.MD, len(md))
+	for k, vs := range md {
+		if strings.HasPrefix(k, ":") || strings.HasPrefix(k, "grpc-") || k == "content-type" {
+			continue
+		}
+		for _, v := range vs {
+			if !names(v, needles) {
+				out[k] = append(out[k], v)
+			}
+		}
+	}
+	return out
+}
+
+// connKey picks the upstream connection of an endpoint and identity.
+type connKey struct {
+	scheme, host string
+	id           *upstreamIdentity
+}
+
+// conn returns the connection to an endpoint with an identity, made on first use.
+func (c *grpcCore) conn(e *endpoint, id *upstreamIdentity) (*grpc.ClientConn, error) {
+	k := connKey{e.url.Scheme, e.url.Host, id}
+	if cc, ok := c.conns.Load(k); ok {
+		return cc.(*grpc.ClientConn), nil
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.closed {
+		return nil, status.Error(codes.Unavailable, msgShuttingDown)
+	}
+	if cc, ok := c.conns.Load(k); ok {
+		return cc.(*grpc.ClientConn), nil
+	}
+	var creds credentials.TransportCredentials = insecure.NewCredentials()
+	if e.url.Scheme == "https" {
+		creds = &upstreamCreds{f: c.f}
+		if id != nil {
+			creds.(*upstreamCreds).as = id.cert
+		}
+	}
+	cc, err := grpc.NewClient("passthrough:///"+e.url.Host, append(c.dialOpts, grpc.WithTransportCredentials(creds))...)
+	if err != nil {
+		return nil, fmt.Errorf("upstream connection: %w", err)
+	}
+	c.conns.Store(k, cc)
+	return cc, nil
+}
+
+// dropConns closes the connections to endpoints discovery dropped.
+func (c *grpcCore) dropConns(gone []*url.URL) {
+	c.conns.Range(func(k, v any) bool {
+		for _, u := range gone {
+			if key := k.(connKey); key.host == u.Host && key.scheme == u.Scheme {
+				c.conns.Delete(k)
+				_ = v.(*grpc.ClientConn).Close()
+			}
+		}
+		return true
+	})
+}
+
+// close closes every upstream connection; calls still open fail.
+func (c *grpcCore) close() {
+	c.mu.Lock()
+	c.closed = true
+	c.mu.Unlock()
+	c.conns.Range(func(k, v any) bool {
+		c.conns.Delete(k)
+		_ = v.(*grpc.ClientConn).Close()
+		return true
+	})
+}
+
+// attempt is what the client stats handler saw of one attempt of a call: whether its headers went toward the
+// upstream (it may have been delivered), and whether the upstream answered (a header or a status came back).
+type attempt struct{ sent, answered atomic.Bool }
+
+type attemptKey struct{}
+
+// attemptStats is the upstream connections' stats.Handler: it tells "never sent" and "the upstream answered"
+// from what grpc-go did, not from an error's text.
+type attemptStats struct{}
+
+func (attemptStats) TagRPC(ctx context.Context, _ *stats.RPCTagInfo) context.Context { return ctx }
+func (attemptStats) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.Context {
+	return ctx
+}
+func (attemptStats) HandleConn(context.Context, stats.ConnStats) {}
+
+func (attemptStats) HandleRPC(ctx context.Context, s stats.RPCStats) {
+	at, _ := ctx.Value(attemptKey{}).(*attempt)
+	if at == nil {
+		return
+	}
+	switch s.(type) {
+	case *stats.OutHeader:
+		at.sent.Store(true)
+	case *stats.InHeader, *stats.InTrailer:
+		at.answered.Store(true)
+	}
+}
+
+// connTagger is the server's stats.Handler: it gives every client connection its own endpoint affinity
+// (endpoints.go), but the gateway's in-memory one, whose calls spread over the endpoints one by one.
+type connTagger struct{}
+
+func (connTagger) TagConn(ctx context.Context, info *stats.ConnTagInfo) context.Context {
+	if info.RemoteAddr != nil && info.RemoteAddr.Network() == "pipe" {
+		return ctx
+	}
+	return context.WithValue(ctx, affinityKey{}, new(affinity))
+}
+func (connTagger) HandleConn(context.Context, stats.ConnStats)                        {}
+func (connTagger) TagRPC(ctx context.Context, _ *stats.RPCTagInfo) context.Context    { return ctx }
+func (connTagger) HandleRPC(context.Context, stats.RPCStats)                          {}
+
+// frame is a message relayed as the bytes it came as.
+type frame struct{ data mem.BufferSlice }
+
+// freeMsg returns a relayed frame's buffers to grpc-go's pool.
+func freeMsg(m any) {
+	if f, ok := m.(*frame); ok && f.data != nil {
+		f.data.Free()
+		f.data = nil
+	}
+}
+
+// frameCodec is the codec of both sides: frames pass as they are, etcd's messages (for the methods a rule
+// claims) are encoded and decoded with their generated code.
+type frameCodec struct{}
+
+func (frameCodec) Name() string { return "proto" }
+
+func (frameCodec) Marshal(v any) (mem.BufferSlice, error) {
+	switch m := v.(type) {
+	case *frame:
+		m.data.Ref() // grpc-go frees what it is given; the frame keeps its own reference
+		return m.data, nil
+	case rules.Message:
+		b, err := m.Marshal()
+		if err != nil {
+			return nil, err
+		}
+		return mem.BufferSlice{mem.SliceBuffer(b)}, nil
+	}
+	return nil, fmt.Errorf("cannot encode a %T", v)
+}
+
+func (frameCodec) Unmarshal(data mem.BufferSlice, v any) error {
+	switch m := v.(type) {
+	case *frame:
+		data.Ref()
+		m.data = data
+		return nil
+	case rules.Message:
+		return m.Unmarshal(data.Materialize())
+	}
+	return fmt.Errorf("cannot decode into a %T", v)
+}
+
+// serverCreds are the grpc.Server's transport credentials: TLS, if any, is terminated before the connection
+// reaches it (listen.go), so it only reports the client's TLS state, which the identity of a call comes from.
+type serverCreds struct{}
+
+// tlsStater is a connection that carries a TLS connection's state.
+type tlsStater interface{ ConnectionState() tls.ConnectionState }
+
+func (serverCreds) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	if ts := tlsStateOf(c); ts != nil {
+		return c, credentials.TLSInfo{State: ts.ConnectionState(),
+			CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity}}, nil
+	}
+	return c, insecureInfo{credentials.CommonAuthInfo{SecurityLevel: credentials.NoSecurity}}, nil
+}
+
+// insecureInfo is the AuthInfo of a plain connection.
+type insecureInfo struct{ credentials.CommonAuthInfo }
+
+func (insecureInfo) AuthType() string { return "insecure" }
+
+func (serverCreds) ClientHandshake(context.Context, string, net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	return nil, nil, errors.New("server credentials")
+}
+func (serverCreds) Info() credentials.ProtocolInfo         { return credentials.ProtocolInfo{SecurityProtocol: "tls"} }
+func (serverCreds) Clone() credentials.TransportCredentials { return serverCreds{} }
+func (serverCreds) OverrideServerName(string) error        { return nil }
+
+// tlsStateOf finds the TLS state of a connection, looking through the wrappers that expose the one below.
+func tlsStateOf(c net.Conn) tlsStater {
+	for range 4 {
+		if ts, ok := c.(tlsStater); ok {
+			return ts
+		}
+		u, ok := c.(interface{ NetConn() net.Conn })
+		if !ok {
+			return nil
+		}
+		c = u.NetConn()
+	}
+	return nil
+}
+
+// upstreamCreds put TLS on upstream connections: verified against the host dialled, with the TLS configuration
+// loaded last (reload.go), presenting an upstream identity's certificate when as is set. A failed handshake is a
+// handshakeError: nothing of a call was sent.
+type upstreamCreds struct {
+	f  *Forwarder
+	as *tls.Certificate
+}
+
+func (u *upstreamCreds) ClientHandshake(ctx context.Context, authority string, raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	host, _, err := net.SplitHostPort(authority)
+	if err != nil {
+		host = authority
+	}
+	tc := u.f.upstreamTLS(host, []string{"h2"})
+	if u.as != nil {
+		tc.Certificates = []tls.Certificate{*u.as}
+	}
+	hctx, cancel := context.WithTimeout(ctx, u.f.dialTimeout)
+	defer cancel()
+	conn := tls.Client(raw, tc)
+	if err := conn.HandshakeContext(hctx); err != nil {
+		_ = raw.Close()
+		return nil, nil, &handshakeError{err}
+	}
+	return conn, credentials.TLSInfo{State: conn.ConnectionState(),
+		CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity}}, nil
+}
+
+func (u *upstreamCreds) ServerHandshake(net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	return nil, nil, errors.New("client credentials")
+}
+func (u *upstreamCreds) Info() credentials.ProtocolInfo { return credentials.ProtocolInfo{SecurityProtocol: "tls"} }
+func (u *upstreamCreds) Clone() credentials.TransportCredentials {
+	c := *u
+	return &c
+}
+func (u *upstreamCreds) OverrideServerName(string) error { return nil }
