@@ -265,8 +265,8 @@ var errLocal = errors.New("local")
 
 type localError struct{ err error }
 
-func (e *localError) Error() string        { return e.err.Error() }
-func (e *localError) Unwrap() []error      { return []error{e.err, errLocal} }
+func (e *localError) Error() string   { return e.err.Error() }
+func (e *localError) Unwrap() []error { return []error{e.err, errLocal} }
 func (e *localError) GRPCStatus() *status.Status {
 	if st, ok := status.FromError(e.err); ok {
 		return st
@@ -590,9 +590,9 @@ func (connTagger) TagConn(ctx context.Context, info *stats.ConnTagInfo) context.
 	}
 	return context.WithValue(ctx, affinityKey{}, new(affinity))
 }
-func (connTagger) HandleConn(context.Context, stats.ConnStats)                        {}
-func (connTagger) TagRPC(ctx context.Context, _ *stats.RPCTagInfo) context.Context    { return ctx }
-func (connTagger) HandleRPC(context.Context, stats.RPCStats)                          {}
+func (connTagger) HandleConn(context.Context, stats.ConnStats)                     {}
+func (connTagger) TagRPC(ctx context.Context, _ *stats.RPCTagInfo) context.Context { return ctx }
+func (connTagger) HandleRPC(context.Context, stats.RPCStats)                       {}
 
 // frame is a message relayed as the bytes it came as.
 type frame struct{ data mem.BufferSlice }
@@ -661,9 +661,11 @@ func (insecureInfo) AuthType() string { return "insecure" }
 func (serverCreds) ClientHandshake(context.Context, string, net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	return nil, nil, errors.New("server credentials")
 }
-func (serverCreds) Info() credentials.ProtocolInfo         { return credentials.ProtocolInfo{SecurityProtocol: "tls"} }
+func (serverCreds) Info() credentials.ProtocolInfo {
+	return credentials.ProtocolInfo{SecurityProtocol: "tls"}
+}
 func (serverCreds) Clone() credentials.TransportCredentials { return serverCreds{} }
-func (serverCreds) OverrideServerName(string) error        { return nil }
+func (serverCreds) OverrideServerName(string) error         { return nil }
 
 // tlsStateOf finds the TLS state of a connection, looking through the wrappers that expose the one below.
 func tlsStateOf(c net.Conn) tlsStater {
@@ -711,7 +713,9 @@ func (u *upstreamCreds) ClientHandshake(ctx context.Context, authority string, r
 func (u *upstreamCreds) ServerHandshake(net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	return nil, nil, errors.New("client credentials")
 }
-func (u *upstreamCreds) Info() credentials.ProtocolInfo { return credentials.ProtocolInfo{SecurityProtocol: "tls"} }
+func (u *upstreamCreds) Info() credentials.ProtocolInfo {
+	return credentials.ProtocolInfo{SecurityProtocol: "tls"}
+}
 func (u *upstreamCreds) Clone() credentials.TransportCredentials {
 	c := *u
 	return &c
