@@ -45,8 +45,9 @@ type grpcCore struct {
 	closed bool
 
 	dialOpts []grpc.DialOption
-	// done, if set, is told of every finished call (metrics and the access log).
-	done func(c *serverCall, code codes.Code, d time.Duration)
+	// observe, if set, is told of every call as it starts and returns what is told how it ended (metrics and
+	// the access log).
+	observe func(c *serverCall) func(code codes.Code)
 	// countError, if set, counts a failure by reason.
 	countError func(reason string)
 }
@@ -169,9 +170,12 @@ func (s *serverCall) newResponse() any {
 
 // handle serves every call: the rules that claim the method, then the upstream.
 func (c *grpcCore) handle(_ any, ss grpc.ServerStream) error {
-	start := time.Now()
 	name, _ := grpc.MethodFromServerStream(ss)
 	call := &serverCall{ctx: ss.Context(), ss: ss, chain: c.chainFor(name)}
+	var observed func(codes.Code)
+	if c.observe != nil {
+		observed = c.observe(call)
+	}
 	if call.chain.m.Long { // a graceful shutdown ends it at once (drain.go)
 		ctx, cancel := context.WithCancelCause(call.ctx)
 		stop := context.AfterFunc(c.f.drain, func() { cancel(errShuttingDown) })
@@ -185,8 +189,8 @@ func (c *grpcCore) handle(_ any, ss grpc.ServerStream) error {
 		err = c.serve(call, call, 0)
 	}
 	st := c.finish(call, err)
-	if c.done != nil {
-		c.done(call, st.Code(), time.Since(start))
+	if observed != nil {
+		observed(st.Code())
 	}
 	return st.Err()
 }
@@ -234,29 +238,48 @@ func (c *grpcCore) forward(call *serverCall, s rules.Stream) error {
 		if unary {
 			err = c.unary(call, s, cc, actx, req)
 		} else {
-			err = c.stream(call, s, cc, actx, at)
+			err = c.stream(call, s, e, cc, actx, at)
 		}
 		switch {
-		case err == nil || at.answered.Load() || ctx.Err() != nil:
+		case err == nil || at.ended.Load() || ctx.Err() != nil || errors.Is(err, errLocal):
 			if err == nil && i > 0 {
 				if aff := affinityOf(ctx); aff != nil {
 					aff.ep.Store(e) // the connection follows the endpoint that answered
 				}
 			}
 			return err
-		case errors.Is(err, errLocal):
-			return err
-		case !at.sent.Load() || unary && m.Retryable:
+		case !at.sent.Load():
 			c.f.endpoints.failed(e)
+			last = err
+			continue
+		case unary && m.Retryable:
 			last = err
 			continue
 		case !unary:
 			c.streamLost(call, e, err)
 			return status.Error(codes.Unavailable, msgUpstreamLost)
 		}
-		return err // sent, and not to be sent again: the client decides
+		// Sent, and not to be sent again: the client decides.
+		c.f.endpoints.failed(e)
+		c.f.log.Warn("request failed", "method", m.Name, "err", err)
+		return status.Error(codes.Unavailable, msgNoResponse)
 	}
 	return &noEndpointError{last}
+}
+
+// msgNoResponse answers a call that reached an upstream which then gave no answer; it is not sent again.
+const msgNoResponse = "etcd-proxy-proxy: unable to get a response from the upstream"
+
+// checkGRPC asks an upstream connection whether it is alive: any answer will do (grpc.health.v1 Check, which
+// etcd answers without raft, and any other server with a status).
+func checkGRPC(ctx context.Context, cc *grpc.ClientConn) error {
+	at, resp := &attempt{}, new(frame)
+	defer freeMsg(resp)
+	err := cc.Invoke(context.WithValue(ctx, attemptKey{}, at), "/grpc.health.v1.Health/Check", &frame{data: mem.BufferSlice{}}, resp)
+	if err == nil || at.ended.Load() {
+		return nil
+	}
+	return err
 }
 
 // errLocal marks an error of the client's side of a stream (a message over the limit, a rule's error): the
@@ -279,7 +302,7 @@ func (c *grpcCore) unary(call *serverCall, s rules.Stream, cc *grpc.ClientConn, 
 	var hdr, tr metadata.MD
 	err := cc.Invoke(ctx, call.chain.m.Name, req, resp, grpc.Header(&hdr), grpc.Trailer(&tr))
 	at, _ := ctx.Value(attemptKey{}).(*attempt)
-	if err != nil && !at.answered.Load() {
+	if err != nil && !at.ended.Load() {
 		freeMsg(resp)
 		return err
 	}
@@ -298,12 +321,16 @@ func (c *grpcCore) unary(call *serverCall, s rules.Stream, cc *grpc.ClientConn, 
 // streamDesc opens any call as a bidirectional stream: the server stream's messages say what it is.
 var streamDesc = &grpc.StreamDesc{ClientStreams: true, ServerStreams: true}
 
-func (c *grpcCore) stream(call *serverCall, s rules.Stream, cc *grpc.ClientConn, ctx context.Context, at *attempt) error {
-	ctx, cancel := context.WithCancel(ctx)
+func (c *grpcCore) stream(call *serverCall, s rules.Stream, e *endpoint, cc *grpc.ClientConn, ctx context.Context, at *attempt) error {
+	ctx, cancelCause := context.WithCancelCause(ctx)
+	cancel := func() { cancelCause(nil) }
 	defer cancel()
 	cs, err := cc.NewStream(ctx, streamDesc, call.chain.m.Name)
 	if err != nil {
 		return err
+	}
+	if c.f.live != nil && call.chain.m.ServerStream { // its upstream connection is checked while it is open
+		defer c.f.live.watchTarget(liveTarget{e: e, cc: cc}, &streamState{f: c.f, cancel: cancelCause})()
 	}
 	// The client's messages go up in their own goroutine; an error of the client's side ends the call.
 	var clientErr atomic.Pointer[error]
@@ -343,7 +370,10 @@ func (c *grpcCore) stream(call *serverCall, s rules.Stream, cc *grpc.ClientConn,
 				call.ss.SetTrailer(c.scrubMetadata(cs.Trailer()))
 				return nil
 			}
-			if at.answered.Load() {
+			if errors.Is(context.Cause(ctx), errUpstreamLost) {
+				return errUpstreamLost // the liveness check found the connection dead
+			}
+			if at.ended.Load() {
 				call.ss.SetTrailer(c.scrubMetadata(cs.Trailer()))
 			}
 			return err
@@ -552,8 +582,8 @@ func (c *grpcCore) close() {
 }
 
 // attempt is what the client stats handler saw of one attempt of a call: whether its headers went toward the
-// upstream (it may have been delivered), and whether the upstream answered (a header or a status came back).
-type attempt struct{ sent, answered atomic.Bool }
+// upstream (it may have been delivered), and whether the upstream ended it with a status of its own.
+type attempt struct{ sent, ended atomic.Bool }
 
 type attemptKey struct{}
 
@@ -575,8 +605,8 @@ func (attemptStats) HandleRPC(ctx context.Context, s stats.RPCStats) {
 	switch s.(type) {
 	case *stats.OutHeader:
 		at.sent.Store(true)
-	case *stats.InHeader, *stats.InTrailer:
-		at.answered.Store(true)
+	case *stats.InTrailer: // a trailers-only answer too
+		at.ended.Store(true)
 	}
 }
 

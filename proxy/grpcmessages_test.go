@@ -69,7 +69,10 @@ func TestGRPCAnswersKnown(t *testing.T) {
 func TestHostileGRPCUpstream(t *testing.T) {
 	t.Parallel()
 	planted := []string{"10.0.0.5", "cluster.internal"}
-	details := base64.RawStdEncoding.EncodeToString(protowire.AppendString(protowire.AppendTag(nil, 2, protowire.BytesType), "http://10.0.0.5:2379"))
+	// A google.rpc.Status whose code agrees with grpc-status (grpc-go turns a disagreeing one into Internal) and
+	// whose message carries a URL.
+	details := base64.RawStdEncoding.EncodeToString(protowire.AppendString(protowire.AppendTag(
+		protowire.AppendVarint(protowire.AppendTag(nil, 1, protowire.VarintType), 14), 2, protowire.BytesType), "http://10.0.0.5:2379"))
 	up := h2cUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.Copy(io.Discard, r.Body)
 		w.Header().Set("Content-Type", rules.GRPCContentType)
@@ -112,7 +115,7 @@ func TestHostileGRPCUpstream(t *testing.T) {
 	resp.Body.Close()
 	check("gRPC MemberList", resp, body)
 	if grpcStatus(resp) != "0" {
-		t.Errorf("gRPC MemberList = status %s", grpcStatus(resp))
+		t.Errorf("gRPC MemberList = status %q %v %v", grpcStatus(resp), resp.Header, resp.Trailer)
 	}
 
 	resp, body = get(t, http.MethodPost, base+"/v3/kv/range", strings.NewReader(`{"key":"Zm9v"}`))

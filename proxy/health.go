@@ -58,6 +58,7 @@ func (s *Server) initOps() error {
 // take the reloadable TLS, and the probe gets a transport of its own with the same TLS.
 func (s *Server) attachOps(f *Forwarder) {
 	s.ops.m.countErrors(f)
+	s.ops.m.observeGRPC(f.core, s.ops.access)
 	s.ops.certs.useUpstreamTLS(f)
 	s.ops.certs.useIdentities(f) // --upstream-cert-dir reloads with the certificates (identity.go)
 	if iv := s.cfg.healthInterval(); iv > 0 {

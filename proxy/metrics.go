@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc/codes"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
@@ -302,6 +303,43 @@ func (m *metrics) countErrors(f *Forwarder) {
 		handle(w, r, err)
 	}
 	f.streamLost = m.errs[reasonStreamLost].Inc
+}
+
+// observeGRPC counts, times and (with the access log on) logs every call of the gRPC core, and counts its
+// failures by reason.
+func (m *metrics) observeGRPC(c *grpcCore, access *accessLogger) {
+	c.countError = func(reason string) { m.errs[reason].Inc() }
+	c.observe = func(call *serverCall) func(codes.Code) {
+		start := time.Now()
+		x := call.chain.m
+		method, stream := apiOther, false
+		if rules.LookupMethod(x.Name) == x {
+			method, stream = x.Name[1:], x.IsStream()
+		}
+		var gauge prometheus.Gauge
+		if stream {
+			gauge = m.gauge(apiGRPC, method)
+			gauge.Inc()
+		}
+		return func(code codes.Code) {
+			if gauge != nil {
+				gauge.Dec()
+			}
+			elapsed := time.Since(start)
+			label := "Unknown"
+			if int(code) < len(grpcCodes) {
+				label = grpcCodes[code]
+			}
+			s := m.get(seriesKey{apiGRPC, method, label}, stream)
+			s.requests.Inc()
+			if s.duration != nil {
+				s.duration.Observe(elapsed.Seconds())
+			}
+			if access != nil {
+				access.logCall(call, label, elapsed)
+			}
+		}
+	}
 }
 
 // countedRule counts the requests a rule answers and the responses it claims. Name, and anything else of the

@@ -192,7 +192,7 @@ func TestFailoverKeepsBodyTLSAndGRPC(t *testing.T) {
 		if b, _ := io.ReadAll(r.Body); bytes.Equal(b, want) {
 			grpcWhole.Add(1)
 		}
-		w.Header().Set("Grpc-Status", "0")
+		grpcOK(w)
 	})
 	_, gu := startProxy(t, Config{Upstreams: []string{"http://" + deadAddr(t), up}, FailureWait: -1})
 	for range 4 {
@@ -223,7 +223,7 @@ func TestRangeRetried(t *testing.T) {
 		if strings.HasSuffix(r.URL.Path, "/Put") {
 			goodPuts.Add(1)
 		}
-		w.Header().Set("Grpc-Status", "0")
+		grpcOK(w)
 	})
 	_, u := startProxy(t, Config{Upstreams: []string{broken, good}})
 	for range 4 {
@@ -305,7 +305,7 @@ func TestReadTimeout(t *testing.T) {
 	// Not gRPC: a Lock answers when it has the lock, and its client's deadline is what bounds it.
 	slow := h2cUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 		time.Sleep(300 * time.Millisecond) // the lock is held by someone else for a while
-		w.Header().Set("Grpc-Status", "0")
+		grpcOK(w)
 	})
 	_, gu := startProxy(t, Config{Upstreams: []string{slow}, ReadTimeout: 100 * time.Millisecond})
 	lock := grpcCall(t, gu+"/v3lockpb.Lock/Lock", rawFrame([]byte("name")))
@@ -350,7 +350,7 @@ func TestMaxRequestBytesGRPC(t *testing.T) {
 		if _, err := io.ReadAll(r.Body); err == nil {
 			whole.Add(1)
 		}
-		w.Header().Set("Grpc-Status", "0")
+		grpcOK(w)
 	})
 	_, u := startProxy(t, Config{Upstreams: []string{up}, MaxRequestBytes: 1000})
 	resp := grpcCall(t, u+"/etcdserverpb.KV/Put", rawFrame(make([]byte, 2000)))
@@ -505,6 +505,15 @@ func h2cUpstream(t *testing.T, h http.HandlerFunc) string {
 	go srv.Serve(l)
 	t.Cleanup(func() { srv.Close() })
 	return "http://" + l.Addr().String()
+}
+
+// grpcOK answers a unary gRPC call as a server does: one (empty) message, then status OK in the trailers.
+func grpcOK(w http.ResponseWriter) {
+	w.Header().Set("Content-Type", rules.GRPCContentType)
+	w.Header().Set("Trailer", "Grpc-Status")
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(rawFrame(nil))
+	w.Header().Set("Grpc-Status", "0")
 }
 
 func rawFrame(msg []byte) []byte {

@@ -204,6 +204,17 @@ func (s *Server) Shutdown(ctx context.Context) error {
 			}
 		})
 	}
+	wg.Go(func() { // gRPC: its calls end as the HTTP requests do; at the deadline the rest are cut
+		srv := s.forwarder.core.srv
+		done := make(chan struct{})
+		go func() { srv.GracefulStop(); close(done) }()
+		select {
+		case <-done:
+		case <-ctx.Done():
+			srv.Stop()
+			<-done
+		}
+	})
 	wg.Wait()
 	s.wg.Wait()
 	errs = multierror.Append(errs, s.stopOps())

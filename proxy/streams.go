@@ -10,6 +10,8 @@ import (
 	"sync"
 	"time"
 
+	"google.golang.org/grpc"
+
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
 )
 
@@ -127,18 +129,28 @@ type liveChecks struct {
 	f                 *Forwarder
 	interval, timeout time.Duration
 	mu                sync.Mutex
-	streams           map[*endpoint]map[*streamState]struct{}
+	streams           map[liveTarget]map[*streamState]struct{}
+}
+
+// liveTarget is what a check asks: an endpoint over HTTP/1.1, or one upstream gRPC connection (cc set) — grpc-go
+// pings no more often than every 10 s, and a stream must end within --upstream-keepalive-time and -timeout.
+type liveTarget struct {
+	e  *endpoint
+	cc *grpc.ClientConn
 }
 
 func newLiveChecks(f *Forwarder, interval, timeout time.Duration) *liveChecks {
 	if interval <= 0 {
 		return nil
 	}
-	return &liveChecks{f: f, interval: interval, timeout: timeout, streams: map[*endpoint]map[*streamState]struct{}{}}
+	return &liveChecks{f: f, interval: interval, timeout: timeout, streams: map[liveTarget]map[*streamState]struct{}{}}
 }
 
 // watch adds st to e's streams and returns what removes it.
-func (l *liveChecks) watch(e *endpoint, st *streamState) func() {
+func (l *liveChecks) watch(e *endpoint, st *streamState) func() { return l.watchTarget(liveTarget{e: e}, st) }
+
+// watchTarget adds st to the streams of a target and returns what removes it.
+func (l *liveChecks) watchTarget(e liveTarget, st *streamState) func() {
 	l.mu.Lock()
 	set, ok := l.streams[e]
 	if !ok {
@@ -156,7 +168,7 @@ func (l *liveChecks) watch(e *endpoint, st *streamState) func() {
 }
 
 // run checks e until it has no stream left.
-func (l *liveChecks) run(e *endpoint) {
+func (l *liveChecks) run(e liveTarget) {
 	t := time.NewTicker(l.interval)
 	defer t.Stop()
 	for {
@@ -194,9 +206,13 @@ func (l *liveChecks) run(e *endpoint) {
 	}
 }
 
-func (l *liveChecks) check(e *endpoint) error {
+func (l *liveChecks) check(t liveTarget) error {
 	ctx, cancel := context.WithTimeout(l.f.drain, l.timeout)
 	defer cancel()
+	if t.cc != nil {
+		return checkGRPC(ctx, t.cc)
+	}
+	e := t.e
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, e.url.Scheme+"://"+e.url.Host+"/version", nil)
 	if err != nil {
 		return err
