@@ -33,9 +33,6 @@ func (a *accessLogger) log(r *http.Request, status int, code, api string, d time
 		attrs = append(attrs, slog.String("query", q))
 	}
 	attrs = append(attrs, slog.Int("status", status))
-	if api == apiGRPC {
-		attrs = append(attrs, slog.String("grpc_code", code))
-	}
 	attrs = append(attrs, slog.Duration("duration", d), slog.Int64("bytes", bytes))
 	a.l.LogAttrs(context.Background(), slog.LevelInfo, "access", attrs...)
 }

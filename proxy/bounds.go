@@ -2,32 +2,21 @@ package proxy
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"io"
 	"net/http"
 	"strconv"
-	"sync/atomic"
-
-	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
 )
 
 // errRequestTooLarge: a request body, or one message of a gRPC call, is larger than --max-request-bytes.
 var errRequestTooLarge = errors.New("request too large")
 
-// grpcFrameHeader is the length prefix of every gRPC message: a compressed flag and a 4-byte length.
-const grpcFrameHeader = 5
-
 // limitRequest bounds the body of r: a request that says it is too large is answered at once (it reports
 // false); one that turns out too large while it is sent fails there, before the upstream has all of it, so the
-// upstream acts on none of it. gRPC calls are bounded per message, since a stream (a watch) sends many.
+// upstream acts on none of it. gRPC calls are bounded per message by the gRPC core (grpccore.go).
 func (f *Forwarder) limitRequest(w http.ResponseWriter, r *http.Request) (*http.Request, bool) {
 	if r.Body == nil || r.Body == http.NoBody {
 		return r, true
-	}
-	if rules.IsGRPC(r) {
-		r.Body = &grpcLimitBody{ReadCloser: r.Body, max: f.maxRequestBytes}
-		return r, true // the HTTP/2 transport keeps errRequestTooLarge visible to errors.Is
 	}
 	if r.ContentLength > f.maxRequestBytes {
 		f.tooLarge(w, r)
@@ -54,15 +43,14 @@ func exceeded(r *http.Request, err error) bool {
 // msgTooLarge is what a client whose request went over --max-request-bytes reads.
 const msgTooLarge = "etcd-proxy-proxy: request larger than --max-request-bytes"
 
-// tooLarge answers a request over the limit: 413 as etcd's v2 API would, ResourceExhausted as gRPC servers do.
-func (f *Forwarder) tooLarge(w http.ResponseWriter, r *http.Request) {
-	msg := msgTooLarge + " (" + strconv.FormatInt(f.maxRequestBytes, 10) + " bytes)"
-	if rules.IsGRPC(r) {
-		rules.SetGRPCStatus(w.Header(), rules.CodeResourceExhausted, msg)
-		w.WriteHeader(http.StatusOK)
-		return
-	}
-	writeError(w, http.StatusRequestEntityTooLarge, msg)
+// tooLarge answers a request over the limit: 413 as etcd's v2 API would.
+func (f *Forwarder) tooLarge(w http.ResponseWriter, _ *http.Request) {
+	writeError(w, http.StatusRequestEntityTooLarge, f.msgTooLarge())
+}
+
+// msgTooLarge is msgTooLarge with the limit.
+func (f *Forwarder) msgTooLarge() string {
+	return msgTooLarge + " (" + strconv.FormatInt(f.maxRequestBytes, 10) + " bytes)"
 }
 
 // limitBody fails a body once it has gone past its limit, and remembers a body the client broke.
@@ -97,40 +85,6 @@ func (b *limitBody) Read(p []byte) (int, error) {
 	b.left -= int64(n)
 	if err != nil && err != io.EOF {
 		b.broken = true
-	}
-	return n, err
-}
-
-// grpcLimitBody fails a gRPC request stream at the first message longer than max.
-type grpcLimitBody struct {
-	io.ReadCloser
-	max      int64
-	hdr      [grpcFrameHeader]byte
-	nh       int         // bytes of the current message's header seen
-	left     int64       // bytes of the current message still to come
-	exceeded atomic.Bool // read by the handler (drainedBody) while the transport reads the body
-}
-
-func (b *grpcLimitBody) Read(p []byte) (int, error) {
-	n, err := b.ReadCloser.Read(p)
-	for i := 0; i < n; {
-		if b.left > 0 {
-			k := int(min(int64(n-i), b.left))
-			b.left -= int64(k)
-			i += k
-			continue
-		}
-		b.hdr[b.nh] = p[i]
-		b.nh++
-		i++
-		if b.nh == grpcFrameHeader {
-			b.nh = 0
-			b.left = int64(binary.BigEndian.Uint32(b.hdr[1:]))
-			if b.left > b.max {
-				b.exceeded.Store(true)
-				return 0, errRequestTooLarge
-			}
-		}
 	}
 	return n, err
 }

@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -34,10 +33,9 @@ type Forwarder struct {
 	known     *knownAddrs     // what names an upstream, taken out of answers (scrub.go)
 	h1        *h1Transport    // plain-HTTP upstreams, HTTP/1.1 (h1.go)
 	transport *http.Transport // TLS upstreams: HTTP/1.1, or HTTP/2 where TLS negotiates it; upgrades
-	grpc      *http.Transport // HTTP/2 only: h2c toward http:// upstreams
 	core      *grpcCore       // v3 gRPC, on grpc-go's transport (grpccore.go)
 	gateway   *gateway        // the v3 JSON gateway, calling the gRPC core in memory
-	// maxRequestBytes bounds a request body, or each message of a gRPC stream.
+	// maxRequestBytes bounds a request body, or each message of a gRPC call.
 	maxRequestBytes int64
 	// drain is cancelled, with errShuttingDown, when the server shuts down: open streams end (drain.go).
 	drain      context.Context
@@ -142,19 +140,11 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 	}
 	f.h1 = &h1Transport{dial: dial, writeTimeout: writeTimeout, readTimeout: readTimeout, maxIdle: 1024,
 		maxHeader: cfg.maxUpstreamHeaderBytes()}
-	// gRPC needs HTTP/2 end to end; with HTTP/1 enabled an http:// upstream would be spoken to over HTTP/1.
-	f.grpc = f.transport.Clone()
-	f.grpc.Protocols = new(http.Protocols)
-	f.grpc.Protocols.SetHTTP2(true)
-	f.grpc.Protocols.SetUnencryptedHTTP2(true)
-	f.grpc.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: 1 << 20, SendPingTimeout: pingAfter, PingTimeout: pingTimeout}
-	f.grpc.ResponseHeaderTimeout = 0 // gRPC calls carry their clients' deadlines; a Lock answers when it has it
 	// Every TLS handshake is made here, so that a failed one is known for what it is: nothing was sent.
 	f.upstreamTLS = func(host string, protos []string) *tls.Config {
 		return upstreamConfig(cfg.UpstreamTLS, upTLS, host, protos)
 	}
 	f.transport.DialTLSContext = f.dialTLS(dialTimeout, []string{"h2", "http/1.1"}, nil)
-	f.grpc.DialTLSContext = f.dialTLS(dialTimeout, []string{"h2"}, nil)
 	// An upstream that vanished without closing (a host gone, a partition) is found by pings, not by the kernel's
 	// keep-alive minutes later: watches and unary calls on that connection then fail instead of hanging.
 	f.transport.HTTP2 = &http.HTTP2Config{SendPingTimeout: pingAfter, PingTimeout: pingTimeout}
@@ -205,7 +195,6 @@ func (f *Forwarder) Close() {
 	f.core.close()
 	f.h1.CloseIdleConnections()
 	f.transport.CloseIdleConnections()
-	f.grpc.CloseIdleConnections()
 	f.ids.close()
 }
 
@@ -261,14 +250,8 @@ func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
 	aff := affinityOf(req.Context())
 	eps := f.endpoints.order(aff)
 	st, _ := req.Context().Value(streamKey{}).(*streamState)
-	if st != nil && st.in != nil && req.Body != nil {
-		req.Body = &streamBody{ReadCloser: req.Body, in: st.in} // streams.go: a lost upstream ends the stream
-	}
 	var body *retryBody
 	if req.Body != nil && req.Body != http.NoBody && len(eps) > 1 {
-		if err := bufferRange(req, f.maxRequestBytes); err != nil {
-			return nil, err
-		}
 		body = &retryBody{rc: req.Body}
 		body.hold.Store(true)
 		req.Body = body
@@ -289,7 +272,7 @@ func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
 		}
 		req.URL.Scheme, req.URL.Host = e.url.Scheme, e.url.Host
 		if st != nil {
-			st.useEndpoint(e, !rules.IsGRPC(req)) // HTTP/2 pings watch gRPC streams
+			st.useEndpoint(e, true)
 		}
 		var resp *http.Response
 		resp, err = f.transportFor(req).RoundTrip(req)
@@ -319,47 +302,22 @@ func (f *Forwarder) send(req *http.Request) (*http.Response, error) {
 }
 
 // retryable reports a request that may be sent to another endpoint even after it may have reached one: it
-// changes nothing there. v2 GET and HEAD without wait (a long poll is the client's to restart), and v3 Range
-// (linearizable or serializable), whose body bufferRange made rewindable.
+// changes nothing there. v2 GET and HEAD without wait (a long poll is the client's to restart); v3 Range is the
+// gRPC core's (rules.Method.Retryable).
 func retryable(req *http.Request) bool {
-	if rules.IsGRPC(req) {
-		return req.URL.Path == grpcRange && req.GetBody != nil
-	}
 	return (req.Method == http.MethodGet || req.Method == http.MethodHead) &&
 		(req.Body == nil || req.Body == http.NoBody) && !isWatch(req)
 }
 
-const grpcRange = "/etcdserverpb.KV/Range"
-
-// bufferRange reads the body of a v3 Range call (one small message) so that it can be sent again.
-func bufferRange(req *http.Request, limit int64) error {
-	if !rules.IsGRPC(req) || req.URL.Path != grpcRange {
-		return nil
-	}
-	b, err := io.ReadAll(io.LimitReader(req.Body, limit+grpcFrameHeader+1))
-	if err != nil {
-		return err
-	}
-	if int64(len(b)) > limit+grpcFrameHeader {
-		return errRequestTooLarge
-	}
-	req.Body = io.NopCloser(bytes.NewReader(b))
-	req.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(b)), nil }
-	return nil
-}
-
-// transportFor picks the transport of a request: gRPC needs HTTP/2, plain HTTP/1.1 takes the lean path (no
-// certificate is presented there, whoever the client is), and a client with an upstream identity of its own
-// has transports of its own.
+// transportFor picks the transport of a request: plain HTTP/1.1 takes the lean path (no certificate is
+// presented there, whoever the client is), and a client with an upstream identity of its own has a transport of
+// its own.
 func (f *Forwarder) transportFor(req *http.Request) http.RoundTripper {
-	h, g := f.transport, f.grpc
+	h := f.transport
 	if id := identityOf(req.Context()); id != nil {
-		h, g = f.identityTransports(id) // identity.go
+		h = f.identityTransport(id) // identity.go
 	}
-	switch {
-	case rules.IsGRPC(req):
-		return g
-	case f.h1.usable(req):
+	if f.h1.usable(req) {
 		return f.h1
 	}
 	return h
@@ -507,20 +465,10 @@ func (f *Forwarder) handleError(w http.ResponseWriter, r *http.Request, err erro
 		if st, ok := r.Context().Value(streamKey{}).(*streamState); ok {
 			st.upstreamLost(r, err)
 		}
-		if rules.IsGRPC(r) {
-			rules.SetGRPCStatus(w.Header(), rules.CodeUnavailable, msgUpstreamLost)
-			w.WriteHeader(http.StatusOK)
-			return
-		}
 		writeError(w, http.StatusBadGateway, msgUpstreamLost)
 		return
 	case drained(r):
 		f.log.Debug("stream ended by shutdown", "method", r.Method, "path", r.URL.Path)
-		if rules.IsGRPC(r) {
-			rules.SetGRPCStatus(w.Header(), rules.CodeUnavailable, msgShuttingDown)
-			w.WriteHeader(http.StatusOK)
-			return
-		}
 		writeError(w, http.StatusServiceUnavailable, msgShuttingDown)
 		return
 	case exceeded(r, err):
@@ -538,24 +486,6 @@ func (f *Forwarder) handleError(w http.ResponseWriter, r *http.Request, err erro
 	}
 	status, msg, _ := classify(err)
 	f.log.Warn("request failed", "method", r.Method, "path", r.URL.Path, "status", status, "err", err)
-	if rules.IsGRPC(r) {
-		code := rules.CodeUnavailable
-		switch status {
-		case http.StatusGatewayTimeout:
-			code = rules.CodeDeadlineExceeded
-		case http.StatusBadGateway:
-			if errors.As(err, new(*ruleError)) {
-				code = rules.CodeInternal
-			}
-		}
-		if strings.Contains(err.Error(), "http2: ") && !errors.As(err, new(*ruleError)) {
-			// An HTTP/1-only upstream (etcd's v2 proxy) answers the HTTP/2 preface with an HTTP/1 error.
-			msg = "etcd-proxy-proxy: the upstream does not serve gRPC (HTTP/2); etcd's v2 proxy relays only the v2 API"
-		}
-		rules.SetGRPCStatus(w.Header(), code, msg)
-		w.WriteHeader(http.StatusOK)
-		return
-	}
 	writeError(w, status, msg)
 }
 

@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	_ "google.golang.org/grpc/encoding/gzip" // clients may compress their messages, as etcd accepts
@@ -91,6 +92,7 @@ func newGRPCCore(f *Forwarder, cfg *Config, rs []rules.Rule) *grpcCore {
 			BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: max(cfg.failureWait(), time.Second)}}),
 		grpc.WithStatsHandler(attemptStats{}),
 		grpc.WithSharedWriteBuffer(true),
+		grpc.WithIdleTimeout(5 * time.Minute), // a connection without calls is closed (and made again when needed)
 	}
 	if pingAfter > 0 {
 		// grpc-go pings no more often than every 10 s; etcd's members accept one every 5 s. Only while calls are
@@ -132,7 +134,8 @@ func (c *grpcCore) chainFor(name string) *methodChain {
 
 // serverCall is a call from a client: the base Stream of the message rules.
 type serverCall struct {
-	ctx    context.Context
+	ctx    context.Context // the call's, ended by a shutdown too for long calls
+	client context.Context // the client's: ended when it went away
 	ss     grpc.ServerStream
 	chain  *methodChain
 	md     metadata.MD
@@ -171,7 +174,7 @@ func (s *serverCall) newResponse() any {
 // handle serves every call: the rules that claim the method, then the upstream.
 func (c *grpcCore) handle(_ any, ss grpc.ServerStream) error {
 	name, _ := grpc.MethodFromServerStream(ss)
-	call := &serverCall{ctx: ss.Context(), ss: ss, chain: c.chainFor(name)}
+	call := &serverCall{ctx: ss.Context(), client: ss.Context(), ss: ss, chain: c.chainFor(name)}
 	var observed func(codes.Code)
 	if c.observe != nil {
 		observed = c.observe(call)
@@ -424,7 +427,7 @@ func (c *grpcCore) finish(call *serverCall, err error) *status.Status {
 	case errors.Is(context.Cause(ctx), errShuttingDown):
 		count(reasonShutdown)
 		return status.New(codes.Unavailable, msgShuttingDown)
-	case ctx.Err() != nil && call.ss.Context().Err() != nil:
+	case ctx.Err() != nil && call.client.Err() != nil:
 		count(reasonClientGone)
 		return status.FromContextError(ctx.Err()) // nobody reads it
 	}
@@ -436,7 +439,7 @@ func (c *grpcCore) finish(call *serverCall, err error) *status.Status {
 	case errors.As(err, &re):
 		count(reasonRule)
 		c.f.log.Warn("rule failed", "method", call.chain.m.Name, "rule", re.Rule, "err", re.Err)
-		return status.New(codes.Internal, "etcd-proxy-proxy: rule "+re.Rule+" could not handle the call")
+		return status.New(codes.Internal, "etcd-proxy-proxy: rule "+re.Rule+" could not handle the upstream response")
 	case errors.As(err, &ne):
 		count(reasonNoEndpoint)
 		c.f.log.Warn("request failed", "method", call.chain.m.Name, "err", err)
@@ -553,7 +556,26 @@ func (c *grpcCore) conn(e *endpoint, id *upstreamIdentity) (*grpc.ClientConn, er
 		return nil, fmt.Errorf("upstream connection: %w", err)
 	}
 	c.conns.Store(k, cc)
+	if id != nil {
+		// A reload that removes or replaces the identity takes the connection out of use; calls still open on it
+		// finish there (never with another identity), and it closes once it is idle.
+		id.mu.Lock()
+		id.retire = append(id.retire, func() {
+			c.conns.Delete(k)
+			go closeWhenIdle(cc)
+		})
+		id.mu.Unlock()
+	}
 	return cc, nil
+}
+
+// closeWhenIdle closes a connection taken out of use once its last call has ended (grpc-go's idle timeout).
+func closeWhenIdle(cc *grpc.ClientConn) {
+	ctx := context.Background()
+	for s := cc.GetState(); s != connectivity.Idle && s != connectivity.Shutdown; s = cc.GetState() {
+		cc.WaitForStateChange(ctx, s)
+	}
+	_ = cc.Close()
 }
 
 // dropConns closes the connections to endpoints discovery dropped.

@@ -2,61 +2,52 @@ package proxy
 
 import (
 	"context"
-	"crypto/x509"
 	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
-	"net/http/httptest"
 	"net/url"
-	"os"
 	"strings"
 	"testing"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
 )
 
-// Every status message the forwarder answers a gRPC call with is in the GRPCStatus rule's allow-list, so that a
-// proxy-proxy above passes it on instead of replacing it.
+// Every status message the gRPC core answers a call with is in the rules' allow-list, so that a proxy-proxy above
+// passes it on instead of replacing it.
 func TestGRPCAnswersKnown(t *testing.T) {
 	t.Parallel()
-	f := &Forwarder{log: slog.New(slog.DiscardHandler), maxRequestBytes: 1 << 20}
+	c := &grpcCore{f: &Forwarder{log: slog.New(slog.DiscardHandler), maxRequestBytes: 1 << 20}}
 	shutdown, stop := context.WithCancelCause(context.Background())
 	stop(errShuttingDown)
 	errs := map[string]error{
 		"rule":          &ruleError{Rule: "members", Err: errors.New("decoding")},
-		"rule too big":  &ruleError{Rule: "members", Err: errBodyTooLarge},
-		"tls":           x509.UnknownAuthorityError{},
 		"no endpoint":   &noEndpointError{err: errors.New("all down")},
-		"timeout":       context.DeadlineExceeded,
-		"net timeout":   &net.OpError{Op: "dial", Err: os.ErrDeadlineExceeded},
-		"refused":       &net.OpError{Op: "dial", Err: errors.New("connection refused")},
-		"http/1":        fmt.Errorf("http2: unexpected frame"),
-		"too large":     errRequestTooLarge,
-		"header":        errUpstreamHeaderTooLarge,
-		"shutting down": errors.New("stream ended"),
+		"not a status":  errors.New("dial tcp 10.0.0.1:2379: connection refused"),
+		"transport":     status.Error(codes.Unavailable, "connection error: desc = \"transport: Error while dialing: dial tcp 10.0.0.1:2379\""),
+		"too large":     &localError{status.Error(codes.ResourceExhausted, "grpc: received message larger than max (2000 vs. 1000)")},
+		"lost":          status.Error(codes.Unavailable, msgUpstreamLost),
+		"no response":   status.Error(codes.Unavailable, msgNoResponse),
+		"shutting down": context.Canceled,
 	}
 	for name, err := range errs {
-		req := httptest.NewRequest(http.MethodPost, "/etcdserverpb.KV/Range", nil)
-		req.Proto, req.ProtoMajor, req.ProtoMinor = "HTTP/2.0", 2, 0
-		req.Header.Set("Content-Type", rules.GRPCContentType)
+		ctx := context.Background()
 		if name == "shutting down" {
-			req = req.WithContext(shutdown)
+			ctx = shutdown
 		}
-		w := httptest.NewRecorder()
-		f.handleError(w, req, err)
-		msg, _ := url.PathUnescape(w.Header().Get(rules.GRPCMessageHeader))
-		if msg == "" || !rules.KnownGRPCMessage(msg) {
+		call := &serverCall{ctx: ctx, client: context.Background(), chain: c.chainFor("/etcdserverpb.KV/Range")}
+		st := c.finish(call, err)
+		if msg := st.Message(); msg == "" || !rules.KnownGRPCMessage(msg) {
 			t.Errorf("%s: answered %q, which a proxy-proxy above would replace: add it to the rules' ownMessages", name, msg)
 		}
-		_, _ = io.Copy(io.Discard, w.Result().Body)
 	}
-	for _, msg := range []string{msgShuttingDown, msgTooLarge, msgNoIdentity, msgUpstreamLost} { // trailers of a drained stream, refusals
+	for _, msg := range []string{msgShuttingDown, msgTooLarge, msgNoIdentity, msgUpstreamLost, msgNoResponse} {
 		if !rules.KnownGRPCMessage(msg) {
 			t.Errorf("%q is not in the rules' ownMessages", msg)
 		}

@@ -90,13 +90,15 @@ type upstreamIdentity struct {
 	leaf            *x509.Certificate
 	certPEM, keyPEM []byte // to tell a rewritten pair from the same one
 
-	mu         sync.Mutex // guards making the transports
+	mu         sync.Mutex // guards making the transports, and retire
 	transports atomic.Pointer[identityTransports]
+	// retire takes the identity's gRPC connections out of use (grpccore.go).
+	retire []func()
 }
 
-// identityTransports are Forwarder.transport and Forwarder.grpc for one identity: their handshakes present its
-// certificate.
-type identityTransports struct{ h, g *http.Transport }
+// identityTransports is Forwarder.transport for one identity: its handshakes present its certificate. (Its
+// gRPC connections are the gRPC core's, per identity too.)
+type identityTransports struct{ h *http.Transport }
 
 // close drops the identity's idle connections once a reload removed or replaced it; requests still running
 // finish on theirs, and one that was already on its way still goes with this identity (never another one): its
@@ -104,7 +106,13 @@ type identityTransports struct{ h, g *http.Transport }
 func (id *upstreamIdentity) close() {
 	if t := id.transports.Load(); t != nil {
 		t.h.CloseIdleConnections()
-		t.g.CloseIdleConnections()
+	}
+	id.mu.Lock()
+	retire := id.retire
+	id.retire = nil
+	id.mu.Unlock()
+	for _, fn := range retire {
+		fn()
 	}
 }
 
@@ -288,55 +296,43 @@ func (f *Forwarder) identify(pr *httputil.ProxyRequest) *http.Response {
 		return nil
 	}
 	cn := verifiedCN(pr.In)
-	if fromGateway(pr.In.Context()) {
-		cn = pr.In.Header.Get(identityHeader) // the outer client's, set by the gateway itself
-	}
 	id := f.ids.lookup(cn)
 	if id == nil {
 		if !f.ids.strict {
 			return nil
 		}
 		f.log.Debug("no upstream identity for the client: refused", "cn", cn, "path", pr.In.URL.Path)
-		if rules.IsGRPC(pr.Out) {
-			return rules.GRPCReply(pr.Out, rules.CodePermissionDenied, msgNoIdentity)
-		}
 		return rules.Reply(pr.Out, http.StatusForbidden, msgNoIdentity)
 	}
 	pr.Out = pr.Out.WithContext(context.WithValue(pr.Out.Context(), identityKey{}, id))
 	return nil
 }
 
-// identityTransports are the transports of an identity, made on its first request: clones of the shared ones
+// identityTransport is the transport of an identity, made on its first request: a clone of the shared one
 // whose TLS handshakes present the identity's certificate, so that no pooled connection serves two identities.
-func (f *Forwarder) identityTransports(id *upstreamIdentity) (h, g *http.Transport) {
+func (f *Forwarder) identityTransport(id *upstreamIdentity) *http.Transport {
 	t := id.transports.Load()
 	if t == nil {
 		id.mu.Lock()
 		if t = id.transports.Load(); t == nil {
-			t = &identityTransports{h: f.transport.Clone(), g: f.grpc.Clone()}
+			t = &identityTransports{h: f.transport.Clone()}
 			t.h.DialTLSContext = f.dialTLS(f.dialTimeout, []string{"h2", "http/1.1"}, id.cert)
-			t.g.DialTLSContext = f.dialTLS(f.dialTimeout, []string{"h2"}, id.cert)
 			id.transports.Store(t)
 		}
 		id.mu.Unlock()
 	}
-	return t.h, t.g
+	return t.h
 }
 
 // The JSON gateway's side of the carrier: its handler puts the client's CN in the call's context
-// (gatewayClientKey), an interceptor of its connection turns it into the metadata entry, and its in-memory
-// server marks the requests it receives (gatewayConnKey) so that identify believes the entry on those only.
-type (
-	gatewayClientKey struct{}
-	gatewayConnKey   struct{}
-)
+// (gatewayClientKey), an interceptor of its connection turns it into the metadata entry, and the gRPC core
+// believes the entry only on calls that came over the gateway's in-memory connection (fromGatewayConn).
+type gatewayClientKey struct{}
 
 // withGatewayClient records the CN of the outer request's client for the gateway's calls.
 func withGatewayClient(r *http.Request) *http.Request {
 	return r.WithContext(context.WithValue(r.Context(), gatewayClientKey{}, verifiedCN(r)))
 }
-
-func fromGateway(ctx context.Context) bool { return ctx.Value(gatewayConnKey{}) != nil }
 
 // carryIdentity sets the identity entry of a gateway call, replacing any a client asked grpc-gateway for.
 func carryIdentity(ctx context.Context) context.Context {

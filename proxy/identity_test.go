@@ -13,6 +13,7 @@ import (
 	"io"
 	"log/slog"
 	"math/big"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/http/httputil"
@@ -22,7 +23,10 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
 )
 
 // TestValidCN: only names that stay a plain file name in the folder are looked up.
@@ -176,11 +180,16 @@ func TestIdentityCarrier(t *testing.T) {
 	if pr.Out.Header.Get(identityHeader) != "" {
 		t.Error("the entry goes upstream")
 	}
-	pr, reply = identify(context.WithValue(context.Background(), gatewayConnKey{}, true))
-	if id := identityOf(pr.Out.Context()); reply != nil || id == nil || id.cn != "alice" {
-		t.Errorf("a gateway call for alice: reply %v, identity %v", reply, id)
+	// The gRPC core believes the entry from the gateway's in-memory connection only, and never sends it up.
+	c := &grpcCore{f: f}
+	md := metadata.Pairs(identityMetadata, "alice")
+	if id, err := c.identify(peer.NewContext(context.Background(), &peer.Peer{Addr: pipeAddr{}}), md); err != nil || id == nil || id.cn != "alice" {
+		t.Errorf("a gateway call for alice: identity %v, err %v", id, err)
 	}
-	if pr.Out.Header.Get(identityHeader) != "" {
+	if id, err := c.identify(peer.NewContext(context.Background(), &peer.Peer{Addr: &net.TCPAddr{}}), md); status.Code(err) != codes.PermissionDenied || id != nil {
+		t.Errorf("a client's call naming alice itself: identity %v, err %v; want PermissionDenied", id, err)
+	}
+	if up := upstreamMetadata(md); len(up.Get(identityMetadata)) != 0 {
 		t.Error("the entry goes upstream")
 	}
 

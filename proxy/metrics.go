@@ -12,8 +12,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"google.golang.org/grpc/codes"
 	"github.com/prometheus/client_golang/prometheus/collectors"
+	"google.golang.org/grpc/codes"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
 )
@@ -44,35 +44,14 @@ const (
 	reasonStreamLost     = "stream_lost"     // a stream ended because its upstream connection was lost
 )
 
-// grpcMethods are the gRPC methods etcd v3.5 serves; any other path counts as "other" so that a client cannot
-// grow the label set. The value says whether the call is a stream that lives as long as the client wants.
-var grpcMethods = map[string]bool{}
-
 func init() {
-	for svc, methods := range map[string]string{
-		"etcdserverpb.KV":          "Range Put DeleteRange Txn Compact",
-		"etcdserverpb.Watch":       "Watch*",
-		"etcdserverpb.Lease":       "LeaseGrant LeaseRevoke LeaseKeepAlive* LeaseTimeToLive LeaseLeases",
-		"etcdserverpb.Cluster":     "MemberAdd MemberRemove MemberUpdate MemberList MemberPromote",
-		"etcdserverpb.Maintenance": "Alarm Status Defragment Hash HashKV Snapshot* MoveLeader Downgrade",
-		"etcdserverpb.Auth": "AuthEnable AuthDisable AuthStatus Authenticate UserAdd UserGet UserList UserDelete " +
-			"UserChangePassword UserGrantRole UserRevokeRole RoleAdd RoleGet RoleList RoleDelete RoleGrantPermission " +
-			"RoleRevokePermission",
-		"v3lockpb.Lock":         "Lock Unlock",
-		"v3electionpb.Election": "Campaign Proclaim Leader Observe* Resign",
-		"grpc.health.v1.Health": "Check Watch*",
-	} {
-		for _, m := range strings.Fields(methods) {
-			name, stream := strings.CutSuffix(m, "*")
-			grpcMethods["/"+svc+"/"+name] = stream
-		}
-	}
 	for i := range httpCodes {
 		httpCodes[i] = strconv.Itoa(i)
 	}
 }
 
-// gatewayPaths are the v3 JSON gateway's paths (both prefixes), same idea as grpcMethods.
+// gatewayPaths are the v3 JSON gateway's paths (both prefixes); any other path counts as "other" so that a client
+// cannot grow the label set. The value says whether the call is a stream that lives as long as the client wants.
 var gatewayPaths = func() map[string]bool {
 	m := map[string]bool{}
 	for _, p := range strings.Fields(`kv/range kv/put kv/deleterange kv/txn kv/compaction watch* lease/grant
@@ -226,11 +205,6 @@ func (m *metrics) gauge(api, method string) prometheus.Gauge {
 func classifyRequest(r *http.Request) (api, method string, stream bool) {
 	path := r.URL.Path
 	switch {
-	case rules.IsGRPC(r):
-		if s, ok := grpcMethods[path]; ok {
-			return apiGRPC, path[1:], s
-		}
-		return apiGRPC, apiOther, false
 	case isGatewayPath(path):
 		if s, ok := gatewayPaths[path]; ok {
 			return apiV3JSON, path, s
@@ -252,22 +226,8 @@ func classifyRequest(r *http.Request) (api, method string, stream bool) {
 	return api, method, stream
 }
 
-// code is the label value of a finished request: the gRPC status for gRPC (from the trailers or, for a
-// trailers-only answer, the headers), the HTTP status otherwise.
-func code(api string, status int, h http.Header) string {
-	if api == apiGRPC {
-		v := h["Grpc-Status"]
-		if len(v) == 0 {
-			v = h[http.TrailerPrefix+"Grpc-Status"]
-		}
-		if len(v) == 0 {
-			return "Unknown"
-		}
-		if n, err := strconv.Atoi(v[0]); err == nil && n >= 0 && n < len(grpcCodes) {
-			return grpcCodes[n]
-		}
-		return "Unknown"
-	}
+// code is the label value of a finished HTTP request: its status.
+func code(status int) string {
 	if status <= 0 || status >= len(httpCodes) {
 		return apiOther
 	}
@@ -313,7 +273,7 @@ func (m *metrics) observeGRPC(c *grpcCore, access *accessLogger) {
 		start := time.Now()
 		x := call.chain.m
 		method, stream := apiOther, false
-		if rules.LookupMethod(x.Name) == x {
+		if rules.LookupMethod(x.Name) == x { // any other counts as "other": a client cannot grow the label set
 			method, stream = x.Name[1:], x.IsStream()
 		}
 		var gauge prometheus.Gauge
@@ -483,6 +443,10 @@ type instrumented struct {
 }
 
 func (h *instrumented) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if rules.IsGRPC(r) {
+		h.next.ServeHTTP(w, r) // the gRPC core counts its calls (observeGRPC)
+		return
+	}
 	start := time.Now()
 	api, method, stream := classifyRequest(r)
 	rec := statusRecorders.Get().(*statusRecorder)
@@ -501,7 +465,7 @@ func (h *instrumented) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			gauge.Dec()
 		}
 		elapsed := time.Since(start)
-		c := code(api, rec.status, w.Header())
+		c := code(rec.status)
 		s := h.m.get(seriesKey{api, method, c}, stream)
 		s.requests.Inc()
 		if s.duration != nil {

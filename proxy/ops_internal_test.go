@@ -56,19 +56,11 @@ func TestErrorReason(t *testing.T) {
 
 func TestClassifyRequest(t *testing.T) {
 	t.Parallel()
-	grpc := func(path string) *http.Request {
-		r := httptest.NewRequest(http.MethodPost, path, nil)
-		r.ProtoMajor, r.Header = 2, http.Header{"Content-Type": {"application/grpc"}}
-		return r
-	}
 	tests := []struct {
 		r           *http.Request
 		api, method string
 		stream      bool
 	}{
-		{grpc("/etcdserverpb.KV/Range"), apiGRPC, "etcdserverpb.KV/Range", false},
-		{grpc("/etcdserverpb.Watch/Watch"), apiGRPC, "etcdserverpb.Watch/Watch", true},
-		{grpc("/made.Up/Method"), apiGRPC, "other", false},
 		{httptest.NewRequest(http.MethodPost, "/v3/kv/put", nil), apiV3JSON, "/v3/kv/put", false},
 		{httptest.NewRequest(http.MethodPost, "/v3beta/watch", nil), apiV3JSON, "/v3beta/watch", true},
 		{httptest.NewRequest(http.MethodPost, "/v3/random/"+strings.Repeat("x", 10), nil), apiV3JSON, "other", false},
@@ -82,10 +74,7 @@ func TestClassifyRequest(t *testing.T) {
 			t.Errorf("%s %s: (%q, %q, %v), want (%q, %q, %v)", tt.r.Method, tt.r.URL, api, method, stream, tt.api, tt.method, tt.stream)
 		}
 	}
-	if got := code(apiGRPC, 200, http.Header{http.TrailerPrefix + "Grpc-Status": {"14"}}); got != "Unavailable" {
-		t.Errorf("code from a trailer = %q", got)
-	}
-	if got := code(apiV2, 404, nil); got != "404" {
+	if got := code(404); got != "404" {
 		t.Errorf("code = %q", got)
 	}
 }

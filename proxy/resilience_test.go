@@ -516,6 +516,11 @@ func grpcOK(w http.ResponseWriter) {
 	w.Header().Set("Grpc-Status", "0")
 }
 
+// grpcFrameHeader is the length prefix of every gRPC message: a compressed flag and a 4-byte length.
+const grpcFrameHeader = 5
+
+const grpcRange = "/etcdserverpb.KV/Range"
+
 func rawFrame(msg []byte) []byte {
 	b := make([]byte, grpcFrameHeader, grpcFrameHeader+len(msg))
 	binary.BigEndian.PutUint32(b[1:], uint32(len(msg)))

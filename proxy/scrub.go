@@ -11,8 +11,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-
-	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
 )
 
 // knownAddrs are what names an upstream: the hosts of the endpoints (flags and discovery) and the addresses
@@ -173,7 +171,7 @@ func (f *Forwarder) scrubUpstream(resp *http.Response) {
 		}
 	}
 	if resp.StatusCode < 400 || resp.ContentLength < 0 || resp.ContentLength > maxErrorBody ||
-		!strings.HasPrefix(resp.Request.URL.Path, "/v2/") || rules.IsGRPC(resp.Request) ||
+		!strings.HasPrefix(resp.Request.URL.Path, "/v2/") ||
 		!strings.HasPrefix(resp.Header.Get("Content-Type"), "application/json") || resp.Header.Get("Content-Encoding") != "" {
 		return
 	}

@@ -11,23 +11,17 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-
-	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
 )
 
 // Streams whose upstream goes away end for the client (contract rule 6): a gRPC stream with Unavailable and
-// msgUpstreamLost in clean trailers, a v2 long poll or stream watch with the end of its response (or 502 before
-// its headers). etcd's clients re-establish them by themselves, to the proxy, which picks an available endpoint;
+// msgUpstreamLost (grpccore.go), a v2 long poll or stream watch with the end of its response (or 502 before its
+// headers). etcd's clients re-establish them by themselves, to the proxy, which picks an available endpoint;
 // resuming a watch inside the proxy belongs with watch fan-out, which will hold one upstream watch per key range.
 //
-// Two things kept a stream open after its upstream connection was gone:
-//   - net/http's HTTP/2 client stops a stream by closing the request body it is copying upstream, but
-//     httputil.ReverseProxy hands it the client's body behind a no-op Close: the copy went on waiting for the
-//     client's next message, and the response was never ended. streamBody gives the transport a Close that
-//     reaches the client's body.
-//   - HTTP/1.1 has no ping: an upstream that stops answering without closing (a stopped process, a host gone)
-//     leaves a v2 long poll waiting for ever. liveChecks asks the endpoint of such streams every
-//     --upstream-keepalive-time and ends them when no answer comes within --upstream-keepalive-timeout.
+// What keeps a stream open after its upstream connection is gone is a connection that stops answering without
+// closing (a stopped process, a host gone): HTTP/1.1 has no ping, and grpc-go pings no more often than every 10 s.
+// liveChecks asks the endpoint of such streams (or their gRPC connection) every --upstream-keepalive-time and
+// ends them when no answer comes within --upstream-keepalive-timeout.
 
 // msgUpstreamLost is what a client reads when its stream ended because the upstream connection under it was lost.
 const msgUpstreamLost = "etcd-proxy-proxy: the upstream connection was lost; retry"
@@ -44,27 +38,6 @@ const (
 
 // lost reports whether r was ended because its upstream stopped answering.
 func lost(r *http.Request) bool { return errors.Is(context.Cause(r.Context()), errUpstreamLost) }
-
-// streamBody is the request body the transport sees for a gRPC stream: Close reaches the client's body, which
-// for net/http's HTTP/2 server stops a Read in progress.
-type streamBody struct {
-	io.ReadCloser           // what ReverseProxy handed the transport (its no-op closer around the client's body)
-	in            io.Closer // the client's body
-}
-
-func (b *streamBody) Close() error {
-	_ = b.ReadCloser.Close()
-	return b.in.Close()
-}
-
-// closableBody returns the client's body of a stream when closing it is safe while a Read waits: an HTTP/2
-// server's body (HTTP/1's Close would wait to drain it). Nil otherwise.
-func closableBody(r *http.Request) io.Closer {
-	if r.ProtoMajor != 2 || r.Body == nil || r.Body == http.NoBody || !rules.IsGRPC(r) {
-		return nil
-	}
-	return r.Body
-}
 
 // upstreamLost ends a stream whose upstream went away: the endpoint is avoided for --proxy-failure-wait (the
 // probe brings it back sooner), so that the client's new stream goes elsewhere — unless only the stream's own
@@ -147,7 +120,9 @@ func newLiveChecks(f *Forwarder, interval, timeout time.Duration) *liveChecks {
 }
 
 // watch adds st to e's streams and returns what removes it.
-func (l *liveChecks) watch(e *endpoint, st *streamState) func() { return l.watchTarget(liveTarget{e: e}, st) }
+func (l *liveChecks) watch(e *endpoint, st *streamState) func() {
+	return l.watchTarget(liveTarget{e: e}, st)
+}
 
 // watchTarget adds st to the streams of a target and returns what removes it.
 func (l *liveChecks) watchTarget(e liveTarget, st *streamState) func() {
@@ -223,15 +198,4 @@ func (l *liveChecks) check(t liveTarget) error {
 	}
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	return resp.Body.Close()
-}
-
-// serveGatewayCall serves a call of the JSON gateway (which comes back over the gateway's in-memory connection)
-// as ServeHTTP serves a client's: a stream ends when its upstream goes, and with a shutdown.
-func (f *Forwarder) serveGatewayCall(w http.ResponseWriter, r *http.Request) {
-	if drainable(r) {
-		var done func()
-		r, done = f.drainStream(w, r)
-		defer done()
-	}
-	f.rp.ServeHTTP(w, r)
 }
