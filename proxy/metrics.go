@@ -333,12 +333,17 @@ func (r *countedRule) Claim(m *rules.Method) rules.Claim {
 	return rules.ClaimNone
 }
 
-// Serve implements rules.MessageRule: a call the rule answers without calling next counts as answered.
+// Serve implements rules.MessageRule: a call the rule answers without calling next counts as answered, one
+// whose messages it claimed and passed on as claimed.
 func (r *countedRule) Serve(s rules.Stream, next rules.Handler) error {
+	mr := r.Rule.(rules.MessageRule)
 	called := false
-	err := r.Rule.(rules.MessageRule).Serve(s, func(s rules.Stream) error { called = true; return next(s) })
-	if !called {
+	err := mr.Serve(s, func(s rules.Stream) error { called = true; return next(s) })
+	switch {
+	case !called:
 		r.answered.Inc()
+	case mr.Claim(s.Method()) == rules.ClaimMessages:
+		r.claimed.Inc()
 	}
 	return err
 }
