@@ -270,6 +270,9 @@ func (c *grpcCore) forward(call *serverCall, s rules.Stream) error {
 	return &noEndpointError{last}
 }
 
+// msgNotGRPC answers a call whose upstreams do not speak gRPC.
+const msgNotGRPC = "etcd-proxy-proxy: the upstream does not serve gRPC (HTTP/2); etcd's v2 proxy relays only the v2 API"
+
 // msgNoResponse answers a call that reached an upstream which then gave no answer; it is not sent again.
 const msgNoResponse = "etcd-proxy-proxy: unable to get a response from the upstream"
 
@@ -443,6 +446,11 @@ func (c *grpcCore) finish(call *serverCall, err error) *status.Status {
 	case errors.As(err, &ne):
 		count(reasonNoEndpoint)
 		c.f.log.Warn("request failed", "method", call.chain.m.Name, "err", err)
+		if ne.err != nil && strings.Contains(ne.err.Error(), "http2: ") {
+			// Only the message depends on the text: an HTTP/1-only upstream (etcd's v2 proxy) answers the
+			// HTTP/2 preface with an HTTP/1 error, which grpc-go reports as a broken server preface.
+			return status.New(codes.Unavailable, msgNotGRPC)
+		}
 		return status.New(codes.Unavailable, "etcd-proxy-proxy: no upstream endpoint available")
 	}
 	st, ok := status.FromError(err)
