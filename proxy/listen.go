@@ -74,7 +74,8 @@ type connSplit struct {
 }
 
 // newConnSplit returns a split of l. tlsConfig nil: l is a plain listener; otherwise the split terminates TLS with
-// it, offering h2 and http/1.1 (NextProtos is set on a clone). handshakeTimeout bounds the TLS handshake and the
+// it, offering h2 and http/1.1 (NextProtos is set on a clone; a configuration from GetConfigForClient must offer
+// them itself, as loadListener's does). handshakeTimeout bounds the TLS handshake and the
 // sniff (see connSplit); it must be positive. log gets failed handshakes at debug level; nil logs nothing.
 func newConnSplit(l net.Listener, tlsConfig *tls.Config, handshakeTimeout time.Duration, log *slog.Logger) *connSplit {
 	if log == nil {

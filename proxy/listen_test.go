@@ -26,6 +26,7 @@ import (
 	"go.uber.org/goleak"
 	"golang.org/x/net/http2"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/health"
@@ -136,18 +137,7 @@ func startSplit(t testing.TB, withTLS bool, handshakeTimeout time.Duration) *spl
 	r.split = newConnSplit(l, tlsConfig, handshakeTimeout, nil)
 	r.grpcCN.Store("")
 
-	gs := grpc.NewServer(grpc.Creds(grpcServerCreds(withTLS)),
-		grpc.UnaryInterceptor(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
-			cn := "none"
-			if p, ok := peer.FromContext(ctx); ok {
-				if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(ti.State.PeerCertificates) > 0 {
-					cn = ti.State.PeerCertificates[0].Subject.CommonName
-				}
-			}
-			r.grpcCN.Store(cn)
-			return h(ctx, req)
-		}))
-	healthpb.RegisterHealthServer(gs, health.NewServer())
+	gs := newHealthServer(grpcServerCreds(withTLS), &r.grpcCN)
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 		cn := "none"
 		if req.TLS != nil && len(req.TLS.PeerCertificates) > 0 {
@@ -181,6 +171,24 @@ func startSplit(t testing.TB, withTLS bool, handshakeTimeout time.Duration) *spl
 		}
 	})
 	return r
+}
+
+// newHealthServer is a grpc.Server with the health service; an interceptor stores the common name of the client
+// certificate grpc-go's AuthInfo holds ("none" without one) into cn.
+func newHealthServer(creds credentials.TransportCredentials, cn *atomic.Value) *grpc.Server {
+	gs := grpc.NewServer(grpc.Creds(creds),
+		grpc.UnaryInterceptor(func(ctx context.Context, req any, _ *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
+			name := "none"
+			if p, ok := peer.FromContext(ctx); ok {
+				if ti, ok := p.AuthInfo.(credentials.TLSInfo); ok && len(ti.State.PeerCertificates) > 0 {
+					name = ti.State.PeerCertificates[0].Subject.CommonName
+				}
+			}
+			cn.Store(name)
+			return h(ctx, req)
+		}))
+	healthpb.RegisterHealthServer(gs, health.NewServer())
+	return gs
 }
 
 func (r *splitRig) scheme() string {
@@ -366,6 +374,44 @@ func TestConnSplitDropsSilentClients(t *testing.T) {
 	}
 }
 
+// A gRPC channel connected ahead of its first call is not dropped after the handshake timeout: once it has sent
+// its preface and SETTINGS, the split waits for its first request as the servers would.
+func TestConnSplitKeepsIdleGRPCChannel(t *testing.T) {
+	t.Parallel()
+	const timeout = 200 * time.Millisecond
+	for _, withTLS := range []bool{false, true} {
+		t.Run(fmt.Sprintf("tls=%t", withTLS), func(t *testing.T) {
+			t.Parallel()
+			r := startSplit(t, withTLS, timeout)
+			creds := insecure.NewCredentials()
+			if r.pki != nil {
+				creds = credentials.NewTLS(r.pki.clientConfig)
+			}
+			cc, err := grpc.NewClient(r.addr, grpc.WithTransportCredentials(creds))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cc.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			cc.Connect()
+			for s := cc.GetState(); s != connectivity.Ready; s = cc.GetState() {
+				if !cc.WaitForStateChange(ctx, s) {
+					t.Fatalf("channel not ready: %v", s)
+				}
+			}
+			idle, cancelIdle := context.WithTimeout(ctx, 5*timeout)
+			defer cancelIdle()
+			if cc.WaitForStateChange(idle, connectivity.Ready) {
+				t.Fatalf("idle channel went %v within %v", cc.GetState(), 5*timeout)
+			}
+			if _, err := healthpb.NewHealthClient(cc).Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}
+
 // Hostile starts neither hang nor crash the split, and the split still serves afterwards.
 func TestConnSplitHostileStarts(t *testing.T) {
 	t.Parallel()
@@ -507,9 +553,15 @@ func TestConnSplitNoLeak(t *testing.T) {
 	}
 }
 
-// BenchmarkSplitUnary measures a gRPC unary call (health Check) through the split against grpc.Server serving
-// the listener itself, plain and TLS.
-func BenchmarkSplitUnary(b *testing.B) {
+// BenchmarkSplitUnary measures a gRPC unary call (health Check) on one connection through the split against
+// grpc.Server serving the listener itself, plain and TLS: what the split costs every call.
+func BenchmarkSplitUnary(b *testing.B) { benchSplit(b, false) }
+
+// BenchmarkSplitConnect measures a new connection and its first call, split against direct: what the sniff (one
+// more goroutine, a SETTINGS frame, the bytes replayed) costs every connection.
+func BenchmarkSplitConnect(b *testing.B) { benchSplit(b, true) }
+
+func benchSplit(b *testing.B, connectEachCall bool) {
 	for _, withTLS := range []bool{false, true} {
 		for _, via := range []string{"direct", "split"} {
 			b.Run(fmt.Sprintf("tls=%t/%s", withTLS, via), func(b *testing.B) {
@@ -528,8 +580,7 @@ func BenchmarkSplitUnary(b *testing.B) {
 						pki = newSplitPKI(b)
 						creds = credentials.NewTLS(pki.serverConfig)
 					}
-					gs := grpc.NewServer(grpc.Creds(creds))
-					healthpb.RegisterHealthServer(gs, health.NewServer())
+					gs := newHealthServer(creds, new(atomic.Value)) // the same server as the split's
 					go func() { _ = gs.Serve(l) }()
 					b.Cleanup(gs.Stop)
 					addr = l.Addr().String()
@@ -538,21 +589,31 @@ func BenchmarkSplitUnary(b *testing.B) {
 				if pki != nil {
 					creds = credentials.NewTLS(pki.clientConfig)
 				}
-				cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
-				if err != nil {
-					b.Fatal(err)
-				}
-				defer cc.Close()
-				hc := healthpb.NewHealthClient(cc)
 				ctx := context.Background()
-				if _, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
-					b.Fatal(err)
+				call := func(cc *grpc.ClientConn) {
+					if _, err := healthpb.NewHealthClient(cc).Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
+						b.Fatal(err)
+					}
 				}
+				dial := func() *grpc.ClientConn {
+					cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(creds))
+					if err != nil {
+						b.Fatal(err)
+					}
+					return cc
+				}
+				cc := dial()
+				defer cc.Close()
+				call(cc)
 				b.ReportAllocs()
 				b.ResetTimer()
 				for b.Loop() {
-					if _, err := hc.Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
-						b.Fatal(err)
+					if connectEachCall {
+						c := dial()
+						call(c)
+						c.Close()
+					} else {
+						call(cc)
 					}
 				}
 			})
