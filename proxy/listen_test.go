@@ -326,6 +326,97 @@ func TestConnSplitRoutes(t *testing.T) {
 	}
 }
 
+// serveHTTP2 applies srv.ConnContext to each connection (which has the TLS state), and srv.Shutdown sends GOAWAY
+// to its connections and closes its listener, so serveHTTP2 returns once they have ended.
+func TestServeHTTP2(t *testing.T) {
+	t.Parallel()
+	pki := newSplitPKI(t)
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := newConnSplit(l, pki.serverConfig, 5*time.Second, nil)
+	go func() { _ = s.Serve() }()
+	t.Cleanup(func() { _ = s.Close() })
+	type connKey struct{}
+	const concurrent = 300
+	var streams atomic.Int32
+	allIn := make(chan struct{})
+	srv := &http.Server{
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			cs, ok := c.(interface{ ConnectionState() tls.ConnectionState })
+			return context.WithValue(ctx, connKey{}, ok && cs.ConnectionState().HandshakeComplete)
+		},
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/wait" {
+				if streams.Add(1) == concurrent {
+					close(allIn)
+				}
+				select {
+				case <-allIn:
+				case <-r.Context().Done():
+				}
+			}
+			fmt.Fprintf(w, "conn TLS=%v", r.Context().Value(connKey{}))
+		}),
+	}
+	served := make(chan error, 1)
+	go func() { served <- serveHTTP2(s.HTTP2(), srv) }()
+
+	var dials atomic.Int32
+	tr := &http.Transport{
+		TLSClientConfig: pki.clientConfig.Clone(), ForceAttemptHTTP2: true,
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			dials.Add(1)
+			return (&net.Dialer{}).DialContext(ctx, network, addr)
+		},
+	}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+	get := func(path string) error {
+		res, err := client.Get("https://" + l.Addr().String() + path)
+		if err != nil {
+			return err
+		}
+		b, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if res.ProtoMajor != 2 || string(b) != "conn TLS=true" {
+			return fmt.Errorf("%s %q, want HTTP/2 %q", res.Proto, b, "conn TLS=true")
+		}
+		return nil
+	}
+	if err := get("/"); err != nil {
+		t.Fatal(err)
+	}
+	// More concurrent streams than Go's default 250, all on the one connection.
+	errs := make(chan error, concurrent)
+	for range concurrent {
+		go func() { errs <- get("/wait") }()
+	}
+	for range concurrent {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := dials.Load(); n != 1 {
+		t.Fatalf("%d concurrent requests took %d connections, want 1", concurrent, n)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-served: // the client's idle connection is still in tr: only the GOAWAY ends it
+		if !errors.Is(err, http.ErrServerClosed) {
+			t.Fatalf("serveHTTP2: %v", err)
+		}
+	case <-ctx.Done():
+		t.Fatal("serveHTTP2 still serving after srv.Shutdown")
+	}
+}
+
 // readUntilClosed reads c until it is closed by the server and returns how long that took; it fails the test if
 // the server keeps it open for limit.
 func readUntilClosed(t *testing.T, c net.Conn, limit time.Duration) time.Duration {
