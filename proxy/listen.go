@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -25,7 +26,7 @@ import (
 // Here TLS is terminated once, by the split, and each connection goes where its protocol is spoken natively:
 //
 //	TLS, ALPN "http/1.1" or none       → HTTP1(), the *tls.Conn itself (http.Server sets r.TLS)
-//	TLS "h2", or plain with the preface → first HEADERS' content-type application/grpc* → GRPC(), else HTTP2()
+//	TLS "h2", or plain with the preface → first HEADERS' content-type application/grpc[+;…] → GRPC(), else HTTP2()
 //	plain, anything else                → HTTP1()
 //
 // The sniff is written here rather than taken from github.com/soheilhy/cmux (which etcd uses) because cmux's
@@ -46,8 +47,8 @@ const (
 	sniffMaxFrame = 16 << 10
 	// frameHeaderLen is the length of an HTTP/2 frame header.
 	frameHeaderLen = 9
-	// grpcContentTypePrefix is what a gRPC request's content-type starts with (application/grpc, +proto, …).
-	grpcContentTypePrefix = "application/grpc"
+	// grpcContentType is the content-type of gRPC requests (see isGRPCContentType).
+	grpcContentType = "application/grpc"
 )
 
 // connSplit takes one client listener and hands each accepted connection to the server that speaks its protocol.
@@ -327,8 +328,7 @@ func (sn *sniffer) firstHeaders() (bool, error) {
 	fr.SetMaxReadFrameSize(sniffMaxFrame)
 	isGRPC := false
 	dec := hpack.NewDecoder(4<<10, func(f hpack.HeaderField) {
-		if f.Name == "content-type" && len(f.Value) >= len(grpcContentTypePrefix) &&
-			f.Value[:len(grpcContentTypePrefix)] == grpcContentTypePrefix {
+		if f.Name == "content-type" && isGRPCContentType(f.Value) {
 			isGRPC = true
 		}
 	})
@@ -370,6 +370,13 @@ func (sn *sniffer) firstHeaders() (bool, error) {
 			return isGRPC, dec.Close()
 		}
 	}
+}
+
+// isGRPCContentType applies grpc-go's rule: application/grpc, alone or followed by "+" or ";" (a codec or
+// parameters). cmux's prefix match also takes application/grpc-web, which grpc.Server refuses.
+func isGRPCContentType(v string) bool {
+	rest, ok := strings.CutPrefix(v, grpcContentType)
+	return ok && (rest == "" || rest[0] == '+' || rest[0] == ';')
 }
 
 // replay returns the connection with the sniffed bytes put back in front.

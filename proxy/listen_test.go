@@ -236,7 +236,10 @@ func (r *splitRig) grpcCheck(t testing.TB) {
 // get makes n GET requests on one http.Client and asserts each answer and that they shared a connection (an
 // HTTP/2 server that rejects the connection after the first request, as http2.Server does when it sees the
 // acknowledgement of the sniff's SETTINGS, makes the client dial again).
-func (r *splitRig) get(t testing.TB, h2 bool, n int) {
+func (r *splitRig) get(t testing.TB, h2 bool, n int) { r.request(t, h2, n, "") }
+
+// request is get, or a POST with contentType when that is not empty.
+func (r *splitRig) request(t testing.TB, h2 bool, n int, contentType string) {
 	t.Helper()
 	var dials atomic.Int32
 	tr := &http.Transport{
@@ -263,7 +266,15 @@ func (r *splitRig) get(t testing.TB, h2 bool, n int) {
 	c := &http.Client{Transport: tr, Timeout: 10 * time.Second}
 	want := fmt.Sprintf("/v2/keys %s tls=%t cn=%s", proto, r.pki != nil, r.wantCN())
 	for i := range n {
-		res, err := c.Get(r.scheme() + "://" + r.addr + "/v2/keys")
+		req, err := http.NewRequest(http.MethodGet, r.scheme()+"://"+r.addr+"/v2/keys", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if contentType != "" {
+			req.Method = http.MethodPost
+			req.Header.Set("Content-Type", contentType)
+		}
+		res, err := c.Do(req)
 		if err != nil {
 			t.Fatalf("request %d: %v", i, err)
 		}
@@ -307,6 +318,10 @@ func TestConnSplitRoutes(t *testing.T) {
 			t.Run("http2", func(t *testing.T) {
 				t.Parallel()
 				r.get(t, true, 3)
+			})
+			t.Run("grpc-web", func(t *testing.T) {
+				t.Parallel()
+				r.request(t, true, 1, "application/grpc-web") // not gRPC to grpc.Server
 			})
 			t.Run("curl", func(t *testing.T) {
 				t.Parallel()
@@ -418,6 +433,19 @@ func TestServeHTTP2(t *testing.T) {
 		}
 	case <-ctx.Done():
 		t.Fatal("serveHTTP2 still serving after srv.Shutdown")
+	}
+}
+
+func TestIsGRPCContentType(t *testing.T) {
+	t.Parallel()
+	for v, want := range map[string]bool{
+		"application/grpc": true, "application/grpc+proto": true, "application/grpc;charset=utf-8": true,
+		"application/grpc-web": false, "application/grpc-web+proto": false, "application/json": false, "": false,
+		"application/grp": false,
+	} {
+		if got := isGRPCContentType(v); got != want {
+			t.Errorf("isGRPCContentType(%q) = %t, want %t", v, got, want)
+		}
 	}
 }
 
