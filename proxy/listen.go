@@ -29,18 +29,18 @@ import (
 //	TLS "h2", or plain with the preface → first HEADERS' content-type application/grpc[+;…] → GRPC(), else HTTP2()
 //	plain, anything else                → HTTP1()
 //
-// The sniff is written here rather than taken from github.com/soheilhy/cmux (which etcd uses) because cmux's
+// The sniff is written here rather than taken from github.com/soheilhy/cmux (which etcd uses), because its
 // HTTP2MatchHeaderFieldPrefixSendSettings (the matcher the split needs: grpc-go clients send no request before the
-// server's SETTINGS) reads with an http2.Framer that allocates a frame's announced length, up to 16 MiB, before
-// reading it; it cannot tell "not gRPC" from "read failed"; the SETTINGS frame it sends is acknowledged by the
-// client, and x/net's http2.Server closes a connection acknowledging more SETTINGS than it sent ("ack_mystery");
-// and cmux.Close neither closes the connections it is sniffing nor waits for them, while closing one of its
-// listeners closes the root listener under all of them.
+// server's SETTINGS) fails the HTTP/2 half of the split: the client acknowledges the empty SETTINGS frame it sends,
+// and x/net's http2.Server closes a connection that acknowledges more SETTINGS than it sent ("ack_mystery"); nghttp2
+// (curl) hangs up when the server's SETTINGS_NO_RFC7540_PRIORITIES changes from that empty frame's 0 to 1. Its
+// http2.Framer allocates a frame's announced length, up to 16 MiB, before reading it; it cannot tell "not gRPC"
+// from "read failed"; its prefix match takes application/grpc-web for gRPC; and cmux.Close neither closes the
+// connections being sniffed nor waits for them, while closing one of its listeners closes the root listener.
 
 const (
-	// sniffMaxBytes bounds what one connection may send before its first request's header block ends. A gRPC or
-	// HTTP/2 client sends a few hundred bytes; the HTTP/2 default SETTINGS_MAX_HEADER_LIST_SIZE accepted by our
-	// servers is larger, but a first request that big is not a client we serve.
+	// sniffMaxBytes bounds what one connection may send before its first request's header block ends: gRPC and
+	// HTTP/2 clients send a few hundred bytes.
 	sniffMaxBytes = 64 << 10
 	// sniffMaxFrame is HTTP/2's initial SETTINGS_MAX_FRAME_SIZE: a client may not send more in one frame before
 	// the server raises it, and the split's SETTINGS frame does not.
@@ -76,8 +76,8 @@ type connSplit struct {
 
 // newConnSplit returns a split of l. tlsConfig nil: l is a plain listener; otherwise the split terminates TLS with
 // it, offering h2 and http/1.1 (NextProtos is set on a clone; a configuration from GetConfigForClient must offer
-// them itself, as loadListener's does). handshakeTimeout bounds the TLS handshake and the
-// sniff (see connSplit); it must be positive. log gets failed handshakes at debug level; nil logs nothing.
+// them itself, as loadListener's does). handshakeTimeout bounds the TLS handshake and the sniff (see connSplit);
+// it must be positive. log gets failed handshakes and sniffs at debug level; nil logs nothing.
 func newConnSplit(l net.Listener, tlsConfig *tls.Config, handshakeTimeout time.Duration, log *slog.Logger) *connSplit {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
