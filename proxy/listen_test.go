@@ -115,11 +115,10 @@ func newSplitPKI(t testing.TB) *splitPKI {
 // (an interceptor records the client certificate's common name), an http.Server on HTTP1() and serveHTTP2 on
 // HTTP2(), whose handler answers with the protocol, whether r.TLS is set and the client certificate's name.
 type splitRig struct {
-	addr    string
-	pki     *splitPKI // nil: plain
-	split   *connSplit
-	grpcCN  atomic.Value // string: the common name grpc-go's AuthInfo had on the last call
-	stopped chan struct{}
+	addr   string
+	pki    *splitPKI // nil: plain
+	split  *connSplit
+	grpcCN atomic.Value // string: the common name grpc-go's AuthInfo had on the last call
 }
 
 func startSplit(t testing.TB, withTLS bool, handshakeTimeout time.Duration) *splitRig {
@@ -128,7 +127,7 @@ func startSplit(t testing.TB, withTLS bool, handshakeTimeout time.Duration) *spl
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &splitRig{addr: l.Addr().String(), stopped: make(chan struct{})}
+	r := &splitRig{addr: l.Addr().String()}
 	var tlsConfig *tls.Config
 	if withTLS {
 		r.pki = newSplitPKI(t)
