@@ -110,6 +110,7 @@ var ownPatterns = []*regexp.Regexp{
 var ruleMessages = []string{
 	"etcd-proxy-proxy: upstream response too large to rewrite (rule %s)",
 	"etcd-proxy-proxy: rule %s could not handle the upstream response",
+	"etcd-proxy-proxy: rule %s could not handle the call", // proxy/grpccore.go: a message rule's error that is not a status
 }
 
 // grpcCodeNames are the names of the gRPC status codes (google.golang.org/grpc/codes), by number.
