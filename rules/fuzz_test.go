@@ -61,8 +61,9 @@ func FuzzScrubGRPCMessage(f *testing.F) {
 var membershipMethods = []string{methodMemberList, methodStatus, methodMemberAdd, methodMemberRemove, methodMemberUpdate, methodMemberPromote}
 
 // FuzzMembersRewrite: whatever message an upstream answers a membership or status call with (any bytes that
-// decode as the method's answer, as the core decodes them), the rewritten answer decodes, holds no unknown field (but Status's checked newer ones), lists only us, and carries no piece of any
-// text that was in an unknown field or in an upstream member, nor a planted name.
+// decode as the method's answer, as the core decodes them), the rewritten answer decodes, holds no unknown field
+// (but Status's checked newer ones), lists only us, and carries no piece of any text that was in an unknown field
+// or in an upstream member, nor a planted name.
 func FuzzMembersRewrite(f *testing.F) {
 	planted := "http://10.0.0.5:2379 etcd-2.cluster.internal [fd00::5]:2380"
 	header := &pb.ResponseHeader{ClusterId: 7, MemberId: 9, Revision: 3, RaftTerm: 2, XXX_unrecognized: unknownField(90, planted)}
