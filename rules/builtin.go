@@ -11,6 +11,12 @@ import (
 // ID knows it is in a loop. It is an end-to-end request header: stock proxies forward it untouched.
 const ViaHeader = "X-Etcd-Proxy-Proxy-Via"
 
+// The texts of Loop and ReadOnly, in both halves.
+const (
+	msgLoop     = "etcd-proxy-proxy: request loop detected (this proxy is its own upstream)"
+	msgReadOnly = "etcd-proxy-proxy: read-only proxy"
+)
+
 // Options configure the default chain.
 type Options struct {
 	// Self is the member every membership view shows.
@@ -19,7 +25,8 @@ type Options struct {
 	Instance string
 	// ForwardMemberChanges forwards membership changes instead of rejecting them.
 	ForwardMemberChanges bool
-	// ReadOnly answers every request but GET and HEAD with 501.
+	// ReadOnly answers every HTTP request but GET and HEAD with 501, and every gRPC call that could change
+	// something with PermissionDenied.
 	ReadOnly bool
 	// SnapshotSpoolDir is where snapshots are spooled to be rewritten; empty means os.TempDir().
 	SnapshotSpoolDir string
@@ -29,7 +36,11 @@ type Options struct {
 	Log *slog.Logger
 }
 
-// Default is the default chain, the one place its order is written down. Requests see it top to bottom, responses bottom to top.
+// Default is the default chain, the one place its order is written down. Requests see it top to bottom,
+// responses bottom to top. It serves both halves: the HTTP rules (v2, and what else comes over HTTP) and the
+// message rules (gRPC, and the JSON gateway, which the proxy serves through its gRPC path) — the rules that
+// implement MessageRule, in the same order. Statuses from below are scrubbed by the gRPC core itself
+// (ScrubGRPCMessage), after every rule.
 func Default(o Options) []Rule {
 	return []Rule{
 		&Loop{Instance: o.Instance},    // first: a looping request must reach nothing else, not even the upstream
@@ -38,14 +49,13 @@ func Default(o Options) []Rule {
 		&Members{Self: o.Self, Forward: o.ForwardMemberChanges}, // membership views answered with ourselves
 		&Machines{Self: o.Self},                                 // /v2/machines, the oldest membership view
 		&Stats{Self: o.Self},                                    // /v2/stats/self and /leader name a member and its leader
-		snapshotRule(o),                                         // the database in a snapshot names every member; before GRPCStatus: its status is set after the upstream's is scrubbed
-		&GRPCStatus{},                                           // gRPC status messages of the hops below name their addresses
+		snapshotRule(o),                                         // the database in a snapshot names every member
 		&Headers{},                                              // last on the way up, so its response side runs first and every rule sees clean headers
 	}
 }
 
 // Loop answers 508 Loop Detected (gRPC: FailedPrecondition) when a request already carries this proxy's
-// instance ID, and adds the ID otherwise.
+// instance ID (gRPC: in the x-etcd-proxy-proxy-via metadata), and adds the ID otherwise.
 type Loop struct {
 	Passthrough
 	// Instance is this process's ID; empty disables the rule.
@@ -65,11 +75,7 @@ func (l *Loop) Request(req *http.Request) (*http.Response, error) {
 			if strings.TrimSpace(id) != l.Instance {
 				continue
 			}
-			const msg = "etcd-proxy-proxy: request loop detected (this proxy is its own upstream)"
-			if IsGRPC(req) {
-				return GRPCReply(req, CodeFailedPrecondition, msg), nil
-			}
-			return Reply(req, http.StatusLoopDetected, msg), nil
+			return Reply(req, http.StatusLoopDetected, msgLoop), nil
 		}
 	}
 	req.Header.Add(ViaHeader, l.Instance)
@@ -77,7 +83,8 @@ func (l *Loop) Request(req *http.Request) (*http.Response, error) {
 }
 
 // ReadOnly answers 501 Not Implemented to every request but GET and HEAD, as etcd's readonly proxy does, and
-// PermissionDenied to every gRPC call that could change something.
+// PermissionDenied to every gRPC call that could change something (the methods not marked ReadOnly in the
+// table of etcd's methods, api.go, and every method etcd does not serve).
 type ReadOnly struct {
 	Passthrough
 	// Enabled switches the rule on.
@@ -87,43 +94,12 @@ type ReadOnly struct {
 // Name implements Rule.
 func (*ReadOnly) Name() string { return "readonly" }
 
-// readOnlyMethods are the gRPC calls that change nothing.
-var readOnlyMethods = map[string]bool{
-	"/etcdserverpb.KV/Range":              true,
-	"/etcdserverpb.Watch/Watch":           true,
-	"/etcdserverpb.Lease/LeaseTimeToLive": true,
-	"/etcdserverpb.Lease/LeaseLeases":     true,
-	"/etcdserverpb.Cluster/MemberList":    true,
-	"/etcdserverpb.Maintenance/Status":    true,
-	"/etcdserverpb.Maintenance/Hash":      true,
-	"/etcdserverpb.Maintenance/HashKV":    true,
-	"/etcdserverpb.Maintenance/Snapshot":  true,
-	"/etcdserverpb.Auth/Authenticate":     true,
-	"/etcdserverpb.Auth/UserGet":          true,
-	"/etcdserverpb.Auth/UserList":         true,
-	"/etcdserverpb.Auth/RoleGet":          true,
-	"/etcdserverpb.Auth/RoleList":         true,
-	"/etcdserverpb.Auth/AuthStatus":       true,
-	"/v3electionpb.Election/Leader":       true,
-	"/v3electionpb.Election/Observe":      true,
-	"/grpc.health.v1.Health/Check":        true,
-	"/grpc.health.v1.Health/Watch":        true,
-}
-
 // Request implements Rule.
 func (r *ReadOnly) Request(req *http.Request) (*http.Response, error) {
-	switch {
-	case !r.Enabled:
-		return nil, nil
-	case IsGRPC(req):
-		if readOnlyMethods[req.URL.Path] {
-			return nil, nil
-		}
-		return GRPCReply(req, CodePermissionDenied, "etcd-proxy-proxy: read-only proxy"), nil
-	case req.Method == http.MethodGet || req.Method == http.MethodHead:
+	if !r.Enabled || req.Method == http.MethodGet || req.Method == http.MethodHead {
 		return nil, nil
 	}
-	return Reply(req, http.StatusNotImplemented, "etcd-proxy-proxy: read-only proxy"), nil
+	return Reply(req, http.StatusNotImplemented, msgReadOnly), nil
 }
 
 // Hidden answers 404 for the endpoints that describe a hop rather than the cluster: /debug/ (a member's or a

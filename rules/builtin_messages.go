@@ -27,7 +27,7 @@ func (l *Loop) Serve(s Stream, next Handler) error {
 	for _, v := range md.Get(viaMetadata) {
 		for id := range strings.SplitSeq(v, ",") {
 			if strings.TrimSpace(id) == l.Instance {
-				return status.Error(codes.FailedPrecondition, "etcd-proxy-proxy: request loop detected (this proxy is its own upstream)")
+				return status.Error(codes.FailedPrecondition, msgLoop)
 			}
 		}
 	}
@@ -45,7 +45,7 @@ func (r *ReadOnly) Claim(m *Method) Claim {
 
 // Serve implements MessageRule.
 func (*ReadOnly) Serve(Stream, Handler) error {
-	return status.Error(codes.PermissionDenied, "etcd-proxy-proxy: read-only proxy")
+	return status.Error(codes.PermissionDenied, msgReadOnly)
 }
 
 // Claim implements MessageRule: the answers that carry members, and the membership changes, which are refused
@@ -118,6 +118,44 @@ func (m *Members) rewrite(msg any) {
 		r.XXX_DiscardUnknown()
 		r.Members = []*pb.Member{m.Self.v3()}
 		m.Self.stamp(r.Header)
+	}
+}
+
+// gRPC methods of the Cluster service.
+const (
+	methodMemberList    = "/etcdserverpb.Cluster/MemberList"
+	methodMemberAdd     = "/etcdserverpb.Cluster/MemberAdd"
+	methodMemberRemove  = "/etcdserverpb.Cluster/MemberRemove"
+	methodMemberUpdate  = "/etcdserverpb.Cluster/MemberUpdate"
+	methodMemberPromote = "/etcdserverpb.Cluster/MemberPromote"
+	methodStatus        = "/etcdserverpb.Maintenance/Status"
+	methodMoveLeader    = "/etcdserverpb.Maintenance/MoveLeader"
+)
+
+func isMemberChange(method string) bool {
+	switch method {
+	case methodMemberAdd, methodMemberRemove, methodMemberUpdate, methodMemberPromote:
+		return true
+	}
+	return false
+}
+
+func (s Self) v3() *pb.Member {
+	return &pb.Member{ID: s.ID, Name: s.Name, ClientURLs: s.ClientURLs}
+}
+
+// stamp makes a response header name us as the member that answered.
+func (s Self) stamp(h *pb.ResponseHeader) {
+	if h != nil {
+		h.MemberId = s.ID
+	}
+}
+
+// hideURLs keeps the ID and learner flag of the member a change answered with. Its name goes too: etcd answers
+// an add with the name empty (the member has not started), and anything else there comes from below.
+func hideURLs(m *pb.Member) {
+	if m != nil {
+		m.Name, m.PeerURLs, m.ClientURLs = "", nil, nil
 	}
 }
 

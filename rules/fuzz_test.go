@@ -2,10 +2,6 @@ package rules
 
 import (
 	"bytes"
-	"encoding/base64"
-	"encoding/binary"
-	"net/http"
-	"net/url"
 	"reflect"
 	"regexp"
 	"slices"
@@ -16,73 +12,47 @@ import (
 	"google.golang.org/protobuf/encoding/protowire"
 )
 
-// FuzzGRPCStatus: whatever status an upstream sends, the client gets a numeric grpc-status, no details, and a
-// message that is the upstream's own only when it is known, or else one of the fixed texts; no address or
-// planted name survives anywhere in the status, and a second proxy-proxy above changes nothing more.
-func FuzzGRPCStatus(f *testing.F) {
+// FuzzScrubGRPCMessage: whatever status message an upstream sends, the client gets the upstream's own only when
+// it is known, or else one of the fixed texts; no address or planted name survives, and a second proxy-proxy
+// above changes nothing more. (The core builds the client's status anew from the code and this message: the
+// upstream's details never pass.)
+func FuzzScrubGRPCMessage(f *testing.F) {
 	seeds := []struct {
-		status, msg string
-		details     []byte
+		code uint32
+		msg  string
 	}{
-		{"14", "etcdserver: request timed out", []byte("\x08\x0e\x12\x14http://10.0.0.5:2379")},
-		{"14", "member etcd-2.cluster.internal unreachable", nil},
-		{"2", "x10.9.9.9:2379y", nil},
-		{"2", "member_10.9.9.9:2379_down", nil},
-		{"2", "leader is 127.0.0.1 port 2379", nil},
-		{"14", "connection error: desc = \"transport: Error while dialing: dial tcp [fd00::5]:2379: connect: connection refused\"", nil},
-		{"8", "grpc: received message larger than max (4194400 vs. 4194304)", nil},
-		{"13", "stream terminated by RST_STREAM with error code: PROTOCOL_ERROR", nil},
-		{"13", "etcd-proxy-proxy: rule members could not handle the upstream response", nil},
-		{"10.0.0.5", "etcdserver: no leader", nil},
-		{"0", "OK from infra9", nil},
-		{"14", "%65tcd-2.cluster.internal", nil},
-		{"", "", []byte("member-secret")},
+		{14, "etcdserver: request timed out"},
+		{14, "member etcd-2.cluster.internal unreachable"},
+		{2, "x10.9.9.9:2379y"},
+		{2, "member_10.9.9.9:2379_down"},
+		{2, "leader is 127.0.0.1 port 2379"},
+		{14, "connection error: desc = \"transport: Error while dialing: dial tcp [fd00::5]:2379: connect: connection refused\""},
+		{8, "grpc: received message larger than max (4194400 vs. 4194304)"},
+		{13, "stream terminated by RST_STREAM with error code: PROTOCOL_ERROR"},
+		{13, "etcd-proxy-proxy: rule members could not handle the upstream response"},
+		{14, "etcd-proxy-proxy: upstream error (Unavailable); message withheld"},
+		{0, "OK from infra9"},
+		{14, "%65tcd-2.cluster.internal"},
+		{99, "member-secret"},
+		{2, ""},
 	}
 	for _, s := range seeds {
-		f.Add(s.status, s.msg, s.details)
+		f.Add(s.code, s.msg)
 	}
-	f.Fuzz(func(t *testing.T, status, msg string, details []byte) {
-		in := http.Header{}
-		if status != "" {
-			in.Set(GRPCStatusHeader, status)
+	f.Fuzz(func(t *testing.T, code uint32, msg string) {
+		got := ScrubGRPCMessage(int(code), msg)
+		if l := leak(got); l != "" {
+			t.Fatalf("status %d %q leaks %q: %q", code, msg, l, got)
 		}
-		if msg != "" {
-			in.Set(GRPCMessageHeader, msg)
+		if got != "" && got != TransportFailure && got != WithheldMessage(int(code)) && !(got == msg && KnownGRPCMessage(got)) {
+			t.Fatalf("message %q became %q: neither the upstream's known text nor a fixed one", msg, got)
 		}
-		if len(details) > 0 {
-			in.Set(GRPCDetailsHeader, base64.RawStdEncoding.EncodeToString(details))
+		if got == "" && code != 0 && msg != "" {
+			t.Fatalf("status %d %q lost its message", code, msg)
 		}
-		headers, trailers := scrubThroughRule(t, in)
-		for _, h := range []http.Header{headers, trailers} {
-			delete(h, "Content-Type")
-			if l := headerLeak(h); l != "" {
-				t.Fatalf("status %q %q leaks %q: %q", status, msg, l, h)
-			}
-			if h.Get(GRPCDetailsHeader) != "" {
-				t.Fatalf("details kept: %q", h)
-			}
-			code := CodeUnknown
-			if v := h.Get(GRPCStatusHeader); v != "" {
-				n, err := strconv.ParseUint(v, 10, 32)
-				if err != nil {
-					t.Fatalf("grpc-status %q", v)
-				}
-				code = int(n)
-			}
-			got, err := url.PathUnescape(h.Get(GRPCMessageHeader))
-			if err != nil {
-				t.Fatalf("grpc-message %q does not decode: %v", h.Get(GRPCMessageHeader), err)
-			}
-			if sent, _ := url.PathUnescape(msg); got != "" && got != TransportFailure && got != WithheldMessage(code) &&
-				!(got == sent && KnownGRPCMessage(got)) {
-				t.Fatalf("message %q became %q: neither the upstream's known text nor a fixed one", msg, got)
-			}
-			// A proxy-proxy above passes it on as it is.
-			again, _ := scrubThroughRule(t, h)
-			delete(again, "Content-Type")
-			if !reflect.DeepEqual(again, h) {
-				t.Fatalf("a second hop changed %q into %q", h, again)
-			}
+		// A proxy-proxy above passes it on as it is.
+		if again := ScrubGRPCMessage(int(code), got); again != got {
+			t.Fatalf("a second hop changed %q into %q", got, again)
 		}
 	})
 }
@@ -90,25 +60,10 @@ func FuzzGRPCStatus(f *testing.F) {
 // membershipMethods are the answers the Members rule rewrites, in the order FuzzMembersRewrite picks them.
 var membershipMethods = []string{methodMemberList, methodStatus, methodMemberAdd, methodMemberRemove, methodMemberUpdate, methodMemberPromote}
 
-func newAnswer(method string) message {
-	switch method {
-	case methodMemberList:
-		return &pb.MemberListResponse{}
-	case methodStatus:
-		return &pb.StatusResponse{}
-	case methodMemberAdd:
-		return &pb.MemberAddResponse{}
-	case methodMemberRemove:
-		return &pb.MemberRemoveResponse{}
-	case methodMemberUpdate:
-		return &pb.MemberUpdateResponse{}
-	}
-	return &pb.MemberPromoteResponse{}
-}
-
-// FuzzMembersRewrite: whatever bytes an upstream answers a membership or status call with, the rewritten answer
-// decodes, holds no unknown field (but Status's checked newer ones), lists only us, and carries no piece of any
-// text that was in an unknown field or in an upstream member, nor a planted name.
+// FuzzMembersRewrite: whatever message an upstream answers a membership or status call with (any bytes that
+// decode as the method's answer, as the core decodes them), the rewritten answer decodes, holds no unknown field
+// (but Status's checked newer ones), lists only us, and carries no piece of any text that was in an unknown field
+// or in an upstream member, nor a planted name.
 func FuzzMembersRewrite(f *testing.F) {
 	planted := "http://10.0.0.5:2379 etcd-2.cluster.internal [fd00::5]:2380"
 	header := &pb.ResponseHeader{ClusterId: 7, MemberId: 9, Revision: 3, RaftTerm: 2, XXX_unrecognized: unknownField(90, planted)}
@@ -119,7 +74,7 @@ func FuzzMembersRewrite(f *testing.F) {
 			protowire.AppendString(protowire.AppendTag(nil, statusStorageVersion, protowire.BytesType), "3.6.0"),
 			protowire.AppendVarint(protowire.AppendTag(nil, statusDBSizeQuota, protowire.VarintType), 2<<30)),
 			unknownField(99, planted)...)}
-	for i, m := range []message{
+	for i, m := range []Message{
 		&pb.MemberListResponse{Header: header, Members: []*pb.Member{member, {ID: 2, Name: "infra9"}}, XXX_unrecognized: unknownField(99, planted)},
 		status,
 		&pb.MemberAddResponse{Header: header, Member: member, Members: []*pb.Member{member}},
@@ -135,25 +90,22 @@ func FuzzMembersRewrite(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, pick uint8, data []byte) {
 		method := membershipMethods[int(pick)%len(membershipMethods)]
-		fn, err := (&Members{Self: testSelf, Forward: true}).Response(&http.Response{StatusCode: 200,
-			Header: http.Header{"Content-Type": {GRPCContentType}}, Request: grpcRequest(method)})
-		if err != nil || fn == nil {
-			t.Fatalf("%s not claimed: %v", method, err)
+		in := LookupMethod(method).NewResponse()
+		if err := in.Unmarshal(data); err != nil {
+			return // the core fails the call: it cannot decode the answer
 		}
-		body := make([]byte, 5+len(data))
-		binary.BigEndian.PutUint32(body[1:5], uint32(len(data)))
-		copy(body[5:], data)
-		out, err := fn(body)
+		c, err := serve(t, &Members{Self: testSelf, Forward: true}, method, &testUpstream{Answers: []Message{in}},
+			LookupMethod(method).NewRequest())
 		if err != nil {
-			return // the proxy answers with its own error
+			t.Fatalf("%s: %v", method, err)
 		}
+		if len(c.Sent) != 1 {
+			t.Fatalf("the client got %d answers, want one", len(c.Sent))
+		}
+		out := c.Sent[0]
 
 		// What came from below and must not come out: every piece of text in an unknown field, at any depth,
 		// and every text of an upstream member.
-		in := newAnswer(method)
-		if err := in.Unmarshal(data); err != nil {
-			t.Fatalf("the rule decoded what the test cannot: %v", err)
-		}
 		var secrets [][]byte
 		walkMessages(reflect.ValueOf(in), func(v reflect.Value) {
 			if u := v.FieldByName("XXX_unrecognized"); u.IsValid() {
@@ -166,14 +118,7 @@ func FuzzMembersRewrite(f *testing.F) {
 			}
 		})
 
-		got := newAnswer(method)
-		payload, err := unframe(out)
-		if err != nil {
-			t.Fatalf("output is not one gRPC message: %v", err)
-		}
-		if err := got.Unmarshal(payload); err != nil {
-			t.Fatalf("output does not decode: %v", err)
-		}
+		got := c.answer()
 		// What the answer keeps on purpose is checked here, then taken out: ourselves as the one member, Status's
 		// version and errors, and the fields of etcd 3.6's Status. What is left (headers, numbers, a changed
 		// member's ID) must hold nothing from below.

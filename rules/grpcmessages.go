@@ -9,7 +9,7 @@ import (
 
 //go:generate go run ./internal/genmessages
 
-// The gRPC status messages that pass the GRPCStatus rule unchanged. Free text cannot be scrubbed completely (a
+// The gRPC status messages that pass ScrubGRPCMessage unchanged. Free text cannot be scrubbed completely (a
 // host name, or an address glued to other characters, looks like any other word), so a message from below passes
 // only when it is known: one of etcd's own fixed error texts, one of grpc-go's, or one of ours (so that chained
 // proxy-proxies pass each other's texts on). Any other message is replaced by a fixed text for its code.
@@ -81,8 +81,8 @@ var grpcMessagePatterns = []*regexp.Regexp{
 // the forwarder's (proxy/: forwarder.go handleError and classify, drain.go, bounds.go). Tests on both sides check
 // that each answer is listed.
 var ownMessages = []string{
-	"etcd-proxy-proxy: request loop detected (this proxy is its own upstream)",
-	"etcd-proxy-proxy: read-only proxy",
+	msgLoop,
+	msgReadOnly,
 	memberChangeRejected,
 	moveLeaderRejected,
 	msgSnapshotHash, msgSnapshotBroken, msgSnapshotMalformed, msgSnapshotRewrite, msgSnapshotSpool, // snapshot.go
@@ -110,6 +110,7 @@ var ownPatterns = []*regexp.Regexp{
 var ruleMessages = []string{
 	"etcd-proxy-proxy: upstream response too large to rewrite (rule %s)",
 	"etcd-proxy-proxy: rule %s could not handle the upstream response",
+	"etcd-proxy-proxy: rule %s could not handle the call", // proxy/grpccore.go: a message rule's error that is not a status
 }
 
 // grpcCodeNames are the names of the gRPC status codes (google.golang.org/grpc/codes), by number.
@@ -146,7 +147,7 @@ var knownGRPCMessages = func() map[string]bool {
 	return known
 }()
 
-// KnownGRPCMessage reports whether a status message passes the GRPCStatus rule unchanged.
+// KnownGRPCMessage reports whether a status message passes ScrubGRPCMessage unchanged.
 func KnownGRPCMessage(msg string) bool {
 	if msg == "" || knownGRPCMessages[msg] || withheldPattern.MatchString(msg) {
 		return true

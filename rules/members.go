@@ -56,9 +56,6 @@ const moveLeaderRejected = "etcd-proxy-proxy: leadership transfers are not forwa
 
 // Request implements Rule.
 func (m *Members) Request(req *http.Request) (*http.Response, error) {
-	if IsGRPC(req) {
-		return m.grpcRequest(req)
-	}
 	if !isMembersPath(req.URL.Path) {
 		return nil, nil
 	}
@@ -75,9 +72,6 @@ func (m *Members) Response(resp *http.Response) (BodyFunc, error) {
 	req := resp.Request
 	if req == nil || resp.StatusCode/100 != 2 || req.Method == http.MethodHead {
 		return nil, nil
-	}
-	if IsGRPC(req) {
-		return m.grpcResponse(resp), nil
 	}
 	path := strings.TrimSuffix(req.URL.Path, "/")
 	switch {

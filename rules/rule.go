@@ -13,9 +13,11 @@ import (
 	"strings"
 )
 
-// Rule acts on the requests going up to the upstream and on the responses coming back. The proxy runs the
-// request side first rule to last and the response side last rule to first, so a chain reads like a stack.
-// A rule always sees the request and the response after hop-by-hop headers have been removed.
+// Rule is a rule's HTTP half (v2, and everything else that comes over HTTP; gRPC calls go to the message half,
+// MessageRule, which the same value may implement too). It acts on the requests going up to the upstream and on
+// the responses coming back. The proxy runs the request side first rule to last and the response side last rule
+// to first, so a chain reads like a stack. A rule always sees the request and the response after hop-by-hop
+// headers have been removed.
 type Rule interface {
 	// Name identifies the rule in errors, logs and metrics.
 	Name() string

@@ -2,17 +2,13 @@ package rules_test
 
 import (
 	"bytes"
-	"compress/gzip"
 	"context"
 	"crypto/sha256"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
@@ -28,6 +24,8 @@ import (
 	"go.etcd.io/etcd/raft/v3/raftpb"
 	"go.etcd.io/etcd/server/v3/etcdserver/api/membership"
 	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protowire"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
@@ -120,94 +118,34 @@ func (u *upstreamSnapshot) blobs() []byte {
 	return b
 }
 
-// grpcFrame frames one message, gzip-compressed (flag 1) when compress is set.
-func grpcFrame(t *testing.T, m *pb.SnapshotResponse, compress bool) []byte {
+const methodSnapshot = "/etcdserverpb.Maintenance/Snapshot"
+
+// upstreamOf answers a Snapshot call with msgs, then err.
+func upstreamOf(msgs []*pb.SnapshotResponse, err error) *rules.TestUpstream {
+	up := &rules.TestUpstream{Err: err}
+	for _, m := range msgs {
+		up.Answers = append(up.Answers, m)
+	}
+	return up
+}
+
+// runSnapshotRule runs r on a Snapshot call as the proxy's core does, against up. It returns the messages the
+// client got, their bytes, and how the call ended.
+func runSnapshotRule(t *testing.T, r *rules.Snapshot, c *rules.TestCall, up *rules.TestUpstream) ([]*pb.SnapshotResponse, []byte, error) {
 	t.Helper()
-	b, err := m.Marshal()
-	if err != nil {
-		t.Fatal(err)
+	if got := r.Claim(c.Method()); got != rules.ClaimMessages {
+		t.Fatalf("Claim = %d, want ClaimMessages", got)
 	}
-	flag := byte(0)
-	if compress {
-		var z bytes.Buffer
-		zw := gzip.NewWriter(&z)
-		_, _ = zw.Write(b)
-		_ = zw.Close()
-		b, flag = z.Bytes(), 1
-	}
-	out := append([]byte{flag, 0, 0, 0, 0}, b...)
-	binary.BigEndian.PutUint32(out[1:5], uint32(len(b)))
-	return out
-}
-
-// upstreamBody is a gRPC response body as net/http's HTTP/2 transport delivers it: the trailers appear in
-// resp.Trailer when the body ends. err, if set, ends the body instead of EOF.
-type upstreamBody struct {
-	r       io.Reader
-	resp    *http.Response
-	trailer http.Header
-	err     error
-	closed  bool
-	closes  int
-}
-
-func (b *upstreamBody) Read(p []byte) (int, error) {
-	if b.closed {
-		return 0, errors.New("read after close")
-	}
-	n, err := b.r.Read(p)
-	if err == io.EOF {
-		if b.err != nil {
-			return n, b.err
-		}
-		b.resp.Trailer = b.trailer
-	}
-	return n, err
-}
-
-func (b *upstreamBody) Close() error { b.closed = true; b.closes++; return nil }
-
-// snapshotResponse is the upstream's answer to a Snapshot call carrying frames, ending with trailer.
-func snapshotResponse(frames []byte, trailer http.Header, err error) (*http.Response, *upstreamBody) {
-	req := httptest.NewRequest(http.MethodPost, "/etcdserverpb.Maintenance/Snapshot", nil)
-	req.Proto, req.ProtoMajor, req.ProtoMinor = "HTTP/2.0", 2, 0
-	req.Header.Set("Content-Type", rules.GRPCContentType)
-	resp := &http.Response{StatusCode: http.StatusOK, Header: http.Header{"Content-Type": {rules.GRPCContentType}},
-		ContentLength: -1, Request: req}
-	body := &upstreamBody{r: bytes.NewReader(frames), resp: resp, trailer: trailer, err: err}
-	resp.Body = body
-	return resp, body
-}
-
-func statusOK() http.Header { return http.Header{"Grpc-Status": {"0"}} }
-
-// runSnapshotRule passes resp through the rule as the proxy does and returns the messages the client gets.
-func runSnapshotRule(t *testing.T, r *rules.Snapshot, resp *http.Response) ([]*pb.SnapshotResponse, []byte) {
-	t.Helper()
-	if fn, err := r.Response(resp); err != nil || fn != nil {
-		t.Fatalf("Response = %v, %v; want no error and no body claimed", fn, err)
-	}
-	raw, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatalf("reading the rewritten stream: %v", err)
-	}
-	if err := resp.Body.Close(); err != nil {
-		t.Fatal(err)
-	}
+	err := rules.ServeChain(r, c, up.Handler(c))
 	var msgs []*pb.SnapshotResponse
-	for rest := raw; len(rest) > 0; {
-		if len(rest) < 5 || rest[0] != 0 {
-			t.Fatalf("bad frame header % x", rest[:min(5, len(rest))])
-		}
-		n := binary.BigEndian.Uint32(rest[1:5])
-		var m pb.SnapshotResponse
-		if err := m.Unmarshal(rest[5 : 5+n]); err != nil {
-			t.Fatal(err)
-		}
-		msgs = append(msgs, &m)
-		rest = rest[5+n:]
+	for _, m := range c.Answers() {
+		msgs = append(msgs, m.(*pb.SnapshotResponse))
 	}
-	return msgs, raw
+	return msgs, bytes.Join(c.Sent, nil), err
+}
+
+func snapshotCall(t *testing.T) *rules.TestCall {
+	return rules.NewCall(t, methodSnapshot, &pb.SnapshotRequest{})
 }
 
 func assertEmptyDir(t *testing.T, dir string) {
@@ -217,26 +155,31 @@ func assertEmptyDir(t *testing.T, dir string) {
 	}
 }
 
-// runFailing runs r on resp, which must fail: no message reaches the client, the stream ends with code and a
-// message containing text, and the spool directory is left empty. It returns what the client read.
-func runFailing(t *testing.T, r *rules.Snapshot, resp *http.Response, code int, text string) []byte {
+// runFailing runs r against up, which must fail: no message reaches the client, the call ends with code and a
+// message containing text that a proxy-proxy above passes on, and the spool directory is left empty. It returns
+// what the client got and the status.
+func runFailing(t *testing.T, r *rules.Snapshot, up *rules.TestUpstream, code codes.Code, text string) ([]byte, error) {
 	t.Helper()
-	msgs, raw := runSnapshotRule(t, r, resp)
+	msgs, raw, err := runSnapshotRule(t, r, snapshotCall(t), up)
 	if len(msgs) != 0 {
 		t.Errorf("%d messages sent, want none", len(msgs))
 	}
-	assertStatus(t, resp, code, text)
+	assertStatus(t, err, code, text)
 	assertEmptyDir(t, r.SpoolDir)
-	return raw
+	return raw, err
 }
 
-func assertStatus(t *testing.T, resp *http.Response, code int, msg string) {
+func assertStatus(t *testing.T, err error, code codes.Code, msg string) {
 	t.Helper()
-	if got := resp.Trailer.Get(rules.GRPCStatusHeader); got != strconv.Itoa(code) {
-		t.Errorf("grpc-status %q (%q), want %d", got, resp.Trailer.Get(rules.GRPCMessageHeader), code)
+	st, ok := status.FromError(err)
+	if !ok || st.Code() != code {
+		t.Fatalf("error %v, want status %s", err, code)
 	}
-	if got := resp.Trailer.Get(rules.GRPCMessageHeader); !strings.Contains(got, msg) {
-		t.Errorf("grpc-message %q, want it to contain %q", got, msg)
+	if !strings.Contains(st.Message(), msg) {
+		t.Errorf("status message %q, want it to contain %q", st.Message(), msg)
+	}
+	if !rules.KnownGRPCMessage(st.Message()) {
+		t.Errorf("status message %q is not known: the core would withhold it", st.Message())
 	}
 }
 
@@ -244,20 +187,25 @@ func TestSnapshotRewrite(t *testing.T) {
 	t.Parallel()
 	up := takeSnapshot(t)
 	self := rules.NewSelf("etcd-proxy-proxy", []string{"https://proxy.example:2379"})
-	var frames []byte
-	for i, m := range up.msgs {
-		frames = append(frames, grpcFrame(t, m, i%2 == 1)...) // every other one compressed
+	logs := slog.New(slog.DiscardHandler)
+	// withFirst is the upstream's messages with the first one replaced.
+	withFirst := func(f func(m *pb.SnapshotResponse) *pb.SnapshotResponse) []*pb.SnapshotResponse {
+		out := slices.Clone(up.msgs)
+		out[0] = f(out[0])
+		return out
 	}
-	logs := slog.New(slog.NewTextHandler(io.Discard, nil))
 
 	t.Run("rewritten", func(t *testing.T) {
 		t.Parallel()
 		dir := t.TempDir()
-		resp, _ := snapshotResponse(frames, statusOK(), nil)
-		msgs, raw := runSnapshotRule(t, &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, resp)
+		upstream := upstreamOf(up.msgs, nil)
+		msgs, raw, err := runSnapshotRule(t, &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, snapshotCall(t), upstream)
 		assertEmptyDir(t, dir)
-		if got := resp.Trailer.Get(rules.GRPCStatusHeader); got != "0" {
-			t.Fatalf("grpc-status %q (%q), want 0", got, resp.Trailer.Get(rules.GRPCMessageHeader))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if upstream.Relayed != len(up.msgs) || len(upstream.Got) != 1 {
+			t.Errorf("the upstream got %d requests and relayed %d of %d messages", len(upstream.Got), upstream.Relayed, len(up.msgs))
 		}
 		for _, s := range up.secrets {
 			if bytes.Contains(raw, []byte(s)) {
@@ -272,8 +220,13 @@ func TestSnapshotRewrite(t *testing.T) {
 			}
 			db = append(db, m.Blob...)
 		}
-		if msgs[0].Header == nil || msgs[0].Header.MemberId != self.ID {
-			t.Errorf("first header %v, want member_id %d", msgs[0].Header, self.ID)
+		if h := msgs[0].Header; h == nil || h.MemberId != self.ID {
+			t.Errorf("first header %v, want member_id %d", h, self.ID)
+		}
+		for i, m := range msgs[1:] {
+			if m.Header != nil {
+				t.Errorf("message %d has a header", i+1)
+			}
 		}
 		sent := 0
 		for i, m := range msgs[:len(msgs)-1] {
@@ -295,119 +248,171 @@ func TestSnapshotRewrite(t *testing.T) {
 
 	t.Run("version", func(t *testing.T) {
 		t.Parallel()
-		// A 3.6 member's first message carries its version (field 4); any other unknown field is dropped.
-		version := protowire.AppendString(protowire.AppendTag(nil, 4, protowire.BytesType), "3.6.5")
+		// A 3.6 member's first message carries its header and version (field 4); any other unknown field is dropped,
+		// and so is a version field that does not read as a version.
 		other := protowire.AppendString(protowire.AppendTag(nil, 9, protowire.BytesType), "http://10.9.9.9:2380")
-		var fr []byte
-		for i, m := range up.msgs {
-			if i == 0 {
-				m = &pb.SnapshotResponse{RemainingBytes: m.RemainingBytes, Blob: m.Blob,
-					XXX_unrecognized: append(slices.Clone(other), version...)}
+		header := &pb.ResponseHeader{ClusterId: 7, MemberId: 99, Revision: 9, RaftTerm: 2, XXX_unrecognized: other}
+		version := func(v string) []byte {
+			return protowire.AppendString(protowire.AppendTag(nil, 4, protowire.BytesType), v)
+		}
+		for _, tt := range []struct {
+			unknown, want []byte
+		}{
+			{append(slices.Clone(other), version("3.6.5")...), version("3.6.5")},
+			{version("3.7.0-rc.1"), version("3.7.0-rc.1")},
+			{version("3.6.5 at 10.9.9.9"), nil},
+			{version("10.9.9.9:2380"), nil},
+			{other, nil},
+		} {
+			msgs, raw, err := runSnapshotRule(t, &rules.Snapshot{Self: self, SpoolDir: t.TempDir(), Log: logs}, snapshotCall(t),
+				upstreamOf(withFirst(func(m *pb.SnapshotResponse) *pb.SnapshotResponse {
+					return &pb.SnapshotResponse{Header: header, RemainingBytes: m.RemainingBytes, Blob: m.Blob, XXX_unrecognized: tt.unknown}
+				}), nil))
+			if err != nil {
+				t.Fatal(err)
 			}
-			fr = append(fr, grpcFrame(t, m, false)...)
-		}
-		resp, _ := snapshotResponse(fr, statusOK(), nil)
-		msgs, raw := runSnapshotRule(t, &rules.Snapshot{Self: self, SpoolDir: t.TempDir(), Log: logs}, resp)
-		if len(msgs) == 0 || !bytes.Equal(msgs[0].XXX_unrecognized, version) {
-			t.Errorf("first message's unknown fields %q, want the version alone %q", msgs[0].XXX_unrecognized, version)
-		}
-		if bytes.Contains(raw, []byte("10.9.9.9")) {
-			t.Error("an unknown field of the upstream's message reached the client")
+			if h := msgs[0].Header; h == nil || h.ClusterId != 7 || h.MemberId != self.ID || h.Revision != 9 || h.RaftTerm != 2 {
+				t.Errorf("first header %v, want the upstream's with our member ID", h)
+			}
+			if !bytes.Equal(msgs[0].XXX_unrecognized, tt.want) {
+				t.Errorf("upstream's unknown fields %q: first message's %q, want %q", tt.unknown, msgs[0].XXX_unrecognized, tt.want)
+			}
+			for _, m := range msgs[1:] {
+				if len(m.XXX_unrecognized) != 0 {
+					t.Errorf("a later message has unknown fields %q", m.XXX_unrecognized)
+				}
+			}
+			if bytes.Contains(raw, []byte("10.9.9.9")) {
+				t.Error("an unknown field of the upstream's message reached the client")
+			}
 		}
 	})
 
 	t.Run("too-large", func(t *testing.T) {
 		t.Parallel()
 		dir := t.TempDir()
-		resp, body := snapshotResponse(frames, statusOK(), nil)
-		runFailing(t, &rules.Snapshot{Self: self, SpoolDir: dir, MaxBytes: int64(len(up.blobs()) - 1), Log: logs}, resp, rules.CodeResourceExhausted, "--max-snapshot-bytes")
-		// Once, before the status is set: the rules below (GRPCStatus) rewrite trailers when it closes.
-		if body.closes != 1 {
-			t.Errorf("the upstream's stream was closed %d times, want once", body.closes)
+		upstream := upstreamOf(up.msgs, nil)
+		runFailing(t, &rules.Snapshot{Self: self, SpoolDir: dir, MaxBytes: int64(len(up.blobs()) - 1), Log: logs}, upstream,
+			codes.ResourceExhausted, "--max-snapshot-bytes")
+		// The first message announces the size: nothing more is read.
+		if upstream.Relayed != 0 || upstream.Failed == nil {
+			t.Errorf("the upstream relayed %d messages (%v), want the first refused", upstream.Relayed, upstream.Failed)
+		}
+	})
+
+	t.Run("too-large-understated", func(t *testing.T) {
+		t.Parallel()
+		// An upstream that announces less than it sends is cut off when what it sent passes the bound.
+		dir := t.TempDir()
+		var lying []*pb.SnapshotResponse
+		for _, m := range up.msgs {
+			lying = append(lying, &pb.SnapshotResponse{Header: m.Header, Blob: m.Blob})
+		}
+		upstream := upstreamOf(lying, nil)
+		limit := len(up.blobs()) / 2
+		runFailing(t, &rules.Snapshot{Self: self, SpoolDir: dir, MaxBytes: int64(limit), Log: logs}, upstream,
+			codes.ResourceExhausted, "--max-snapshot-bytes")
+		if upstream.Relayed >= len(up.msgs)-1 || upstream.Failed == nil {
+			t.Errorf("the upstream relayed %d of %d messages, want it cut off past %d bytes", upstream.Relayed, len(up.msgs), limit)
 		}
 	})
 
 	t.Run("bad-hash", func(t *testing.T) {
 		t.Parallel()
-		dir := t.TempDir()
-		var bad []byte
-		for i, m := range up.msgs {
-			if i == len(up.msgs)/2 {
-				m = &pb.SnapshotResponse{RemainingBytes: m.RemainingBytes, Blob: bytes.Clone(m.Blob)}
-				m.Blob[len(m.Blob)/2] ^= 1
+		bad := slices.Clone(up.msgs)
+		i := len(bad) / 2
+		bad[i] = &pb.SnapshotResponse{RemainingBytes: bad[i].RemainingBytes, Blob: bytes.Clone(bad[i].Blob)}
+		bad[i].Blob[len(bad[i].Blob)/2] ^= 1
+		runFailing(t, &rules.Snapshot{Self: self, SpoolDir: t.TempDir(), Log: logs}, upstreamOf(bad, nil), codes.DataLoss, "SHA-256")
+	})
+
+	t.Run("cut-short", func(t *testing.T) {
+		t.Parallel()
+		// The stream ends with OK before the hash: what came cannot be checked.
+		runFailing(t, &rules.Snapshot{Self: self, SpoolDir: t.TempDir(), Log: logs}, upstreamOf(up.msgs[:len(up.msgs)/2], nil),
+			codes.DataLoss, "SHA-256")
+	})
+
+	// The upstream's status reaches the client as it is (the core scrubs its message), whenever it comes.
+	for name, tt := range map[string]struct {
+		msgs []*pb.SnapshotResponse
+		err  error
+	}{
+		"upstream-error":  {up.msgs[:1], status.Error(codes.Unavailable, "etcdserver: leader changed")},
+		"trailers-only":   {nil, status.Error(codes.PermissionDenied, "etcdserver: permission denied")},
+		"broken-stream":   {up.msgs[:len(up.msgs)/2], status.Error(codes.Unavailable, "transport is closing")},
+		"not-a-status":    {up.msgs[:2], io.ErrUnexpectedEOF},
+		"after-the-whole": {up.msgs, status.Error(codes.Internal, "server closed the stream without sending trailers")},
+	} {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			dir := t.TempDir()
+			msgs, _, err := runSnapshotRule(t, &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, snapshotCall(t), upstreamOf(tt.msgs, tt.err))
+			if !errors.Is(err, tt.err) {
+				t.Errorf("error %v, want the upstream's %v", err, tt.err)
 			}
-			bad = append(bad, grpcFrame(t, m, false)...)
-		}
-		resp, _ := snapshotResponse(bad, statusOK(), nil)
-		runFailing(t, &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, resp, rules.CodeDataLoss, "SHA-256")
-	})
-
-	t.Run("upstream-error", func(t *testing.T) {
-		t.Parallel()
-		dir := t.TempDir()
-		half := grpcFrame(t, up.msgs[0], false)
-		trailer := http.Header{"Grpc-Status": {"14"}, "Grpc-Message": {"etcdserver: leader changed"}}
-		resp, _ := snapshotResponse(half, trailer, nil)
-		runFailing(t, &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, resp, 14, "etcdserver: leader changed")
-	})
-
-	t.Run("broken-stream", func(t *testing.T) {
-		t.Parallel()
-		dir := t.TempDir()
-		resp, _ := snapshotResponse(frames[:len(frames)/2], nil, io.ErrUnexpectedEOF)
-		runFailing(t, &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, resp, rules.CodeUnavailable, "broke off")
-	})
-
-	t.Run("no-status", func(t *testing.T) {
-		t.Parallel()
-		dir := t.TempDir()
-		resp, _ := snapshotResponse(frames, nil, nil)
-		runFailing(t, &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, resp, rules.CodeUnavailable, "broke off")
-	})
+			if len(msgs) != 0 {
+				t.Errorf("%d messages sent, want none", len(msgs))
+			}
+			assertEmptyDir(t, dir)
+		})
+	}
 
 	t.Run("not-a-database", func(t *testing.T) {
 		t.Parallel()
-		dir := t.TempDir()
 		junk := bytes.Repeat([]byte("http://10.0.0.1:2380 "), 4096)
 		sum := sha256.Sum256(junk)
-		var fr []byte
-		fr = append(fr, grpcFrame(t, &pb.SnapshotResponse{RemainingBytes: 0, Blob: junk}, false)...)
-		fr = append(fr, grpcFrame(t, &pb.SnapshotResponse{Blob: sum[:]}, false)...)
-		resp, _ := snapshotResponse(fr, statusOK(), nil)
-		raw := runFailing(t, &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, resp, rules.CodeInternal, "could not rewrite")
+		raw, _ := runFailing(t, &rules.Snapshot{Self: self, SpoolDir: t.TempDir(), Log: logs},
+			upstreamOf([]*pb.SnapshotResponse{{Blob: junk}, {Blob: sum[:]}}, nil), codes.Internal, "could not rewrite")
 		if bytes.Contains(raw, []byte("10.0.0.1")) {
 			t.Error("the upstream's bytes reached the client")
+		}
+	})
+
+	t.Run("malformed", func(t *testing.T) {
+		t.Parallel()
+		dir := t.TempDir()
+		c := snapshotCall(t)
+		err := rules.ServeChain(&rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, c, func(s rules.Stream) error {
+			if _, err := s.RecvMsg(); err != nil {
+				return err
+			}
+			return s.SendMsg(&pb.StatusResponse{})
+		})
+		assertStatus(t, err, codes.Internal, "malformed")
+		assertEmptyDir(t, dir)
+	})
+
+	t.Run("no-spool", func(t *testing.T) {
+		t.Parallel()
+		upstream := upstreamOf(up.msgs, nil)
+		_, _, err := runSnapshotRule(t, &rules.Snapshot{Self: self, SpoolDir: filepath.Join(t.TempDir(), "missing"), Log: logs},
+			snapshotCall(t), upstream)
+		assertStatus(t, err, codes.Internal, "could not spool")
+		if upstream.Called {
+			t.Error("the call went upstream though nothing could be spooled")
 		}
 	})
 
 	t.Run("client-gone", func(t *testing.T) {
 		t.Parallel()
 		dir := t.TempDir()
-		resp, body := snapshotResponse(frames, statusOK(), nil)
-		r := &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}
-		if _, err := r.Response(resp); err != nil {
-			t.Fatal(err)
+		c := snapshotCall(t)
+		gone := status.Error(codes.Canceled, "context canceled")
+		c.SendHook = func(n int) error {
+			if n == 0 {
+				if left, _ := os.ReadDir(dir); len(left) != 1 {
+					t.Errorf("while sending, the spool directory holds %d files, want the copy alone", len(left))
+				}
+				return nil
+			}
+			return gone
 		}
-		if _, err := resp.Body.Read(make([]byte, 100)); err != nil {
-			t.Fatal(err)
+		msgs, _, err := runSnapshotRule(t, &rules.Snapshot{Self: self, SpoolDir: dir, Log: logs}, c, upstreamOf(up.msgs, nil))
+		if !errors.Is(err, gone) || len(msgs) != 1 {
+			t.Errorf("error %v after %d messages, want %v after one", err, len(msgs), gone)
 		}
-		if left, _ := os.ReadDir(dir); len(left) != 1 {
-			t.Errorf("while streaming, the spool directory holds %d files, want the copy alone", len(left))
-		}
-		_ = resp.Body.Close()
 		assertEmptyDir(t, dir)
-		if !body.closed {
-			t.Error("the upstream's stream is left open")
-		}
-	})
-
-	t.Run("trailers-only", func(t *testing.T) {
-		t.Parallel()
-		resp, body := snapshotResponse(nil, nil, nil)
-		resp.Header.Set(rules.GRPCStatusHeader, "7")
-		if fn, err := (&rules.Snapshot{Self: self}).Response(resp); fn != nil || err != nil || resp.Body != body {
-			t.Errorf("an error answer was taken over: %v, %v", fn, err)
-		}
 	})
 }
 
