@@ -70,7 +70,7 @@ func newGRPCCore(f *Forwarder, cfg *Config, rs []rules.Rule) *grpcCore {
 	c.srv = grpc.NewServer(
 		grpc.UnknownServiceHandler(c.handle),
 		grpc.ForceServerCodecV2(frameCodec{}),
-		grpc.Creds(serverCreds{}),
+		grpc.Creds(grpcServerCreds()), // TLS is terminated by the split (listen.go)
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: grpcMinPingInterval, PermitWithoutStream: true}),
 		grpc.MaxRecvMsgSize(int(min(f.maxRequestBytes, math.MaxInt32))),
 		grpc.MaxSendMsgSize(math.MaxInt32),
@@ -244,13 +244,15 @@ func (c *grpcCore) forward(call *serverCall, s rules.Stream) error {
 			err = c.stream(call, s, e, cc, actx, at)
 		}
 		switch {
-		case err == nil || at.ended.Load() || ctx.Err() != nil || errors.Is(err, errLocal):
+		case err == nil || ctx.Err() != nil || errors.Is(err, errLocal):
 			if err == nil && i > 0 {
 				if aff := affinityOf(ctx); aff != nil {
 					aff.ep.Store(e) // the connection follows the endpoint that answered
 				}
 			}
 			return err
+		case at.ended.Load(): // the upstream's own status: the rules before see it scrubbed
+			return scrubbed(err)
 		case !at.sent.Load():
 			c.f.endpoints.failed(e)
 			last = err
@@ -442,7 +444,7 @@ func (c *grpcCore) finish(call *serverCall, err error) *status.Status {
 	case errors.As(err, &re):
 		count(reasonRule)
 		c.f.log.Warn("rule failed", "method", call.chain.m.Name, "rule", re.Rule, "err", re.Err)
-		return status.New(codes.Internal, "etcd-proxy-proxy: rule "+re.Rule+" could not handle the upstream response")
+		return status.New(codes.Internal, "etcd-proxy-proxy: rule "+re.Rule+" could not handle the call")
 	case errors.As(err, &ne):
 		count(reasonNoEndpoint)
 		c.f.log.Warn("request failed", "method", call.chain.m.Name, "err", err)
@@ -459,10 +461,20 @@ func (c *grpcCore) finish(call *serverCall, err error) *status.Status {
 		c.f.log.Warn("request failed", "method", call.chain.m.Name, "err", err)
 		return status.New(codes.Unavailable, "etcd-proxy-proxy: unable to get a response from the upstream")
 	}
-	if st.Code() == codes.ResourceExhausted && errors.Is(err, errLocal) {
-		count(reasonTooLarge)
+	if errors.Is(err, errLocal) { // grpc-go's own statuses on the client's side
+		if st.Code() == codes.ResourceExhausted {
+			count(reasonTooLarge)
+		}
+		return status.Convert(scrubbed(err))
 	}
-	return status.New(st.Code(), rules.ScrubGRPCMessage(int(st.Code()), st.Message()))
+	return st // a rule's own, or the upstream's, scrubbed where it came in (forward)
+}
+
+// scrubbed is a status from below as a client may see it: its message passes only when known
+// (rules.ScrubGRPCMessage), and its details never (what they may hold cannot be checked).
+func scrubbed(err error) error {
+	st := status.Convert(err)
+	return status.Error(st.Code(), rules.ScrubGRPCMessage(int(st.Code()), st.Message()))
 }
 
 // identify returns the upstream identity of a call (--upstream-cert-dir), or the refusal when there is none
@@ -520,7 +532,7 @@ func (c *grpcCore) scrubMetadata(md metadata.MD) metadata.MD {
 	needles := c.f.known.needles()
 	out := make(metadata.MD, len(md))
 	for k, vs := range md {
-		if strings.HasPrefix(k, ":") || strings.HasPrefix(k, "grpc-") || k == "content-type" {
+		if strings.HasPrefix(k, ":") || strings.HasPrefix(k, "grpc-") || hopHeaders[k] {
 			continue
 		}
 		for _, v := range vs {
@@ -531,6 +543,11 @@ func (c *grpcCore) scrubMetadata(md metadata.MD) metadata.MD {
 	}
 	return out
 }
+
+// hopHeaders describe one hop's HTTP/2 message, not the call: an upstream served by net/http (a fake, an older
+// proxy) sends Content-Length and Date, and a Content-Length passed on would cut the client's answer short.
+var hopHeaders = map[string]bool{"content-type": true, "content-length": true, "date": true, "connection": true,
+	"te": true, "trailer": true, "transfer-encoding": true, "keep-alive": true, "upgrade": true, "server": true}
 
 // connKey picks the upstream connection of an endpoint and identity.
 type connKey struct {
@@ -696,50 +713,6 @@ func (frameCodec) Unmarshal(data mem.BufferSlice, v any) error {
 		return m.Unmarshal(data.Materialize())
 	}
 	return fmt.Errorf("cannot decode into a %T", v)
-}
-
-// serverCreds are the grpc.Server's transport credentials: TLS, if any, is terminated before the connection
-// reaches it (listen.go), so it only reports the client's TLS state, which the identity of a call comes from.
-type serverCreds struct{}
-
-// tlsStater is a connection that carries a TLS connection's state.
-type tlsStater interface{ ConnectionState() tls.ConnectionState }
-
-func (serverCreds) ServerHandshake(c net.Conn) (net.Conn, credentials.AuthInfo, error) {
-	if ts := tlsStateOf(c); ts != nil {
-		return c, credentials.TLSInfo{State: ts.ConnectionState(),
-			CommonAuthInfo: credentials.CommonAuthInfo{SecurityLevel: credentials.PrivacyAndIntegrity}}, nil
-	}
-	return c, insecureInfo{credentials.CommonAuthInfo{SecurityLevel: credentials.NoSecurity}}, nil
-}
-
-// insecureInfo is the AuthInfo of a plain connection.
-type insecureInfo struct{ credentials.CommonAuthInfo }
-
-func (insecureInfo) AuthType() string { return "insecure" }
-
-func (serverCreds) ClientHandshake(context.Context, string, net.Conn) (net.Conn, credentials.AuthInfo, error) {
-	return nil, nil, errors.New("server credentials")
-}
-func (serverCreds) Info() credentials.ProtocolInfo {
-	return credentials.ProtocolInfo{SecurityProtocol: "tls"}
-}
-func (serverCreds) Clone() credentials.TransportCredentials { return serverCreds{} }
-func (serverCreds) OverrideServerName(string) error         { return nil }
-
-// tlsStateOf finds the TLS state of a connection, looking through the wrappers that expose the one below.
-func tlsStateOf(c net.Conn) tlsStater {
-	for range 4 {
-		if ts, ok := c.(tlsStater); ok {
-			return ts
-		}
-		u, ok := c.(interface{ NetConn() net.Conn })
-		if !ok {
-			return nil
-		}
-		c = u.NetConn()
-	}
-	return nil
 }
 
 // upstreamCreds put TLS on upstream connections: verified against the host dialled, with the TLS configuration

@@ -30,7 +30,7 @@ func TestGRPCAnswersKnown(t *testing.T) {
 		"rule":          &ruleError{Rule: "members", Err: errors.New("decoding")},
 		"no endpoint":   &noEndpointError{err: errors.New("all down")},
 		"not a status":  errors.New("dial tcp 10.0.0.1:2379: connection refused"),
-		"transport":     status.Error(codes.Unavailable, "connection error: desc = \"transport: Error while dialing: dial tcp 10.0.0.1:2379\""),
+		"transport":     scrubbed(status.Error(codes.Unavailable, "connection error: desc = \"transport: Error while dialing: dial tcp 10.0.0.1:2379\"")),
 		"too large":     &localError{status.Error(codes.ResourceExhausted, "grpc: received message larger than max (2000 vs. 1000)")},
 		"lost":          status.Error(codes.Unavailable, msgUpstreamLost),
 		"no response":   status.Error(codes.Unavailable, msgNoResponse),

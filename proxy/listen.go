@@ -498,23 +498,18 @@ func (l *chanListener) Close() error {
 func (l *chanListener) Addr() net.Addr { return l.split.l.Addr() }
 
 // splitCreds are the grpc.Server's transport credentials on a split: the split has terminated TLS already.
-type splitCreds struct{ tls bool }
+type splitCreds struct{}
 
-// grpcServerCreds returns the transport credentials for the grpc.Server serving a split's GRPC(). ServerHandshake
-// does no handshake; on a TLS listener it hands grpc-go the TLS state of the connection (peer.FromContext(ctx).
-// AuthInfo is a credentials.TLSInfo with the client's certificate) and refuses a connection without one, on a
-// plain listener the AuthInfo is insecure's.
-func grpcServerCreds(tlsListener bool) credentials.TransportCredentials {
-	return splitCreds{tls: tlsListener}
-}
+// grpcServerCreds returns the transport credentials for the grpc.Server serving the GRPC() of splits, plain and
+// TLS alike. ServerHandshake does no handshake: a connection of a TLS listener carries its TLS state
+// (tlsStateConn), which it hands grpc-go (peer.FromContext(ctx).AuthInfo is a credentials.TLSInfo with the
+// client's certificate); another one gets insecure's AuthInfo.
+func grpcServerCreds() credentials.TransportCredentials { return splitCreds{} }
 
-func (c splitCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
-	if !c.tls {
-		return insecure.NewCredentials().ServerHandshake(conn)
-	}
+func (splitCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	cs, ok := conn.(interface{ ConnectionState() tls.ConnectionState })
 	if !ok {
-		return nil, nil, fmt.Errorf("split: gRPC connection %T has no TLS state", conn)
+		return insecure.NewCredentials().ServerHandshake(conn)
 	}
 	return conn, credentials.TLSInfo{
 		State:          cs.ConnectionState(),
@@ -522,21 +517,16 @@ func (c splitCreds) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthIn
 	}, nil
 }
 
-func (c splitCreds) ClientHandshake(context.Context, string, net.Conn) (net.Conn, credentials.AuthInfo, error) {
+func (splitCreds) ClientHandshake(context.Context, string, net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	return nil, nil, errors.New("split: server-side credentials used by a client")
 }
 
-func (c splitCreds) Info() credentials.ProtocolInfo {
-	if c.tls {
-		return credentials.ProtocolInfo{SecurityProtocol: "tls"}
-	}
-	return credentials.ProtocolInfo{SecurityProtocol: "insecure"}
-}
+func (splitCreds) Info() credentials.ProtocolInfo { return credentials.ProtocolInfo{SecurityProtocol: "tls"} }
 
 func (c splitCreds) Clone() credentials.TransportCredentials { return c }
 
 // OverrideServerName is required by the interface and means nothing on a server.
-func (c splitCreds) OverrideServerName(string) error { return nil }
+func (splitCreds) OverrideServerName(string) error { return nil }
 
 // serveHTTP2 serves the connections of a split's HTTP2() with x/net's http2.Server, configured from srv: its
 // Handler, ErrorLog, timeouts and HTTP2 settings, its BaseContext and ConnContext (applied here per connection:

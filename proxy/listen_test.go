@@ -136,7 +136,7 @@ func startSplit(t testing.TB, withTLS bool, handshakeTimeout time.Duration) *spl
 	r.split = newConnSplit(l, tlsConfig, handshakeTimeout, nil)
 	r.grpcCN.Store("")
 
-	gs := newHealthServer(grpcServerCreds(withTLS), &r.grpcCN)
+	gs := newHealthServer(grpcServerCreds(), &r.grpcCN)
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 		cn := "none"
 		if req.TLS != nil && len(req.TLS.PeerCertificates) > 0 {

@@ -27,6 +27,7 @@ type Server struct {
 	log       *slog.Logger
 	listeners map[string]net.Listener // by listen URL; pre-opened ones come from WithListener
 	servers   []*http.Server
+	splits    []*connSplit // one per listener: TLS, then HTTP/1.1, HTTP/2 or gRPC (listen.go)
 	// buildRules, when set by WithRules, turns the default chain into the one served.
 	buildRules func(defaults []rules.Rule, self rules.Self) []rules.Rule
 	urls       []string
@@ -116,7 +117,7 @@ func (s *Server) Start() error {
 			return fmt.Errorf("listener TLS: %w", err)
 		}
 	}
-	s.errs = make(chan error, len(s.cfg.ListenClientURLs))
+	s.errs = make(chan error, 2*len(s.cfg.ListenClientURLs))
 	for _, raw := range s.cfg.ListenClientURLs {
 		l, u, err := s.listen(raw)
 		if err != nil {
@@ -131,28 +132,43 @@ func (s *Server) Start() error {
 			ConnContext:       withAffinity, // each client connection is pinned to one upstream (endpoints.go)
 			ErrorLog:          slog.NewLogLogger(s.log.Handler(), slog.LevelDebug),
 		}
-		// HTTP/1.1 and HTTP/2 on every listener, as an etcd client port serves them: ALPN h2 on TLS, h2c with
-		// prior knowledge on plain TCP.
+		// Every listener serves what an etcd client port serves — HTTP/1.1, HTTP/2 (ALPN h2 on TLS, h2c with
+		// prior knowledge on plain TCP) and gRPC — split by connection (listen.go): TLS is terminated once, HTTP/1.1
+		// goes to srv, HTTP/2 to srv's handler over x/net's server, gRPC to the gRPC core's grpc.Server.
 		srv.Protocols = new(http.Protocols)
 		srv.Protocols.SetHTTP1(true)
-		srv.Protocols.SetHTTP2(true)
-		srv.Protocols.SetUnencryptedHTTP2(u.Scheme == "http")
-		srv.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: 1 << 20}
-		cl := s.countBytes(l) // etcd_proxy_proxy_client_{received,sent}_bytes_total
-		serve := func() error { return srv.Serve(cl) }
+		var tlsConfig *tls.Config
 		if u.Scheme == "https" {
-			srv.TLSConfig = serverTLS.Clone()
-			serve = func() error { return srv.ServeTLS(cl, "", "") }
+			tlsConfig = serverTLS.Clone()
 		}
+		split := newConnSplit(s.countBytes(l), tlsConfig, s.cfg.readHeaderTimeout(), s.log) // byte counts: metrics.go
 		s.servers = append(s.servers, srv)
+		s.splits = append(s.splits, split)
 		s.urls = append(s.urls, u.Scheme+"://"+l.Addr().String())
-		s.wg.Add(1)
+		fail := func(err error) {
+			s.ops.failed.Store(true) // /readyz
+			s.errs <- fmt.Errorf("serving %s: %w", raw, err)
+		}
+		s.wg.Add(4)
 		go func() {
 			defer s.wg.Done()
-			if err := serve(); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				s.ops.failed.Store(true) // /readyz
-				s.errs <- fmt.Errorf("serving %s: %w", raw, err)
+			if err := split.Serve(); err != nil && !errors.Is(err, net.ErrClosed) {
+				fail(err)
 			}
+		}()
+		go func() {
+			defer s.wg.Done()
+			if err := srv.Serve(split.HTTP1()); err != nil && !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
+				fail(err)
+			}
+		}()
+		go func() {
+			defer s.wg.Done()
+			_ = serveHTTP2(split.HTTP2(), srv) // ends with srv.Shutdown, or when the split closes
+		}()
+		go func() {
+			defer s.wg.Done()
+			_ = s.forwarder.core.srv.Serve(split.GRPC()) // ends with the gRPC server's stop
 		}()
 		s.log.Info("listening", "url", raw, "addr", l.Addr().String())
 	}
@@ -216,6 +232,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		}
 	})
 	wg.Wait()
+	for _, sp := range s.splits {
+		errs = multierror.Append(errs, sp.Close())
+	}
 	s.wg.Wait()
 	errs = multierror.Append(errs, s.stopOps())
 	s.forwarder.Close()
@@ -227,6 +246,12 @@ func (s *Server) Close() error {
 	var errs *multierror.Error
 	for _, srv := range s.servers {
 		errs = multierror.Append(errs, srv.Close())
+	}
+	if s.forwarder != nil {
+		s.forwarder.core.srv.Stop()
+	}
+	for _, sp := range s.splits {
+		errs = multierror.Append(errs, sp.Close())
 	}
 	for _, l := range s.listeners { // also those opened or handed in but not served yet
 		if err := l.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
