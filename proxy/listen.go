@@ -521,7 +521,9 @@ func (splitCreds) ClientHandshake(context.Context, string, net.Conn) (net.Conn, 
 	return nil, nil, errors.New("split: server-side credentials used by a client")
 }
 
-func (splitCreds) Info() credentials.ProtocolInfo { return credentials.ProtocolInfo{SecurityProtocol: "tls"} }
+func (splitCreds) Info() credentials.ProtocolInfo {
+	return credentials.ProtocolInfo{SecurityProtocol: "tls"}
+}
 
 func (c splitCreds) Clone() credentials.TransportCredentials { return c }
 
