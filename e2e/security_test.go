@@ -662,6 +662,13 @@ func upstreamDown(t *testing.T, ctx context.Context, s *started, leaks *leakSet,
 	wg.Go(func() {
 		dump, msg, err := rawGRPCRange(ctx, s.top, "1S")
 		leaks.check(t, "members down: gRPC Range (grpc-timeout 1S)", dump)
+		if err != nil && strings.Contains(err.Error(), "; CANCEL; received from peer") {
+			// grpc-go's server (the proxy-proxy's, and a member's on a plain listener) resets a stream whose
+			// deadline passed rather than answering it: nothing from below reaches the client. (net/http's client
+			// does not export the error's type.)
+			t.Logf("members down: gRPC Range with grpc-timeout 1S: reset at its deadline")
+			return
+		}
 		if err != nil {
 			t.Errorf("members down: gRPC Range (grpc-timeout 1S): %v", err)
 		}
