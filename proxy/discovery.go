@@ -74,7 +74,7 @@ func (s *Server) discoverFirst() error {
 	if d.interval > 0 {
 		d.timeout = max(min(d.timeout, d.interval), time.Second)
 	}
-	// Its own transport with the upstream TLS (set up in New: useUpstreamTLS ran before).
+	// Its own transport with the upstream TLS (set up in New).
 	t := s.forwarder.transport.Clone()
 	t.DisableKeepAlives = true
 	d.client = &http.Client{Transport: t, Timeout: d.timeout,

@@ -66,8 +66,22 @@ type exchange struct {
 	n     int // rules whose response side runs
 }
 
+// forwarderOps is what the operations side gives a forwarder as it is built (nothing is wired in afterwards):
+// the metrics and access log it reports to, and the source of upstream TLS configurations (reload.go). A nil
+// field is an operation left out.
+type forwarderOps struct {
+	m      *metrics
+	access *accessLogger
+	// upstreamTLS, if set, makes every upstream handshake take the certificates loaded last.
+	upstreamTLS func(host string, protos []string) *tls.Config
+}
+
 // NewForwarder builds the forwarder toward cfg.Upstreams with the given rules.
 func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, error) {
+	return newForwarder(cfg, rs, log, forwarderOps{})
+}
+
+func newForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger, ops forwarderOps) (*Forwarder, error) {
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(os.Stderr, nil))
 	}
@@ -92,7 +106,7 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 		}
 		f.core.dropConns(gone)
 	}
-	// The files as they are now; with the operations side, reload.go takes over the handshakes (useUpstreamTLS).
+	// The files as they are now; with the operations side, reload.go's reloaded ones (ops.upstreamTLS).
 	upTLS, err := loadUpstream(cfg.UpstreamTLS)
 	if err != nil {
 		return nil, fmt.Errorf("upstream TLS: %w", err)
@@ -141,8 +155,11 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 	f.h1 = &h1Transport{dial: dial, writeTimeout: writeTimeout, readTimeout: readTimeout, maxIdle: 1024,
 		maxHeader: cfg.maxUpstreamHeaderBytes()}
 	// Every TLS handshake is made here, so that a failed one is known for what it is: nothing was sent.
-	f.upstreamTLS = func(host string, protos []string) *tls.Config {
-		return upstreamConfig(cfg.UpstreamTLS, upTLS, host, protos)
+	f.upstreamTLS = ops.upstreamTLS
+	if f.upstreamTLS == nil {
+		f.upstreamTLS = func(host string, protos []string) *tls.Config {
+			return upstreamConfig(cfg.UpstreamTLS, upTLS, host, protos)
+		}
 	}
 	f.transport.DialTLSContext = f.dialTLS(dialTimeout, []string{"h2", "http/1.1"}, nil)
 	// An upstream that vanished without closing (a host gone, a partition) is found by pings, not by the kernel's
@@ -152,11 +169,14 @@ func NewForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger) (*Forwarder, e
 		Rewrite:        f.rewrite,
 		Transport:      roundTripper{f},
 		ModifyResponse: f.modifyResponse,
-		ErrorHandler:   f.handleError,
+		ErrorHandler:   ops.m.countErrors(f.handleError), // metrics.go
 		BufferPool:     bufferPool{},
 		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelDebug),
 	}
-	f.core = newGRPCCore(f, cfg, rs)
+	if ops.m != nil {
+		f.streamLost = ops.m.errs[reasonStreamLost].Inc
+	}
+	f.core = newGRPCCore(f, cfg, rs, ops)
 	if f.gateway, err = newGateway(f.core.srv); err != nil {
 		return nil, err
 	}

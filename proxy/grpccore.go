@@ -49,16 +49,15 @@ type grpcCore struct {
 	// observe, if set, is told of every call as it starts and returns what is told how it ended (metrics and
 	// the access log).
 	observe func(c *serverCall) func(code codes.Code)
-	// countError, if set, counts a failure by reason.
-	countError func(reason string)
+	m       *metrics // nil: no metrics
 }
 
 // Server-side keep-alive enforcement as etcd's (--grpc-keepalive-min-time): grpc-go's default (5 minutes) would
 // send GOAWAY to clients that ping every 30 s (etcd's clients) or less.
 const grpcMinPingInterval = 5 * time.Second
 
-func newGRPCCore(f *Forwarder, cfg *Config, rs []rules.Rule) *grpcCore {
-	c := &grpcCore{f: f, chains: map[string]*methodChain{}}
+func newGRPCCore(f *Forwarder, cfg *Config, rs []rules.Rule, ops forwarderOps) *grpcCore {
+	c := &grpcCore{f: f, chains: map[string]*methodChain{}, m: ops.m, observe: ops.m.observeGRPC(ops.access)}
 	for _, r := range rs {
 		if mr, ok := r.(rules.MessageRule); ok {
 			c.rules = append(c.rules, mr)
@@ -423,11 +422,7 @@ func (c *grpcCore) finish(call *serverCall, err error) *status.Status {
 		return nil
 	}
 	ctx := call.ctx
-	count := func(reason string) {
-		if c.countError != nil {
-			c.countError(reason)
-		}
-	}
+	count := c.m.countError
 	switch {
 	case errors.Is(context.Cause(ctx), errShuttingDown):
 		count(reasonShutdown)

@@ -54,12 +54,9 @@ func (s *Server) initOps() error {
 	return err
 }
 
-// attachOps hooks the forwarder (New, before anything is served): errors are counted, new upstream connections
-// take the reloadable TLS, and the probe gets a transport of its own with the same TLS.
+// attachOps sets up the operations that watch the forwarder (New, before anything is served): the reloader
+// learns its upstream identities, and the probe gets a transport of its own with the forwarder's TLS.
 func (s *Server) attachOps(f *Forwarder) {
-	s.ops.m.countErrors(f)
-	s.ops.m.observeGRPC(f.core, s.ops.access)
-	s.ops.certs.useUpstreamTLS(f)
 	s.ops.certs.useIdentities(f) // --upstream-cert-dir reloads with the certificates (identity.go)
 	if iv := s.cfg.healthInterval(); iv > 0 {
 		s.ops.probe = newProber(f, s.cfg.UpstreamHealthCheck, iv, s.ops.m) // requests avoid unhealthy endpoints
@@ -213,7 +210,7 @@ func newProber(f *Forwarder, check string, interval time.Duration, m *metrics) *
 	if p.check == "" {
 		p.check = HealthCheckHTTP
 	}
-	// Its own connection pool, with the upstream TLS (set up before: useUpstreamTLS runs first).
+	// Its own connection pool, with the upstream TLS (set up in New).
 	t := f.transport.Clone()
 	t.MaxIdleConnsPerHost = 1
 	p.client = &http.Client{Transport: t, Timeout: timeout,

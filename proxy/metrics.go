@@ -253,23 +253,33 @@ func errorReason(r *http.Request, err error) string {
 }
 
 // countErrors wraps the forwarder's one ErrorHandler so that every failure is counted by reason before it is
-// answered. It runs before any request is served.
-func (m *metrics) countErrors(f *Forwarder) {
-	handle := f.rp.ErrorHandler
-	f.rp.ErrorHandler = func(w http.ResponseWriter, r *http.Request, err error) {
+// answered. A nil m counts nothing.
+func (m *metrics) countErrors(handle func(http.ResponseWriter, *http.Request, error)) func(http.ResponseWriter, *http.Request, error) {
+	if m == nil {
+		return handle
+	}
+	return func(w http.ResponseWriter, r *http.Request, err error) {
 		if !lost(r) { // counted by streamLost
 			m.errs[errorReason(r, err)].Inc()
 		}
 		handle(w, r, err)
 	}
-	f.streamLost = m.errs[reasonStreamLost].Inc
 }
 
-// observeGRPC counts, times and (with the access log on) logs every call of the gRPC core, and counts its
-// failures by reason.
-func (m *metrics) observeGRPC(c *grpcCore, access *accessLogger) {
-	c.countError = func(reason string) { m.errs[reason].Inc() }
-	c.observe = func(call *serverCall) func(codes.Code) {
+// countError counts a failure of the gRPC core by reason. A nil m counts nothing.
+func (m *metrics) countError(reason string) {
+	if m != nil {
+		m.errs[reason].Inc()
+	}
+}
+
+// observeGRPC is the gRPC core's observer: it counts, times and (with the access log on) logs every call. Nil
+// when m is.
+func (m *metrics) observeGRPC(access *accessLogger) func(call *serverCall) func(codes.Code) {
+	if m == nil {
+		return nil
+	}
+	return func(call *serverCall) func(codes.Code) {
 		start := time.Now()
 		x := call.chain.m
 		method, stream := apiOther, false

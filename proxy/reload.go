@@ -204,12 +204,14 @@ func (r *certReloader) startListener(t TLSInfo) (*tls.Config, error) {
 	return r.listener.serverTLS(), nil
 }
 
-// useUpstreamTLS makes the forwarder's TLS handshakes (Forwarder.dialTLS) use the upstream side's latest
-// certificates (a tls.Config's RootCAs cannot be swapped while transports clone it). It runs before any request.
-func (r *certReloader) useUpstreamTLS(f *Forwarder) {
-	if r.upstream != nil {
-		f.upstreamTLS = r.upstream.clientTLS
+// upstreamTLS is what makes the forwarder's TLS handshakes (Forwarder.dialTLS, the gRPC core's) use the upstream
+// side's latest certificates (a tls.Config's RootCAs cannot be swapped while transports clone it); nil when the
+// upstream side has no files.
+func (r *certReloader) upstreamTLS() func(host string, protos []string) *tls.Config {
+	if r.upstream == nil {
+		return nil
 	}
+	return r.upstream.clientTLS
 }
 
 // Reload re-reads every side now (SIGHUP). A side that fails keeps its previous certificates.

@@ -89,12 +89,13 @@ func New(cfg Config, opts ...Option) (*Server, error) {
 		rs = s.buildRules(rs, s.self)
 	}
 	rs = s.ops.m.countRules(rs) // etcd_proxy_proxy_rule_actions_total
-	fwd, err := NewForwarder(&s.cfg, rs, s.log)
+	fwd, err := newForwarder(&s.cfg, rs, s.log, forwarderOps{m: s.ops.m, access: s.ops.access,
+		upstreamTLS: s.ops.certs.upstreamTLS()})
 	if err != nil {
 		return nil, err
 	}
 	s.forwarder = fwd
-	s.attachOps(fwd) // error counts, reloadable upstream TLS, the upstream probe
+	s.attachOps(fwd) // reloadable upstream identities, the upstream probe
 	return s, nil
 }
 
