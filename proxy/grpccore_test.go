@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"math"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -12,6 +13,8 @@ import (
 
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/mvccpb"
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/encoding/gzip"
@@ -56,5 +59,64 @@ func TestGRPCLargeAnswerAndGzip(t *testing.T) {
 	var req pb.RangeRequest
 	if len(got) < grpcFrameHeader || got[0] != 0 || req.Unmarshal(got[grpcFrameHeader:]) != nil || string(req.Key) != "k" {
 		t.Errorf("the upstream got %q, want the request uncompressed", got)
+	}
+}
+
+// A client that pings every few seconds on a quiet connection (etcd's clients ping every 30 s, some every 2–10 s)
+// is not sent away: grpc-go's default enforcement (5 minutes) would answer the third such ping with GOAWAY
+// too_many_pings. The proxy enforces etcd's 5 s, without streams too.
+func TestGRPCPingsAllowed(t *testing.T) {
+	t.Parallel()
+	if testing.Short() {
+		t.Skip("pings for 17 s")
+	}
+	up, _ := grpcUpstream(t, func(string) []byte { return rawFrame(nil) })
+	_, u := startProxy(t, Config{Upstreams: []string{up}})
+	c, err := net.Dial("tcp", strings.TrimPrefix(u, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fr := http2.NewFramer(c, c)
+	if _, err := io.WriteString(c, http2.ClientPreface); err != nil {
+		t.Fatal(err)
+	}
+	_ = fr.WriteSettings()
+	// A gRPC request first, so that the split hands the connection to the gRPC server.
+	var hb bytes.Buffer
+	enc := hpack.NewEncoder(&hb)
+	for _, f := range [][2]string{{":method", "POST"}, {":scheme", "http"}, {":path", "/etcdserverpb.KV/Range"},
+		{":authority", "x"}, {"content-type", "application/grpc"}, {"te", "trailers"}} {
+		_ = enc.WriteField(hpack.HeaderField{Name: f[0], Value: f[1]})
+	}
+	_ = fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: hb.Bytes(), EndHeaders: true})
+	_ = fr.WriteData(1, true, rawFrame(nil))
+	goaway := make(chan *http2.GoAwayFrame, 1)
+	go func() {
+		for {
+			f, err := fr.ReadFrame()
+			if err != nil {
+				return
+			}
+			if g, ok := f.(*http2.GoAwayFrame); ok {
+				goaway <- g
+				return
+			}
+		}
+	}()
+	for i := range 4 {
+		select {
+		case g := <-goaway:
+			t.Fatalf("GOAWAY %v %q after %d pings %v apart", g.ErrCode, g.DebugData(), i, 5500*time.Millisecond)
+		case <-time.After(5500 * time.Millisecond):
+		}
+		if err := fr.WritePing(false, [8]byte{byte(i)}); err != nil {
+			t.Fatalf("ping %d: %v", i, err)
+		}
+	}
+	select {
+	case g := <-goaway:
+		t.Fatalf("GOAWAY %v %q after 4 pings 5.5 s apart", g.ErrCode, g.DebugData())
+	case <-time.After(time.Second):
 	}
 }
