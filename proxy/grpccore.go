@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"math"
 	"net"
 	"net/url"
@@ -260,7 +259,7 @@ func (c *grpcCore) forward(call *serverCall, s rules.Stream) error {
 			last = err
 			continue
 		case !unary:
-			c.streamLost(call, e, err)
+			c.f.lostStream(call.ctx, e, err, "method", m.Name) // streams.go
 			return status.Error(codes.Unavailable, msgUpstreamLost)
 		}
 		// Sent, and not to be sent again: the client decides.
@@ -399,21 +398,6 @@ func (c *grpcCore) passHeader(call *serverCall, hdr metadata.MD) {
 	}
 }
 
-// streamLost ends a stream whose upstream connection was lost: the endpoint is avoided for --proxy-failure-wait
-// (the probe brings it back sooner), so that the client's new stream goes elsewhere. The first stream to find the
-// endpoint gone logs a warning, the others only at debug level.
-func (c *grpcCore) streamLost(call *serverCall, e *endpoint, err error) {
-	first := e.available(time.Now().UnixNano())
-	c.f.endpoints.failed(e)
-	if c.f.streamLost != nil {
-		c.f.streamLost()
-	}
-	level := slog.LevelDebug
-	if first {
-		level = slog.LevelWarn
-	}
-	c.f.log.Log(call.ctx, level, "stream ended: its upstream connection was lost", "method", call.chain.m.Name, "err", err)
-}
 
 // finish turns the outcome of a call into the status the client gets: the one classification of failures for
 // the answer and the metrics. A status from below passes with its message scrubbed (rules.ScrubGRPCMessage).

@@ -207,7 +207,8 @@ func (r *splitRig) wantCN() string {
 	return "none"
 }
 
-func (r *splitRig) grpcCheck(t testing.TB) {
+// dial is a gRPC client of the rig, with the client certificate on TLS.
+func (r *splitRig) dial(t testing.TB) *grpc.ClientConn {
 	t.Helper()
 	creds := insecure.NewCredentials()
 	if r.pki != nil {
@@ -217,6 +218,12 @@ func (r *splitRig) grpcCheck(t testing.TB) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return cc
+}
+
+func (r *splitRig) grpcCheck(t testing.TB) {
+	t.Helper()
+	cc := r.dial(t)
 	defer cc.Close()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -505,14 +512,7 @@ func TestConnSplitKeepsIdleGRPCChannel(t *testing.T) {
 		t.Run(fmt.Sprintf("tls=%t", withTLS), func(t *testing.T) {
 			t.Parallel()
 			r := startSplit(t, withTLS, timeout)
-			creds := insecure.NewCredentials()
-			if r.pki != nil {
-				creds = credentials.NewTLS(r.pki.clientConfig)
-			}
-			cc, err := grpc.NewClient(r.addr, grpc.WithTransportCredentials(creds))
-			if err != nil {
-				t.Fatal(err)
-			}
+			cc := r.dial(t)
 			defer cc.Close()
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()

@@ -47,20 +47,31 @@ func (st *streamState) upstreamLost(r *http.Request, err error) {
 	if st.f == nil {
 		return
 	}
-	first := true
+	e := st.endpoint()
 	var nerr net.Error
-	if e := st.endpoint(); e != nil && (lost(r) || !errors.As(err, &nerr) || !nerr.Timeout()) {
-		first = e.available(time.Now().UnixNano())
-		st.f.endpoints.failed(e)
+	if !lost(r) && errors.As(err, &nerr) && nerr.Timeout() {
+		e = nil // only its own read timed out
 	}
-	if st.f.streamLost != nil {
-		st.f.streamLost()
+	st.f.lostStream(r.Context(), e, err, "method", r.Method, "path", r.URL.Path)
+}
+
+// lostStream records a stream ended because its upstream connection was lost: its endpoint e (nil: not to be
+// blamed) is avoided for --proxy-failure-wait, and the stream is counted and logged — a warning for the first
+// stream to find the endpoint gone, debug for the others (a member may have carried thousands).
+func (f *Forwarder) lostStream(ctx context.Context, e *endpoint, err error, attrs ...any) {
+	first := true
+	if e != nil {
+		first = e.available(time.Now().UnixNano())
+		f.endpoints.failed(e)
+	}
+	if f.streamLost != nil {
+		f.streamLost()
 	}
 	level := slog.LevelDebug
 	if first {
 		level = slog.LevelWarn
 	}
-	st.f.log.Log(r.Context(), level, "stream ended: its upstream connection was lost", "method", r.Method, "path", r.URL.Path, "err", err)
+	f.log.Log(ctx, level, "stream ended: its upstream connection was lost", append(attrs, "err", err)...)
 }
 
 // useEndpoint records the endpoint a stream's attempt goes to and, for streams without HTTP/2 pings, has its
