@@ -45,8 +45,11 @@ type Options struct {
 	// OutDir receives bench.txt, .csv, .json, .png and the processes' logs (default results/<time>).
 	OutDir string
 	// Profile, when set, replaces the run: the proxy-proxy runs under the profiling wrapper (Bins.Self)
-	// during ProfileDuration of v2 GET at c=64, and its CPU profile is written to this file.
-	Profile         string
+	// during ProfileDuration of ProfileLoad, and its CPU profile is written to this file.
+	Profile string
+	// ProfileLoad is what the profile measures: "v2" (GET at c=64, the default) or "v3" (linearizable Range
+	// at c=16).
+	ProfileLoad     string
 	ProfileDuration time.Duration
 	// Log receives progress lines (default os.Stderr).
 	Log io.Writer
@@ -297,8 +300,8 @@ func (t *topology) watchers(ctx context.Context, kind string, n int, settle time
 	return watchV2(ctx, p, u, t.target.clientURL, n, settle)
 }
 
-// profile runs v2 GET at c=64 through one proxy-proxy that runs under the profiling wrapper and writes its
-// CPU profile.
+// profile runs v2 GET at c=64 (or v3 Range at c=16) through one proxy-proxy that runs under the profiling
+// wrapper and writes its CPU profile.
 func profile(ctx context.Context, t *topology, o Options, logf func(string, ...any)) error {
 	if o.Bins.Self == "" {
 		return errors.New("profile: no wrapper binary")
@@ -319,12 +322,19 @@ func profile(ctx context.Context, t *topology, o Options, logf func(string, ...a
 	if err != nil {
 		return err
 	}
-	w, err := newV2Worker(u, false, 64)
+	var w worker
+	conc := 64
+	if o.ProfileLoad == "v3" {
+		conc = 16
+		w, err = newV3Worker(strings.TrimPrefix(u, "http://"), false)
+	} else {
+		w, err = newV2Worker(u, false, conc)
+	}
 	if err != nil {
 		return err
 	}
 	defer w.close()
-	s, err := runLoad(ctx, w, 64, phase{warmup: o.Warmup, duration: o.ProfileDuration, maxRequests: 1 << 40},
+	s, err := runLoad(ctx, w, conc, phase{warmup: o.Warmup, duration: o.ProfileDuration, maxRequests: 1 << 40},
 		[]int{p.pid()})
 	if err != nil {
 		return err

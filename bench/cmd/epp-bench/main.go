@@ -42,8 +42,9 @@ func run() int {
 	fs.IntVar(&o.Watchers, "watchers", 0, "v3 watch streams and v2 long polls to hold (default 10000, smoke 50; -1 none)")
 	fs.StringVar(&o.Only, "only", "", `run only scenarios whose name contains this ("v2 GET c=64", "v3", "watchers")`)
 	fs.StringVar(&o.OutDir, "out", "", "results directory (default results/<time>)")
-	fs.StringVar(&o.Profile, "profile", "", "instead of the benchmark: write a CPU profile of the proxy-proxy under v2 GET c=64 to this file")
+	fs.StringVar(&o.Profile, "profile", "", "instead of the benchmark: write a CPU profile of the proxy-proxy under load (-profile-load) to this file")
 	fs.DurationVar(&o.ProfileDuration, "profile-duration", 0, "load while profiling (default 15s)")
+	fs.StringVar(&o.ProfileLoad, "profile-load", "v2", `the load profiled: "v2" (GET at c=64) or "v3" (linearizable Range at c=16)`)
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return 2
 	}
