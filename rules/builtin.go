@@ -40,7 +40,7 @@ type Options struct {
 // responses bottom to top. It serves both halves: the HTTP rules (v2, and what else comes over HTTP) and the
 // message rules (gRPC, and the JSON gateway, which the proxy serves through its gRPC path) — the rules that
 // implement MessageRule, in the same order. Statuses from below are scrubbed by the gRPC core itself
-// (ScrubGRPCMessage), after every rule.
+// (ScrubGRPCMessage) where they come in, so every rule sees them clean.
 func Default(o Options) []Rule {
 	return []Rule{
 		&Loop{Instance: o.Instance},    // first: a looping request must reach nothing else, not even the upstream

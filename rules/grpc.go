@@ -1,72 +1,27 @@
 package rules
 
 import (
-	"fmt"
 	"net/http"
 	"regexp"
-	"strconv"
 	"strings"
 )
 
-// gRPC as the HTTP half sees it: the wire names and a trailers-only answer, for the proxy's own answers to gRPC
-// calls that reach its HTTP side. The calls themselves never go through the HTTP rules: the proxy's gRPC core
-// serves them, with the message rules (message.go).
+// gRPC as the HTTP half sees it: the wire names, to tell a gRPC call that reached the HTTP side. The calls
+// themselves never go through the HTTP rules: the proxy's gRPC core serves them, with the message rules
+// (message.go); and the scrub of status messages from below, which the core applies where they come in.
 
 // gRPC wire names.
 const (
 	GRPCContentType   = "application/grpc"
-	GRPCStatusHeader  = "Grpc-Status"
 	GRPCMessageHeader = "Grpc-Message"
 )
 
-// gRPC status codes used here (google.golang.org/grpc/codes).
-const (
-	CodeUnknown            = 2
-	CodeDeadlineExceeded   = 4
-	CodePermissionDenied   = 7
-	CodeResourceExhausted  = 8
-	CodeFailedPrecondition = 9
-	CodeInternal           = 13
-	CodeUnavailable        = 14
-)
+// CodeResourceExhausted is the gRPC status of a message over a limit (google.golang.org/grpc/codes).
+const CodeResourceExhausted = 8
 
 // IsGRPC reports whether req is a gRPC call.
 func IsGRPC(req *http.Request) bool {
 	return req.ProtoMajor == 2 && strings.HasPrefix(req.Header.Get("Content-Type"), GRPCContentType)
-}
-
-// GRPCReply answers a gRPC call with a status and no message (a trailers-only response).
-func GRPCReply(req *http.Request, code int, message string) *http.Response {
-	resp := JSONResponse(req, http.StatusOK, nil)
-	SetGRPCStatus(resp.Header, code, message)
-	resp.Header.Del("Content-Length")
-	// Known to be empty: with an unknown length (-1) httputil.ReverseProxy starts a flush timer that fires at
-	// once and can send the headers before the handler ends, splitting the trailers-only answer into headers
-	// and an empty end of stream ("server closed the stream without sending trailers").
-	resp.ContentLength = 0
-	resp.Proto, resp.ProtoMajor, resp.ProtoMinor = "HTTP/2.0", 2, 0
-	return resp
-}
-
-// SetGRPCStatus writes a trailers-only gRPC status into h.
-func SetGRPCStatus(h http.Header, code int, message string) {
-	h.Set("Content-Type", GRPCContentType)
-	h.Set(GRPCStatusHeader, strconv.Itoa(code))
-	h.Set(GRPCMessageHeader, encodeGRPCMessage(message))
-}
-
-// encodeGRPCMessage percent-encodes as the gRPC spec asks for Grpc-Message.
-func encodeGRPCMessage(s string) string {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c >= ' ' && c <= '~' && c != '%' {
-			b.WriteByte(c)
-		} else {
-			fmt.Fprintf(&b, "%%%02X", c)
-		}
-	}
-	return b.String()
 }
 
 // transportWords mark an error of the connections below the proxy.
