@@ -7,6 +7,7 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"strings"
 	"testing"
 	"time"
@@ -118,5 +119,46 @@ func TestGRPCPingsAllowed(t *testing.T) {
 	case g := <-goaway:
 		t.Fatalf("GOAWAY %v %q after 4 pings 5.5 s apart", g.ErrCode, g.DebugData())
 	case <-time.After(time.Second):
+	}
+}
+
+// A gRPC call on an HTTP/2 connection whose first request was not gRPC (the split sent it to the HTTP/2 server)
+// is still served by the gRPC core.
+func TestGRPCOnHTTP2Connection(t *testing.T) {
+	t.Parallel()
+	up, hits := grpcUpstream(t, func(string) []byte { return grpcFrame(t, &pb.RangeResponse{Count: 7}) })
+	_, u := startProxy(t, Config{Upstreams: []string{up}})
+	tr := &http.Transport{Protocols: new(http.Protocols)}
+	tr.Protocols.SetUnencryptedHTTP2(true)
+	t.Cleanup(tr.CloseIdleConnections)
+	c := &http.Client{Transport: tr, Timeout: 10 * time.Second}
+	resp, err := c.Get(u + "/v2/members")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	var conns int
+	req, _ := http.NewRequest(http.MethodPost, u+"/etcdserverpb.KV/Range", bytes.NewReader(rawFrame(nil)))
+	req.Header.Set("Content-Type", "application/grpc")
+	req.Header.Set("Te", "trailers")
+	req = req.WithContext(httptrace.WithClientTrace(req.Context(), &httptrace.ClientTrace{
+		GotConn: func(i httptrace.GotConnInfo) {
+			if !i.Reused {
+				conns++
+			}
+		}}))
+	resp, err = c.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	var r pb.RangeResponse
+	if conns != 0 || grpcStatus(resp) != "0" || len(body) < grpcFrameHeader || r.Unmarshal(body[grpcFrameHeader:]) != nil || r.Count != 7 {
+		t.Errorf("Range on the connection of a GET (new connections %d): status %q, body %q", conns, grpcStatus(resp), body)
+	}
+	if hits.Load() != 2 { // the GET and the Range
+		t.Errorf("the upstream got %d requests, want 2", hits.Load())
 	}
 }
