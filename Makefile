@@ -69,7 +69,7 @@ conformance: tools build
 # with an empty build cache).
 CONFORMANCE_SMOKE ?= ^(TestCtlV3(Put|Get|Del|Txn|Watch|Elect|Lock|Snapshot|Endpoint)[A-Za-z]*|TestCtlV3LeaseKeepAlive[A-Za-z]*|TestCtlV2(Set|Get|Ls|Watch)[A-Za-z]*|TestV3Curl(PutGet|Watch|Txn|Auth|Campaign)[A-Za-z]*)$$
 conformance-smoke: tools build
-	$(GO) run ./conformance -tools $(BIN) -proxy $(BIN)/etcd-proxy-proxy -variants ours -run '$(CONFORMANCE_SMOKE)' \
+	$(GO) run ./conformance -tools $(BIN) -proxy $(BIN)/etcd-proxy-proxy -variants ours -packages e2e -run '$(CONFORMANCE_SMOKE)' \
 		-work build/conformance-smoke $(CONFORMANCE_FLAGS)
 
 clean:

@@ -1,10 +1,12 @@
-// Command conformance runs etcd's own e2e test suite (go.etcd.io/etcd/tests/v3 at the pinned version, built with
-// -tags cluster_proxy) twice: through an etcd-proxy-proxy in front of every member ("ours"), and through etcd's own
-// grpc-proxy and v2 proxy ("anchor", etcd's unmodified starter). It prepares a copy of the tests module (the
-// module cache is read-only and `go test -overlay` refuses its files), adds the starter of
-// testdata/cluster_epp.go, runs the chosen tests one at a time and prints tests run, passed, skipped,
-// expected-different and failing per package and variant. It exits 1 when a test fails through ours and is not
-// in the expected list, or passes through the anchor and fails through ours. See the README, "Conformance".
+// Command conformance runs etcd's own e2e test suite and the client packages of its integration suite
+// (go.etcd.io/etcd/tests/v3 at the pinned version, built with -tags cluster_proxy) twice: through an
+// etcd-proxy-proxy in front of every member ("ours"), and through etcd's own proxies ("anchor": in e2e, etcd's
+// unmodified starter of a grpc-proxy and a v2 proxy per member; in integration, etcd's grpc-proxy adapters wrapped
+// around each client in process). It prepares a copy of the tests module (the module cache is read-only and
+// `go test -overlay` refuses its files), adds the hooks of testdata/cluster_epp.go (e2e) and
+// testdata/integration_epp.go (integration), runs the chosen tests one at a time and prints tests run, passed,
+// skipped, expected-different and failing per package and variant. It exits 1 when a test fails through ours and
+// is not in the expected list, or passes through the anchor and fails through ours. See the README, "Conformance".
 package main
 
 import (
@@ -34,6 +36,11 @@ const testsModule = "go.etcd.io/etcd/tests/v3"
 var etcdModules = []string{"api/v3", "client/pkg/v3", "client/v2", "client/v3", "etcdctl/v3", "etcdutl/v3",
 	"pkg/v3", "raft/v3", "server/v3"}
 
+// defaultPackages are etcd's e2e suite and the client packages of its integration suite.
+const defaultPackages = "e2e,integration/clientv3,integration/clientv3/lease,integration/clientv3/connectivity," +
+	"integration/clientv3/experimental/recipes,integration/clientv3/naming,integration/clientv3/concurrency," +
+	"integration/clientv3/snapshot"
+
 type options struct {
 	version, work, proxy, tools, expected, out string
 	variants, packages                         []string
@@ -54,7 +61,7 @@ func main() {
 	flag.StringVar(&o.expected, "expected", "conformance/expected.txt", "the list of expected differences")
 	flag.StringVar(&o.out, "out", "", "also write the table (markdown) and the per-test results (JSON) to OUT.md and OUT.json")
 	flag.StringVar(&variants, "variants", "ours,anchor", "what to run: ours (etcd-proxy-proxy), anchor (etcd's grpc-proxy)")
-	flag.StringVar(&packages, "packages", "e2e", "packages of the tests module, comma-separated")
+	flag.StringVar(&packages, "packages", defaultPackages, "packages of the tests module, comma-separated")
 	flag.StringVar(&o.run, "run", "", "only tests matching this regexp (go test -run)")
 	flag.StringVar(&o.skip, "skip", "", "also skip tests matching this regexp (go test -skip)")
 	flag.DurationVar(&o.timeout, "timeout", 2*time.Minute, "limit for one test (its process gets a goroutine dump and fails)")
@@ -208,12 +215,33 @@ func prepare(o options) (string, error) {
 	if err := os.WriteFile(filepath.Join(fw, "curl_hook.go"), []byte(hook), 0o644); err != nil {
 		return "", err
 	}
-	starter, err := os.ReadFile(filepath.Join(filepath.Dir(o.expected), "testdata", "cluster_epp.go"))
-	if err != nil {
+	// The integration framework: etcd's hook (grpc-proxy adapters in process) stays for the anchor, ours starts
+	// an etcd-proxy-proxy per member endpoint.
+	integ := filepath.Join(dir, "integration")
+	if err := replaceIn(filepath.Join(integ, "cluster_proxy.go"), "//go:build cluster_proxy\n",
+		"//go:build cluster_proxy && !epp\n"); err != nil {
 		return "", err
 	}
-	if err := os.WriteFile(filepath.Join(fw, "cluster_epp.go"), starter, 0o644); err != nil {
+	// Clients a test makes itself with integration.NewClient (the connectivity tests do) go through a hook too;
+	// etcd's makes them direct, ours through the proxies.
+	if err := replaceIn(filepath.Join(integ, "testing.go"), "\treturn clientv3.New(cfg)\n}",
+		"\treturn newTestClient(cfg)\n}"); err != nil {
 		return "", err
+	}
+	hook = "package integration\n\nimport clientv3 \"go.etcd.io/etcd/client/v3\"\n\n" +
+		"// newTestClient makes the clients of NewClient; ours changes it (added by the conformance runner).\n" +
+		"var newTestClient = clientv3.New\n"
+	if err := os.WriteFile(filepath.Join(integ, "client_hook.go"), []byte(hook), 0o644); err != nil {
+		return "", err
+	}
+	for file, to := range map[string]string{"cluster_epp.go": fw, "integration_epp.go": integ} {
+		b, err := os.ReadFile(filepath.Join(filepath.Dir(o.expected), "testdata", file))
+		if err != nil {
+			return "", err
+		}
+		if err := os.WriteFile(filepath.Join(to, file), b, 0o644); err != nil {
+			return "", err
+		}
 	}
 	// The e2e tests take etcd, etcdctl and etcdutl from one folder: the pinned tools and an etcdutl built here.
 	bin := filepath.Join(o.work, "bin")
@@ -287,7 +315,7 @@ func runPackage(o options, dir, pkg, variant, skip string, exp *expected) (*pkgR
 		return nil, err
 	}
 	built := time.Since(start)
-	tests, err := listTests(testBin, o.run, skip)
+	tests, err := listTests(testBin, pkg, o.run, skip)
 	if err != nil {
 		return nil, err
 	}
@@ -343,8 +371,10 @@ func runPackage(o options, dir, pkg, variant, skip string, exp *expected) (*pkgR
 // runTest runs one top-level test in its own process and returns its results (subtests included).
 func runTest(o options, dir, pkg, testBin, t string, log io.Writer) (*pkgResult, error) {
 	args := []string{"tool", "test2json", "-t", "-p", pkg, testBin, "-test.v=test2json", "-test.count=1",
-		"-test.parallel=1", "-test.timeout=" + o.timeout.String(), "-test.run=^" + regexp.QuoteMeta(t) + "$",
-		"-bin-dir=" + filepath.Join(o.work, "bin")}
+		"-test.parallel=1", "-test.timeout=" + o.timeout.String(), "-test.run=^" + regexp.QuoteMeta(t) + "$"}
+	if isE2E(pkg) { // the e2e framework's flag: where etcd, etcdctl and etcdutl are
+		args = append(args, "-bin-dir="+filepath.Join(o.work, "bin"))
+	}
 	c := exec.Command("go", args...)
 	c.Dir = filepath.Join(dir, pkg)
 	c.Env = append(os.Environ(), "EPP_PROXY_BIN="+o.proxy)
@@ -370,9 +400,15 @@ func runTest(o options, dir, pkg, testBin, t string, log io.Writer) (*pkgResult,
 	return r, nil
 }
 
+func isE2E(pkg string) bool { return pkg == "e2e" || strings.HasPrefix(pkg, "e2e/") }
+
 // listTests returns the binary's top-level tests that match run and not skip.
-func listTests(testBin, run, skip string) ([]string, error) {
-	out, err := output(exec.Command(testBin, "-test.list", ".*", "-bin-dir", "unused"))
+func listTests(testBin, pkg, run, skip string) ([]string, error) {
+	list := exec.Command(testBin, "-test.list", ".*")
+	if isE2E(pkg) {
+		list.Args = append(list.Args, "-bin-dir", "unused")
+	}
+	out, err := output(list)
 	if err != nil {
 		return nil, err
 	}

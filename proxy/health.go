@@ -9,7 +9,9 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -199,6 +201,7 @@ type prober struct {
 	client    *http.Client
 	dialer    net.Dialer
 	probed    atomic.Bool
+	noGateway sync.Map // endpoint base URL → time.Time until which it is probed with GET /health alone
 	m         *metrics
 	shown     int // gauges set by the last round (only the prober's goroutine touches it)
 }
@@ -213,6 +216,11 @@ func newProber(f *Forwarder, check string, interval time.Duration, m *metrics) *
 	// Its own connection pool, with the upstream TLS (set up in New).
 	t := f.transport.Clone()
 	t.MaxIdleConnsPerHost = 1
+	// HTTP/1.1 only: etcd's grpc-proxy on TLS hands every HTTP/2 connection to its gRPC server, which serves
+	// neither the JSON gateway nor /health; members and proxy-proxies serve both on HTTP/1.1.
+	t.Protocols = new(http.Protocols)
+	t.Protocols.SetHTTP1(true)
+	t.DialTLSContext = f.dialTLS(f.dialTimeout, []string{"http/1.1"}, nil)
 	p.client = &http.Client{Transport: t, Timeout: timeout,
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
 	return p
@@ -266,6 +274,22 @@ func (p *prober) round(ctx context.Context) {
 	}
 }
 
+// The default probe asks each endpoint for Maintenance.Status through the JSON gateway: it reads the member's raft
+// state without a raft round trip and writes nothing. etcd's GET /health on a 3.5 member with --enable-v2 puts a
+// v2 QGET through raft instead, and those entries in the WAL are "custom v2 content" to etcdutl's v2 deprecation
+// check (and to an upgrade to 3.6). Where the answer is not a Status (no gateway: etcd's grpc-proxy answers 404;
+// auth on: Status wants a user; a proxy-proxy whose gateway cannot reach below it), GET /health decides.
+const (
+	statusPath   = "/v3/maintenance/status"
+	noLeaderText = "etcdserver: no leader"
+	// gatewayRecheck is how long an endpoint that answered 404 for the gateway is probed with GET /health alone
+	// before Status is tried again (a member may come back where a grpc-proxy was).
+	gatewayRecheck = 10 * time.Minute
+)
+
+// errNoStatus is a Status probe that got an answer, but no Status: GET /health decides.
+var errNoStatus = errors.New("no Maintenance.Status answer")
+
 func (p *prober) probeOne(ctx context.Context, u *url.URL) error {
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
@@ -276,7 +300,54 @@ func (p *prober) probeOne(ctx context.Context, u *url.URL) error {
 		}
 		return c.Close()
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.Scheme+"://"+u.Host+"/health", nil)
+	base := u.Scheme + "://" + u.Host
+	if until, ok := p.noGateway.Load(base); ok && time.Now().Before(until.(time.Time)) {
+		return p.health(ctx, base)
+	}
+	status, err := p.status(ctx, base)
+	if !errors.Is(err, errNoStatus) {
+		return err
+	}
+	if status == http.StatusNotFound {
+		p.noGateway.Store(base, time.Now().Add(gatewayRecheck))
+	}
+	return p.health(ctx, base)
+}
+
+// status asks for Maintenance.Status: healthy when the answer names a leader. It returns errNoStatus, with the
+// HTTP status, when the endpoint answered with something else than a Status.
+func (p *prober) status(ctx context.Context, base string) (int, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, base+statusPath, strings.NewReader("{}"))
+	if err != nil {
+		return 0, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := p.client.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+	if err != nil {
+		return 0, err
+	}
+	var st struct {
+		Header json.RawMessage `json:"header"` // every Status has one
+		Leader json.RawMessage `json:"leader"` // a uint64: a string in the gateway's JSON, absent when 0
+		Errors []string        `json:"errors"`
+	}
+	if resp.StatusCode != http.StatusOK || json.Unmarshal(body, &st) != nil || len(st.Header) == 0 {
+		return resp.StatusCode, errNoStatus
+	}
+	if l := strings.Trim(string(st.Leader), `"`); l == "" || l == "0" || slices.Contains(st.Errors, noLeaderText) {
+		return resp.StatusCode, errors.New("no leader (Maintenance.Status)")
+	}
+	return resp.StatusCode, nil
+}
+
+// health asks for GET /health: healthy is a 200 (etcd answers 503 without a leader).
+func (p *prober) health(ctx context.Context, base string) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/health", nil)
 	if err != nil {
 		return err
 	}

@@ -12,12 +12,13 @@ import (
 // Defaults of the operational flags.
 const (
 	// DefaultUpstreamHealthInterval is how often each upstream endpoint is probed. Every proxy of a fleet probes,
-	// and an etcd member answers /health with a read through raft: a few seconds, not a few milliseconds.
+	// and each probe is a request a member answers: a few seconds, not a few milliseconds.
 	DefaultUpstreamHealthInterval = 5 * time.Second
 	// DefaultCertReloadInterval is how often the certificate files are checked for changes.
 	DefaultCertReloadInterval = 5 * time.Second
-	// HealthCheckHTTP probes GET /health on each upstream endpoint; healthy is a 200 answer (etcd answers 503
-	// without a leader).
+	// HealthCheckHTTP asks each upstream endpoint for Maintenance.Status through the JSON gateway; healthy is an
+	// answer that names a leader. Where the answer is no Status (no gateway, auth on), GET /health answering 200
+	// decides (health.go).
 	HealthCheckHTTP = "health"
 	// HealthCheckTCP probes that a TCP connection to each upstream endpoint opens.
 	HealthCheckTCP = "tcp"
@@ -80,7 +81,7 @@ func (o *OpsConfig) addFlags(fs *flag.FlagSet) {
 	}
 	fs.Var(listFlag{&o.ListenMetricsURLs}, "listen-metrics-urls", "http/https URLs serving /metrics, /livez and /readyz (not the client API), comma-separated; https uses --cert-file (default none)")
 	fs.Var(durationFlag{&o.UpstreamHealthInterval}, "upstream-health-interval", "how often each upstream endpoint is probed for /readyz, e.g. 5s; 0 disables the probe")
-	fs.StringVar(&o.UpstreamHealthCheck, "upstream-health-check", o.UpstreamHealthCheck, "the probe: 'health' (GET /health answers 200) or 'tcp' (a connection opens)")
+	fs.StringVar(&o.UpstreamHealthCheck, "upstream-health-check", o.UpstreamHealthCheck, "the probe: 'health' (Maintenance.Status names a leader; else GET /health answers 200) or 'tcp' (a connection opens)")
 	fs.Var(durationFlag{&o.CertReloadInterval}, "cert-reload-interval", "how often certificate, key and CA files are checked for changes, e.g. 5s; 0 disables polling (SIGHUP still reloads)")
 	fs.BoolVar(&o.AccessLog, "access-log", false, "log one line per request (no headers, bodies or secret query values)")
 }
