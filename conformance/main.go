@@ -152,6 +152,9 @@ func finish(o options, results []*pkgResult, exp *expected) error {
 	table := report(results, exp)
 	fmt.Print(table)
 	if o.out != "" {
+		if err := os.MkdirAll(filepath.Dir(o.out), 0o755); err != nil { // results/ is not in a clean clone
+			return err
+		}
 		if err := os.WriteFile(o.out+".md", []byte(table), 0o644); err != nil {
 			return err
 		}
