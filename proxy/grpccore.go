@@ -75,7 +75,6 @@ func newGRPCCore(f *Forwarder, cfg *Config, rs []rules.Rule, ops forwarderOps) *
 		grpc.MaxSendMsgSize(math.MaxInt32),
 		grpc.MaxConcurrentStreams(math.MaxUint32),
 		grpc.StatsHandler(connTagger{}),
-		grpc.SharedWriteBuffer(true),
 		grpc.WaitForHandlers(true),
 		// Calls run on goroutines that stay: a new goroutine per call grows its stack on every call (7 % of the
 		// proxy's CPU under v3 Range load). Long calls (watches) occupy a worker; past the workers, grpc-go
@@ -94,7 +93,6 @@ func newGRPCCore(f *Forwarder, cfg *Config, rs []rules.Rule, ops forwarderOps) *
 		grpc.WithConnectParams(grpc.ConnectParams{MinConnectTimeout: f.dialTimeout, Backoff: backoff.Config{
 			BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: max(cfg.failureWait(), time.Second)}}),
 		grpc.WithStatsHandler(attemptStats{}),
-		grpc.WithSharedWriteBuffer(true),
 		grpc.WithIdleTimeout(5 * time.Minute), // a connection without calls is closed (and made again when needed)
 	}
 	if pingAfter > 0 {
@@ -403,9 +401,9 @@ func (c *grpcCore) passHeader(call *serverCall, hdr metadata.MD) {
 	}
 }
 
-
 // finish turns the outcome of a call into the status the client gets: the one classification of failures for
-// the answer and the metrics. A status from below passes with its message scrubbed (rules.ScrubGRPCMessage).
+// the answer and the metrics. A status passes as it is: a rule's own, or one from below, scrubbed where it came
+// in (forward).
 func (c *grpcCore) finish(call *serverCall, err error) *status.Status {
 	if err == nil {
 		return nil
