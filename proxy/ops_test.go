@@ -286,10 +286,17 @@ func TestRequestsGoToAHealthyUpstream(t *testing.T) {
 		Upstreams: []string{first.URL, second.URL},
 		OpsConfig: proxy.OpsConfig{UpstreamHealthInterval: 20 * time.Millisecond},
 	}, io.Discard)
+	// Each request on a connection of its own: a connection stays with its endpoint while that is available
+	// (connection affinity), so only new connections show where requests go.
+	fresh := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 5 * time.Second}
 	answer := func() string {
-		req, _ := http.NewRequest(http.MethodGet, u+"/v2/keys/a", nil)
-		_, body := do(t, req)
-		return body
+		resp, err := fresh.Get(u + "/v2/keys/a")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return string(b)
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for ok, _ := srv.Ready(); !ok; ok, _ = srv.Ready() { // the first probe round has run
