@@ -231,8 +231,12 @@ func (c *grpcCore) forward(call *serverCall, s rules.Stream) error {
 		}
 		defer freeMsg(req)
 	}
-	var last error
-	for i, e := range eps {
+	var (
+		last    error
+		retried bool // every endpoint was unreachable once, and their connections were dialled again
+	)
+	for i := 0; i < len(eps); i++ {
+		e := eps[i]
 		cc, err := c.conn(e, call.id)
 		if err != nil {
 			return err
@@ -257,6 +261,11 @@ func (c *grpcCore) forward(call *serverCall, s rules.Stream) error {
 		case !at.sent.Load():
 			c.f.endpoints.failed(e)
 			last = err
+			if i == len(eps)-1 && !retried && c.redial(ctx, eps, call.id) {
+				// Nothing was sent anywhere, and an endpoint is reachable again (a member back from a restart
+				// while its connection waited out grpc-go's reconnect backoff): once more from the first.
+				retried, i = true, -1
+			}
 			continue
 		case unary && m.Retryable:
 			last = err
@@ -271,6 +280,44 @@ func (c *grpcCore) forward(call *serverCall, s rules.Stream) error {
 		return status.Error(codes.Unavailable, msgNoResponse)
 	}
 	return &noEndpointError{last}
+}
+
+// redial makes the connections to eps that are waiting out grpc-go's reconnect backoff dial at once, and
+// reports whether one of them is ready within --proxy-dial-timeout. A call that found no endpoint reachable
+// comes here once: grpc-go fails calls on a connection in backoff at once, so a member that came back would be
+// refused for up to --proxy-failure-wait (what the robustness suite's kill scenarios found).
+func (c *grpcCore) redial(ctx context.Context, eps []*endpoint, id *upstreamIdentity) bool {
+	ctx, cancel := context.WithTimeout(ctx, c.f.dialTimeout)
+	defer cancel()
+	ready := make(chan struct{}, len(eps))
+	for _, e := range eps {
+		cc, err := c.conn(e, id)
+		if err != nil {
+			continue
+		}
+		cc.ResetConnectBackoff()
+		cc.Connect()
+		go func() {
+			for st := cc.GetState(); ; st = cc.GetState() {
+				switch st {
+				case connectivity.Ready:
+					ready <- struct{}{}
+					return
+				case connectivity.Shutdown:
+					return
+				}
+				if !cc.WaitForStateChange(ctx, st) {
+					return
+				}
+			}
+		}()
+	}
+	select {
+	case <-ready:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 // msgNotGRPC answers a call whose upstreams do not speak gRPC.

@@ -162,3 +162,59 @@ func TestGRPCOnHTTP2Connection(t *testing.T) {
 		t.Errorf("the upstream got %d requests, want 2", hits.Load())
 	}
 }
+
+// An upstream that comes back (a member restarted) is used by the next call, although its connection is waiting
+// out grpc-go's reconnect backoff: grpc-go fails calls on such a connection at once, and the robustness suite's
+// kill scenarios saw new clients refused for a second after the member was back.
+func TestGRPCUpstreamBackAtOnce(t *testing.T) {
+	t.Parallel()
+	answer := func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		grpcOK(w)
+	}
+	serve := func(l net.Listener) *http.Server {
+		srv := &http.Server{Handler: http.HandlerFunc(answer), Protocols: new(http.Protocols)}
+		srv.Protocols.SetUnencryptedHTTP2(true)
+		go srv.Serve(l)
+		return srv
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	up := serve(l)
+	_, u := startProxy(t, Config{Upstreams: []string{"http://" + addr}, FailureWait: 20 * time.Second})
+	kv := pb.NewKVClient(dialProxy(t, u))
+	call := func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_, err := kv.Range(ctx, &pb.RangeRequest{Key: []byte("a")})
+		return err
+	}
+	if err := call(); err != nil {
+		t.Fatal(err)
+	}
+	_ = up.Close()
+	// Down for 3 s of calls: the connection's backoff grows past what is left of the test.
+	for end := time.Now().Add(3 * time.Second); time.Now().Before(end); time.Sleep(100 * time.Millisecond) {
+		if err := call(); err == nil {
+			t.Fatal("a call succeeded with the upstream down")
+		}
+	}
+	var l2 net.Listener
+	for i := 0; ; i++ { // the same address again
+		if l2, err = net.Listen("tcp", addr); err == nil || i == 50 {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	up2 := serve(l2)
+	t.Cleanup(func() { _ = up2.Close() })
+	if err := call(); err != nil {
+		t.Errorf("the first call after the upstream came back: %v", err)
+	}
+}
