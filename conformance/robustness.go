@@ -33,7 +33,7 @@ const defaultRobustnessRun = "^TestRobustnessRegression$/^Issue15220$,^TestRobus
 // robustnessVariants: the variant's build tags. etcd's own 3.7 grpc-proxy starter cannot be the anchor: it
 // starts the proxy again with its member after a kill and panics ("already started"); direct is the cluster
 // without a proxy.
-var robustnessVariants = map[string]string{"ours": "cluster_proxy,epp", "direct": ""}
+var robustnessVariants = map[string]string{"ours": "cluster_proxy,epp", "direct": "", "anchor": "cluster_proxy"}
 
 // robustnessRun is one scenario run in one process.
 type robustnessRun struct {
