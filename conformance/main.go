@@ -49,6 +49,7 @@ type options struct {
 	verbose                                    bool
 	retries                                    int
 	from                                       string
+	suite                                      string
 }
 
 func main() {
@@ -68,8 +69,15 @@ func main() {
 	flag.IntVar(&o.retries, "retries", 1, "how often a failed test is tried again")
 	flag.BoolVar(&o.verbose, "v", false, "print each test's result as it ends")
 	flag.StringVar(&o.from, "from", "", "run nothing: classify the results of an earlier run (its OUT.json) again")
+	flag.StringVar(&o.suite, "suite", "conformance", "conformance, or robustness: v3.7's robustness scenarios "+
+		"through etcd-proxy-proxy (variants ours, direct; -run: comma-separated patterns; see robustness.go)")
 	flag.Parse()
 	o.variants, o.packages = strings.Split(variants, ","), strings.Split(packages, ",")
+	if o.suite == "robustness" {
+		set := map[string]bool{}
+		flag.Visit(func(f *flag.Flag) { set[f.Name] = true })
+		robustnessDefaults(&o, set)
+	}
 	if err := run(o); err != nil {
 		fmt.Fprintln(os.Stderr, "conformance:", err)
 		os.Exit(1)
@@ -93,6 +101,9 @@ func run(o options) error {
 	}
 	if err := becomeSubreaper(); err != nil {
 		return fmt.Errorf("becoming the subreaper of the tests' processes: %w", err)
+	}
+	if o.suite == "robustness" {
+		return runRobustness(o)
 	}
 	start := time.Now()
 	dir, err := prepare(o)
