@@ -58,9 +58,9 @@ bench: tools build
 bench-smoke: tools build
 	$(GO) run ./bench/cmd/epp-bench -smoke -etcd $(BIN)/etcd -proxy $(BIN)/etcd-proxy-proxy
 
-# etcd's own e2e suite (go.etcd.io/etcd/tests/v3 at the pinned version, -tags cluster_proxy) through an
-# etcd-proxy-proxy per member, and through etcd's own grpc-proxy as the anchor, in one run; the table goes to
-# results/conformance.md (README "Conformance"). Not part of test: 35-45 minutes on 2 cores.
+# etcd's own e2e suite and integration client packages (go.etcd.io/etcd/tests/v3 at the pinned version, -tags
+# cluster_proxy) through an etcd-proxy-proxy per member, and through etcd's own grpc-proxy as the anchor, in one
+# run; the table goes to results/conformance.md (README "Conformance"). Not part of test: 45 minutes on 2 cores.
 CONFORMANCE_FLAGS ?=
 conformance: tools build
 	$(GO) run ./conformance -tools $(BIN) -proxy $(BIN)/etcd-proxy-proxy -out results/conformance $(CONFORMANCE_FLAGS)

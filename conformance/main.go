@@ -214,8 +214,8 @@ func prepare(o options) (string, error) {
 	}
 	// etcd's starter stays for the anchor (-tags cluster_proxy); ours replaces it under -tags cluster_proxy,epp.
 	fw := filepath.Join(dir, "framework", "e2e")
-	if err := replaceIn(filepath.Join(fw, "cluster_proxy.go"), "//go:build cluster_proxy\n",
-		"//go:build cluster_proxy && !epp\n"); err != nil {
+	if err := replaceIn(filepath.Join(fw, "cluster_proxy.go"), "//go:build cluster_proxy\n// +build cluster_proxy\n",
+		"//go:build cluster_proxy && !epp\n// +build cluster_proxy,!epp\n"); err != nil {
 		return "", err
 	}
 	// curl goes to the member with etcd's starter (the grpc-proxy has no JSON gateway) and through the proxy
@@ -232,8 +232,8 @@ func prepare(o options) (string, error) {
 	// The integration framework: etcd's hook (grpc-proxy adapters in process) stays for the anchor, ours starts
 	// an etcd-proxy-proxy per member endpoint.
 	integ := filepath.Join(dir, "integration")
-	if err := replaceIn(filepath.Join(integ, "cluster_proxy.go"), "//go:build cluster_proxy\n",
-		"//go:build cluster_proxy && !epp\n"); err != nil {
+	if err := replaceIn(filepath.Join(integ, "cluster_proxy.go"), "//go:build cluster_proxy\n// +build cluster_proxy\n",
+		"//go:build cluster_proxy && !epp\n// +build cluster_proxy,!epp\n"); err != nil {
 		return "", err
 	}
 	// Clients a test makes itself with integration.NewClient (the connectivity tests do) go through a hook too;
