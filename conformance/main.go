@@ -182,9 +182,9 @@ func finish(o options, results []*pkgResult, exp *expected) error {
 	return nil
 }
 
-// prepare copies the tests module out of the module cache, drops its replace directives and adds our starter.
-// It returns the copy's folder.
-func prepare(o options) (string, error) {
+// copyTestsModule copies the tests module at o.version out of the module cache (read-only, and `go test
+// -overlay` refuses its files) into o.work/tests, and returns that folder.
+func copyTestsModule(o options) (string, error) {
 	dl, err := output(exec.Command("go", "mod", "download", "-json", testsModule+"@"+o.version))
 	if err != nil {
 		return "", err
@@ -198,6 +198,16 @@ func prepare(o options) (string, error) {
 		return "", err
 	}
 	if err := copyTree(mod.Dir, dir); err != nil {
+		return "", err
+	}
+	return dir, nil
+}
+
+// prepare copies the tests module out of the module cache, drops its replace directives and adds our starter.
+// It returns the copy's folder.
+func prepare(o options) (string, error) {
+	dir, err := copyTestsModule(o)
+	if err != nil {
 		return "", err
 	}
 	edit := []string{"mod", "edit", "-toolchain=none"}

@@ -104,19 +104,8 @@ func runRobustness(o options) error {
 // prepareRobustness copies tests/v3@v3.7.x out of the module cache, drops its replace directives and toolchain
 // line, and adds our starter; it returns the copy's folder. bin/etcd in the work folder is the 3.7 etcd.
 func prepareRobustness(o options) (string, error) {
-	dl, err := output(exec.Command("go", "mod", "download", "-json", testsModule+"@"+o.version))
+	dir, err := copyTestsModule(o)
 	if err != nil {
-		return "", err
-	}
-	var mod struct{ Dir string }
-	if err := json.Unmarshal(dl, &mod); err != nil {
-		return "", err
-	}
-	dir := filepath.Join(o.work, "tests")
-	if err := os.RemoveAll(dir); err != nil {
-		return "", err
-	}
-	if err := copyTree(mod.Dir, dir); err != nil {
 		return "", err
 	}
 	// go.etcd.io/etcd/cache/v3@v3.7.x is not on the module proxy (403): only integration/cache_test.go needs it.
