@@ -283,40 +283,52 @@ func (c *grpcCore) forward(call *serverCall, s rules.Stream) error {
 }
 
 // redial makes the connections to eps that are waiting out grpc-go's reconnect backoff dial at once, and
-// reports whether one of them is ready within --proxy-dial-timeout. A call that found no endpoint reachable
-// comes here once: grpc-go fails calls on a connection in backoff at once, so a member that came back would be
-// refused for up to --proxy-failure-wait (what the robustness suite's kill scenarios found).
+// reports whether one of them is ready within --proxy-dial-timeout; it gives up as soon as each has tried once and
+// failed. A call that found no endpoint reachable comes here once: grpc-go fails calls on a connection in backoff
+// at once, so a member that came back would be refused for up to --proxy-failure-wait (what the robustness suite's
+// kill scenarios found).
 func (c *grpcCore) redial(ctx context.Context, eps []*endpoint, id *upstreamIdentity) bool {
 	ctx, cancel := context.WithTimeout(ctx, c.f.dialTimeout)
 	defer cancel()
-	ready := make(chan struct{}, len(eps))
+	results := make(chan bool, len(eps))
+	n := 0
 	for _, e := range eps {
 		cc, err := c.conn(e, id)
 		if err != nil {
 			continue
 		}
+		n++
 		cc.ResetConnectBackoff()
 		cc.Connect()
-		go func() {
-			for st := cc.GetState(); ; st = cc.GetState() {
-				switch st {
-				case connectivity.Ready:
-					ready <- struct{}{}
-					return
-				case connectivity.Shutdown:
-					return
-				}
-				if !cc.WaitForStateChange(ctx, st) {
-					return
-				}
-			}
-		}()
+		go func() { results <- triedOnce(ctx, cc) }()
 	}
-	select {
-	case <-ready:
-		return true
-	case <-ctx.Done():
-		return false
+	for range n {
+		if <-results {
+			return true
+		}
+	}
+	return false
+}
+
+// triedOnce waits until cc is ready (true), or has tried to connect and failed, or ctx ends (false).
+func triedOnce(ctx context.Context, cc *grpc.ClientConn) bool {
+	tried := false
+	for st := cc.GetState(); ; st = cc.GetState() {
+		switch st {
+		case connectivity.Ready:
+			return true
+		case connectivity.Shutdown:
+			return false
+		case connectivity.TransientFailure:
+			if tried {
+				return false
+			}
+		default: // Idle, Connecting: an attempt is on its way
+			tried = true
+		}
+		if !cc.WaitForStateChange(ctx, st) {
+			return false
+		}
 	}
 }
 
