@@ -42,6 +42,7 @@ type grpcCore struct {
 	// chains: per method etcd serves, the rules that claim it; methods nobody serves are looked up per call.
 	chains map[string]*methodChain
 	conns  sync.Map // connKey → *grpc.ClientConn
+	dials  sync.Map // *grpc.ClientConn → *dialState
 	mu     sync.Mutex
 	closed bool
 
@@ -83,10 +84,6 @@ func newGRPCCore(f *Forwarder, cfg *Config, rs []rules.Rule, ops forwarderOps) *
 	)
 	pingAfter, pingTimeout := cfg.upstreamKeepAlive()
 	opts := []grpc.DialOption{
-		// The one dialer of upstream connections (a tunnel later replaces it); TLS goes on top in upstreamCreds.
-		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
-			return f.dialTCP(ctx, "tcp", addr)
-		}),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(math.MaxInt32), grpc.MaxCallSendMsgSize(math.MaxInt32),
 			grpc.ForceCodecV2(frameCodec{})),
 		// An endpoint that failed is tried again within --proxy-failure-wait, not grpc-go's two minutes.
@@ -282,11 +279,12 @@ func (c *grpcCore) forward(call *serverCall, s rules.Stream) error {
 	return &noEndpointError{last}
 }
 
-// redial makes the connections to eps that are waiting out grpc-go's reconnect backoff dial at once, and
-// reports whether one of them is ready within --proxy-dial-timeout; it gives up as soon as each has tried once and
-// failed. A call that found no endpoint reachable comes here once: grpc-go fails calls on a connection in backoff
-// at once, so a member that came back would be refused for up to --proxy-failure-wait (what the robustness suite's
-// kill scenarios found).
+// redial makes the connections to eps whose last dial found nothing listening dial again at once, and reports
+// whether one of them is ready within --proxy-dial-timeout (it gives up as soon as each dial failed again). A
+// call that found no endpoint reachable comes here once: grpc-go fails calls at once on a connection waiting out
+// its reconnect backoff, so a member back from a restart would be refused for up to --proxy-failure-wait (what
+// the robustness suite's kill scenarios found). Connections that reached a server that then failed them (an
+// HTTP/1-only upstream, a frozen one) are not dialled again here: that would only make the call wait.
 func (c *grpcCore) redial(ctx context.Context, eps []*endpoint, id *upstreamIdentity) bool {
 	ctx, cancel := context.WithTimeout(ctx, c.f.dialTimeout)
 	defer cancel()
@@ -297,10 +295,30 @@ func (c *grpcCore) redial(ctx context.Context, eps []*endpoint, id *upstreamIden
 		if err != nil {
 			continue
 		}
+		v, ok := c.dials.Load(cc)
+		if !ok {
+			continue
+		}
+		ds := v.(*dialState)
+		next, refused := ds.next()
+		if !refused {
+			continue
+		}
 		n++
 		cc.ResetConnectBackoff()
 		cc.Connect()
-		go func() { results <- triedOnce(ctx, cc) }()
+		go func() {
+			select {
+			case <-next:
+				if _, refused := ds.next(); refused {
+					results <- false
+					return
+				}
+				results <- waitReady(ctx, cc)
+			case <-ctx.Done():
+				results <- false
+			}
+		}()
 	}
 	for range n {
 		if <-results {
@@ -310,26 +328,39 @@ func (c *grpcCore) redial(ctx context.Context, eps []*endpoint, id *upstreamIden
 	return false
 }
 
-// triedOnce waits until cc is ready (true), or has tried to connect and failed, or ctx ends (false).
-func triedOnce(ctx context.Context, cc *grpc.ClientConn) bool {
-	tried := false
-	for st := cc.GetState(); ; st = cc.GetState() {
-		switch st {
-		case connectivity.Ready:
-			return true
-		case connectivity.Shutdown:
-			return false
-		case connectivity.TransientFailure:
-			if tried {
-				return false
-			}
-		default: // Idle, Connecting: an attempt is on its way
-			tried = true
-		}
-		if !cc.WaitForStateChange(ctx, st) {
+// waitReady waits until cc is ready (true) or ctx ends.
+func waitReady(ctx context.Context, cc *grpc.ClientConn) bool {
+	for st := cc.GetState(); st != connectivity.Ready; st = cc.GetState() {
+		if st == connectivity.Shutdown || !cc.WaitForStateChange(ctx, st) {
 			return false
 		}
 	}
+	return true
+}
+
+// dialState is what the dials of one upstream connection found: whether the last one failed (nothing listened
+// there), and a channel closed when the next one ends.
+type dialState struct {
+	mu      sync.Mutex
+	refused bool
+	ended   chan struct{}
+}
+
+func newDialState() *dialState { return &dialState{ended: make(chan struct{})} }
+
+func (d *dialState) done(err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.refused = err != nil
+	close(d.ended)
+	d.ended = make(chan struct{})
+}
+
+// next returns the channel closed at the end of the next dial, and whether the last one failed.
+func (d *dialState) next() (<-chan struct{}, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.ended, d.refused
 }
 
 // msgNotGRPC answers a call whose upstreams do not speak gRPC.
@@ -617,17 +648,26 @@ func (c *grpcCore) conn(e *endpoint, id *upstreamIdentity) (*grpc.ClientConn, er
 			creds.(*upstreamCreds).as = id.cert
 		}
 	}
-	cc, err := grpc.NewClient("passthrough:///"+e.url.Host, append(c.dialOpts, grpc.WithTransportCredentials(creds))...)
+	ds := newDialState()
+	cc, err := grpc.NewClient("passthrough:///"+e.url.Host, append(c.dialOpts, grpc.WithTransportCredentials(creds),
+		// The one dialer of upstream connections (a tunnel later replaces it); TLS goes on top in upstreamCreds.
+		grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+			conn, err := c.f.dialTCP(ctx, "tcp", addr)
+			ds.done(err)
+			return conn, err
+		}))...)
 	if err != nil {
 		return nil, fmt.Errorf("upstream connection: %w", err)
 	}
 	c.conns.Store(k, cc)
+	c.dials.Store(cc, ds)
 	if id != nil {
 		// A reload that removes or replaces the identity takes the connection out of use; calls still open on it
 		// finish there (never with another identity), and it closes once it is idle.
 		id.mu.Lock()
 		id.retire = append(id.retire, func() {
 			c.conns.Delete(k)
+			c.dials.Delete(cc)
 			go closeWhenIdle(cc)
 		})
 		id.mu.Unlock()
@@ -650,6 +690,7 @@ func (c *grpcCore) dropConns(gone []*url.URL) {
 		for _, u := range gone {
 			if key := k.(connKey); key.host == u.Host && key.scheme == u.Scheme {
 				c.conns.Delete(k)
+				c.dials.Delete(v)
 				_ = v.(*grpc.ClientConn).Close()
 			}
 		}
