@@ -280,11 +280,11 @@ func (c *grpcCore) forward(call *serverCall, s rules.Stream) error {
 }
 
 // redial makes the connections to eps whose last dial found nothing listening dial again at once, and reports
-// whether one of them is ready within --proxy-dial-timeout (it gives up as soon as each dial failed again). A
-// call that found no endpoint reachable comes here once: grpc-go fails calls at once on a connection waiting out
-// its reconnect backoff, so a member back from a restart would be refused for up to --proxy-failure-wait (what
-// the robustness suite's kill scenarios found). Connections that reached a server that then failed them (an
-// HTTP/1-only upstream, a frozen one) are not dialled again here: that would only make the call wait.
+// whether one of them is ready within --proxy-dial-timeout. A call that found no endpoint reachable comes here
+// once: grpc-go fails calls at once on a connection waiting out its reconnect backoff, so a member back from a
+// restart would be refused for up to --proxy-failure-wait (what the robustness suite's kill scenarios found).
+// Connections that reached a server that then failed them (an HTTP/1-only upstream, a frozen one) are not dialled
+// again here: that would only make the call wait.
 func (c *grpcCore) redial(ctx context.Context, eps []*endpoint, id *upstreamIdentity) bool {
 	ctx, cancel := context.WithTimeout(ctx, c.f.dialTimeout)
 	defer cancel()
@@ -300,25 +300,11 @@ func (c *grpcCore) redial(ctx context.Context, eps []*endpoint, id *upstreamIden
 			continue
 		}
 		ds := v.(*dialState)
-		next, refused := ds.next()
-		if !refused {
+		if _, refused := ds.next(); !refused {
 			continue
 		}
 		n++
-		cc.ResetConnectBackoff()
-		cc.Connect()
-		go func() {
-			select {
-			case <-next:
-				if _, refused := ds.next(); refused {
-					results <- false
-					return
-				}
-				results <- waitReady(ctx, cc)
-			case <-ctx.Done():
-				results <- false
-			}
-		}()
+		go func() { results <- ds.redial(ctx, cc) }()
 	}
 	for range n {
 		if <-results {
@@ -328,22 +314,23 @@ func (c *grpcCore) redial(ctx context.Context, eps []*endpoint, id *upstreamIden
 	return false
 }
 
-// waitReady waits until cc is ready (true) or ctx ends.
-func waitReady(ctx context.Context, cc *grpc.ClientConn) bool {
-	for st := cc.GetState(); st != connectivity.Ready; st = cc.GetState() {
-		if st == connectivity.Shutdown || !cc.WaitForStateChange(ctx, st) {
-			return false
-		}
-	}
-	return true
-}
+// redialPace spaces the dials of a connection whose member is still down while calls wait for it.
+const redialPace = 50 * time.Millisecond
 
 // dialState is what the dials of one upstream connection found: whether the last one failed (nothing listened
-// there), and a channel closed when the next one ends.
+// there), a channel closed when the next one ends, and the redial under way, which every call that needs the
+// connection shares (so calls to a cluster that is down do not multiply its dials).
 type dialState struct {
 	mu      sync.Mutex
 	refused bool
 	ended   chan struct{}
+	run     *redialRun
+}
+
+// redialRun is one redial of a connection: done is closed once ready is known.
+type redialRun struct {
+	done  chan struct{}
+	ready bool
 }
 
 func newDialState() *dialState { return &dialState{ended: make(chan struct{})} }
@@ -361,6 +348,63 @@ func (d *dialState) next() (<-chan struct{}, bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.ended, d.refused
+}
+
+// redial dials cc again at once, and again every redialPace while its dials are refused, until one connects
+// (then it waits for the connection to be ready) or ctx ends. A redial already under way is waited for instead.
+func (d *dialState) redial(ctx context.Context, cc *grpc.ClientConn) bool {
+	d.mu.Lock()
+	if r := d.run; r != nil {
+		d.mu.Unlock()
+		select {
+		case <-r.done:
+			return r.ready
+		case <-ctx.Done():
+			return false
+		}
+	}
+	r := &redialRun{done: make(chan struct{})}
+	d.run = r
+	d.mu.Unlock()
+	defer func() {
+		d.mu.Lock()
+		d.run = nil
+		d.mu.Unlock()
+		close(r.done)
+	}()
+	for {
+		next, refused := d.next()
+		if !refused {
+			r.ready = waitReady(ctx, cc)
+			return r.ready
+		}
+		cc.ResetConnectBackoff()
+		cc.Connect()
+		select {
+		case <-next:
+		case <-ctx.Done():
+			return false
+		}
+		if _, refused := d.next(); !refused {
+			r.ready = waitReady(ctx, cc)
+			return r.ready
+		}
+		select {
+		case <-time.After(redialPace):
+		case <-ctx.Done():
+			return false
+		}
+	}
+}
+
+// waitReady waits until cc is ready (true) or ctx ends.
+func waitReady(ctx context.Context, cc *grpc.ClientConn) bool {
+	for st := cc.GetState(); st != connectivity.Ready; st = cc.GetState() {
+		if st == connectivity.Shutdown || !cc.WaitForStateChange(ctx, st) {
+			return false
+		}
+	}
+	return true
 }
 
 // msgNotGRPC answers a call whose upstreams do not speak gRPC.
