@@ -50,7 +50,8 @@ type grpcCore struct {
 	// observe, if set, is told of every call as it starts and returns what is told how it ended (metrics and
 	// the access log).
 	observe func(c *serverCall) func(code codes.Code)
-	m       *metrics // nil: no metrics
+	m       *metrics  // nil: no metrics
+	hub     *watchHub // the watch fan-out; nil: off (--watch-fan-out=false)
 }
 
 // Server-side keep-alive enforcement as etcd's (--grpc-keepalive-min-time): grpc-go's default (5 minutes) would
@@ -63,6 +64,10 @@ func newGRPCCore(f *Forwarder, cfg *Config, rs []rules.Rule, ops forwarderOps) *
 		if mr, ok := r.(rules.MessageRule); ok {
 			c.rules = append(c.rules, mr)
 		}
+	}
+	if !cfg.NoWatchFanOut {
+		c.hub = newWatchHub(c, orDefault(cfg.WatchHistory, DefaultWatchHistory),
+			max(cfg.failureWait(), 2*f.dialTimeout), newWatchMetrics(ops.m))
 	}
 	for _, m := range rules.Methods() {
 		c.chains[m.Name] = c.chainOf(m)
@@ -109,7 +114,7 @@ type methodChain struct {
 }
 
 func (c *grpcCore) chainOf(m *rules.Method) *methodChain {
-	mc := &methodChain{m: m}
+	mc := &methodChain{m: m, decode: c.hub != nil && m.Name == watchMethod} // the fan-out reads watch requests
 	for _, r := range c.rules {
 		switch r.Claim(m) {
 		case rules.ClaimMessages:
@@ -214,6 +219,9 @@ func (c *grpcCore) serve(call *serverCall, s rules.Stream, i int) error {
 // that may have been delivered is never sent again.
 func (c *grpcCore) forward(call *serverCall, s rules.Stream) error {
 	m := call.chain.m
+	if c.hub != nil && m.Name == watchMethod {
+		return c.hub.serve(call, s)
+	}
 	ctx := call.ctx
 	eps := c.f.endpoints.order(affinityOf(ctx))
 	if len(eps) == 0 {

@@ -275,7 +275,7 @@ func TestStreamMessageTooLarge(t *testing.T) {
 	_, u := startProxy(t, Config{Upstreams: []string{up}, MaxRequestBytes: 1000})
 	pr, pw := io.Pipe()
 	go pw.Write(rawFrame([]byte("create")))
-	resp := grpcStream(t, u+"/etcdserverpb.Watch/Watch", pr)
+	resp := grpcStream(t, u+"/etcdserverpb.Lease/LeaseKeepAlive", pr)
 	defer resp.Body.Close()
 	first := make([]byte, len(rawFrame([]byte("created"))))
 	if _, err := io.ReadFull(resp.Body, first); err != nil {
@@ -450,7 +450,7 @@ func TestGracefulShutdown(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer stream.Body.Close()
-	watch := grpcCall(t, u+"/etcdserverpb.Watch/Watch", rawFrame([]byte("create")))
+	watch := grpcCall(t, u+"/etcdserverpb.Lease/LeaseKeepAlive", rawFrame([]byte("create")))
 	defer watch.Body.Close()
 	first := make([]byte, len(rawFrame([]byte("event"))))
 	if _, err := io.ReadFull(watch.Body, first); err != nil {
