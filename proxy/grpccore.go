@@ -106,10 +106,16 @@ type methodChain struct {
 	m      *rules.Method
 	rules  []rules.MessageRule
 	decode bool
+	// opts are the call options toward the upstream: the bound of a method's answers when they are small
+	// (rules.Method.SmallAnswers); grpc-go checks it against each message's length prefix before reading it.
+	opts []grpc.CallOption
 }
 
 func (c *grpcCore) chainOf(m *rules.Method) *methodChain {
 	mc := &methodChain{m: m}
+	if m.SmallAnswers {
+		mc.opts = []grpc.CallOption{grpc.MaxCallRecvMsgSize(rules.SmallAnswerBytes)}
+	}
 	for _, r := range c.rules {
 		switch r.Claim(m) {
 		case rules.ClaimMessages:
@@ -252,6 +258,9 @@ func (c *grpcCore) forward(call *serverCall, s rules.Stream) error {
 					aff.ep.Store(e) // the connection follows the endpoint that answered
 				}
 			}
+			return err
+		case errors.As(err, new(*answerTooLargeError)):
+			c.f.log.Warn("upstream answer over the method's bound: refused", "method", m.Name, "err", errors.Unwrap(err))
 			return err
 		case at.ended.Load(): // the upstream's own status: the rules before see it scrubbed
 			return scrubbed(err)
@@ -443,11 +452,12 @@ func (e *localError) GRPCStatus() *status.Status {
 func (c *grpcCore) unary(call *serverCall, s rules.Stream, cc *grpc.ClientConn, ctx context.Context, req any) error {
 	resp := call.newResponse()
 	var hdr, tr metadata.MD
-	err := cc.Invoke(ctx, call.chain.m.Name, req, resp, grpc.Header(&hdr), grpc.Trailer(&tr))
+	err := cc.Invoke(ctx, call.chain.m.Name, req, resp, append(call.chain.opts[:len(call.chain.opts):len(call.chain.opts)],
+		grpc.Header(&hdr), grpc.Trailer(&tr))...)
 	at, _ := ctx.Value(attemptKey{}).(*attempt)
 	if err != nil && !at.ended.Load() {
 		freeMsg(resp)
-		return err
+		return answerTooLarge(call, err)
 	}
 	c.passHeader(call, hdr)
 	call.ss.SetTrailer(c.scrubMetadata(tr))
@@ -468,7 +478,7 @@ func (c *grpcCore) stream(call *serverCall, s rules.Stream, e *endpoint, cc *grp
 	ctx, cancelCause := context.WithCancelCause(ctx)
 	cancel := func() { cancelCause(nil) }
 	defer cancel()
-	cs, err := cc.NewStream(ctx, streamDesc, call.chain.m.Name)
+	cs, err := cc.NewStream(ctx, streamDesc, call.chain.m.Name, call.chain.opts...)
 	if err != nil {
 		return err
 	}
@@ -518,13 +528,40 @@ func (c *grpcCore) stream(call *serverCall, s rules.Stream, e *endpoint, cc *grp
 			}
 			if at.ended.Load() {
 				call.ss.SetTrailer(c.scrubMetadata(cs.Trailer()))
+				return err
 			}
-			return err
+			return answerTooLarge(call, err)
 		}
 		if err := s.SendMsg(msg); err != nil {
 			return &localError{err}
 		}
 	}
+}
+
+// answerTooLargeError: an answer of the upstream was over its method's bound (rules.SmallAnswerBytes). grpc-go
+// refused it from its 5-byte length prefix, before reading (or allocating) the message; the call to the upstream
+// is reset, its connection stays.
+type answerTooLargeError struct{ err error }
+
+// msgAnswerTooLarge is what a client whose call got an upstream answer over the method's bound reads.
+const msgAnswerTooLarge = "etcd-proxy-proxy: upstream answer larger than the method allows"
+
+// Error is the client's text (a status wrapped in another error gets its message from Error); err is for the log.
+func (e *answerTooLargeError) Error() string {
+	return fmt.Sprintf("%s (%d bytes)", msgAnswerTooLarge, rules.SmallAnswerBytes)
+}
+func (e *answerTooLargeError) Unwrap() error { return e.err }
+func (e *answerTooLargeError) GRPCStatus() *status.Status {
+	return status.New(codes.ResourceExhausted, e.Error())
+}
+
+// answerTooLarge is err, an error of a call to the upstream that is not the upstream's own status, as an
+// answerTooLargeError when it is grpc-go's refusal of a message over the call's receive bound.
+func answerTooLarge(call *serverCall, err error) error {
+	if call.chain.m.SmallAnswers && status.Code(err) == codes.ResourceExhausted {
+		return &answerTooLargeError{err}
+	}
+	return err
 }
 
 // passHeader passes the upstream's response header on, once.
@@ -555,8 +592,12 @@ func (c *grpcCore) finish(call *serverCall, err error) *status.Status {
 	var (
 		re *ruleError
 		ne *noEndpointError
+		ae *answerTooLargeError
 	)
 	switch {
+	case errors.As(err, &ae):
+		count(reasonAnswerTooLarge)
+		return status.Convert(ae)
 	case errors.As(err, &re):
 		count(reasonRule)
 		c.f.log.Warn("rule failed", "method", call.chain.m.Name, "rule", re.Rule, "err", re.Err)

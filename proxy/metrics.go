@@ -31,17 +31,18 @@ const (
 
 // Values of the reason label of etcd_proxy_proxy_errors_total.
 const (
-	reasonNoEndpoint     = "no_endpoint"     // no upstream endpoint could be connected to (503)
-	reasonTimeout        = "timeout"         // the upstream did not answer in time (504)
-	reasonTLS            = "tls"             // the TLS handshake with the upstream failed (502)
-	reasonSendFailed     = "send_failed"     // the request could not be sent or no response came back (502)
-	reasonRule           = "rule"            // a rule failed on the request or on the response (502)
-	reasonResponseFailed = "response_failed" // the response broke off while it was being copied to the client
-	reasonClientGone     = "client_gone"     // the client went away before the answer (nothing is sent)
-	reasonTooLarge       = "too_large"       // the request was over --max-request-bytes (413)
-	reasonShutdown       = "shutdown"        // a stream ended by a graceful shutdown
-	reasonBadRequest     = "bad_request"     // the client's request body was malformed (400)
-	reasonStreamLost     = "stream_lost"     // a stream ended because its upstream connection was lost
+	reasonNoEndpoint     = "no_endpoint"      // no upstream endpoint could be connected to (503)
+	reasonTimeout        = "timeout"          // the upstream did not answer in time (504)
+	reasonTLS            = "tls"              // the TLS handshake with the upstream failed (502)
+	reasonSendFailed     = "send_failed"      // the request could not be sent or no response came back (502)
+	reasonRule           = "rule"             // a rule failed on the request or on the response (502)
+	reasonResponseFailed = "response_failed"  // the response broke off while it was being copied to the client
+	reasonClientGone     = "client_gone"      // the client went away before the answer (nothing is sent)
+	reasonTooLarge       = "too_large"        // the request was over --max-request-bytes (413)
+	reasonShutdown       = "shutdown"         // a stream ended by a graceful shutdown
+	reasonBadRequest     = "bad_request"      // the client's request body was malformed (400)
+	reasonStreamLost     = "stream_lost"      // a stream ended because its upstream connection was lost
+	reasonAnswerTooLarge = "answer_too_large" // an upstream answer was over its method's bound (rules.SmallAnswerBytes)
 )
 
 func init() {
@@ -157,7 +158,7 @@ func newMetrics(ready func() float64) *metrics {
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, r := range []string{reasonNoEndpoint, reasonTimeout, reasonTLS, reasonSendFailed, reasonRule,
 		reasonResponseFailed, reasonClientGone, reasonTooLarge, reasonShutdown, reasonBadRequest,
-		reasonStreamLost} {
+		reasonStreamLost, reasonAnswerTooLarge} {
 		m.errs[r] = m.errors.WithLabelValues(r) // present at 0 from the start, so rate() sees the first error
 	}
 	return m
