@@ -30,6 +30,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 )
 
 // grpcCore serves v3 gRPC on grpc-go's own transport, both sides: a grpc.Server whose unknown-service handler
@@ -72,7 +73,9 @@ func newGRPCCore(f *Forwarder, cfg *Config, rs []rules.Rule, ops forwarderOps) *
 		grpc.ForceServerCodecV2(frameCodec{}),
 		grpc.Creds(grpcServerCreds()), // TLS is terminated by the split (listen.go)
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: grpcMinPingInterval, PermitWithoutStream: true}),
-		grpc.MaxRecvMsgSize(int(min(f.maxRequestBytes, math.MaxInt32))),
+		// As etcd: requests up to --max-request-bytes and gRPC's overhead are read, and RecvMsg answers those
+		// over the limit as etcd does; grpc-go refuses a larger one from its length prefix, before reading it.
+		grpc.MaxRecvMsgSize(int(min(f.maxRequestBytes+grpcOverheadBytes, math.MaxInt32))),
 		grpc.MaxSendMsgSize(math.MaxInt32),
 		grpc.MaxConcurrentStreams(math.MaxUint32),
 		grpc.StatsHandler(connTagger{}),
@@ -101,6 +104,10 @@ func newGRPCCore(f *Forwarder, cfg *Config, rs []rules.Rule, ops forwarderOps) *
 	return c
 }
 
+// grpcOverheadBytes is what etcd's gRPC server reads beyond --max-request-bytes (v3rpc grpcOverheadBytes): a
+// request is checked against the limit once it is read, and the slack lets that answer be etcd's.
+const grpcOverheadBytes = 512 << 10
+
 // methodChain is what runs for one method: the rules that claim it, and whether its messages are decoded.
 type methodChain struct {
 	m      *rules.Method
@@ -109,10 +116,17 @@ type methodChain struct {
 	// opts are the call options toward the upstream: the bound of a method's answers when they are small
 	// (rules.Method.SmallAnswers); grpc-go checks it against each message's length prefix before reading it.
 	opts []grpc.CallOption
+	// maxRequest bounds each request message (--max-request-bytes); zero: only grpc-go's server limit.
+	maxRequest int
 }
 
 func (c *grpcCore) chainOf(m *rules.Method) *methodChain {
 	mc := &methodChain{m: m}
+	if !m.ReadOnly {
+		// etcd checks the size of the requests it proposes to raft (the writes), and reads only at its gRPC
+		// limit: a read's message is answered by grpc-go's limit alone here too.
+		mc.maxRequest = int(c.f.maxRequestBytes)
+	}
 	if m.SmallAnswers {
 		mc.opts = []grpc.CallOption{grpc.MaxCallRecvMsgSize(rules.SmallAnswerBytes)}
 	}
@@ -157,10 +171,37 @@ func (s *serverCall) RecvMsg() (any, error) {
 		m = s.chain.m.NewRequest()
 	}
 	if err := s.ss.RecvMsg(m); err != nil {
+		if status.Code(err) == codes.ResourceExhausted { // over the server's limit: grpc-go's own answer
+			return nil, &requestTooLargeError{status.Convert(err)}
+		}
 		return nil, err
+	}
+	if limit := s.chain.maxRequest; limit > 0 && msgSize(m) > limit {
+		freeMsg(m)
+		return nil, &requestTooLargeError{status.Convert(rpctypes.ErrGRPCRequestTooLarge)}
 	}
 	return m, nil
 }
+
+// msgSize is the encoded size of a request: a frame's length, or a decoded message's.
+func msgSize(m any) int {
+	switch m := m.(type) {
+	case *frame:
+		return m.data.Len()
+	case rules.Message:
+		return m.Size()
+	}
+	return 0
+}
+
+// requestTooLargeError: a request message was over --max-request-bytes. A write's is answered as etcd answers
+// it ("etcdserver: request is too large", which clientv3 turns into rpctypes.ErrRequestTooLarge); one past the
+// gRPC server's limit with grpc-go's ResourceExhausted, as by etcd's.
+type requestTooLargeError struct{ st *status.Status }
+
+func (e *requestTooLargeError) Error() string              { return e.st.Message() }
+func (e *requestTooLargeError) GRPCStatus() *status.Status { return e.st }
+func (e *requestTooLargeError) Is(target error) bool       { return target == errRequestTooLarge }
 
 func (s *serverCall) SendMsg(m any) error {
 	err := s.ss.SendMsg(m)
@@ -593,8 +634,12 @@ func (c *grpcCore) finish(call *serverCall, err error) *status.Status {
 		re *ruleError
 		ne *noEndpointError
 		ae *answerTooLargeError
+		qe *requestTooLargeError
 	)
 	switch {
+	case errors.As(err, &qe):
+		count(reasonTooLarge)
+		return qe.st
 	case errors.As(err, &ae):
 		count(reasonAnswerTooLarge)
 		return status.Convert(ae)
@@ -619,9 +664,6 @@ func (c *grpcCore) finish(call *serverCall, err error) *status.Status {
 		return status.New(codes.Unavailable, "etcd-proxy-proxy: unable to get a response from the upstream")
 	}
 	if errors.Is(err, errLocal) { // grpc-go's own statuses on the client's side
-		if st.Code() == codes.ResourceExhausted {
-			count(reasonTooLarge)
-		}
 		return status.Convert(scrubbed(err))
 	}
 	return st // a rule's own, or the upstream's, scrubbed where it came in (forward)
