@@ -67,7 +67,7 @@ func (s *Server) attachOps(f *Forwarder) {
 
 // handler is the client API handler with metrics and the access log around it.
 func (s *Server) handler() http.Handler {
-	return &instrumented{next: s.forwarder, m: s.ops.m, accessLog: s.ops.access}
+	return &instrumented{next: s.forwarder.serve, m: s.ops.m, accessLog: s.ops.access}
 }
 
 // countBytes counts the client bytes of a listener's connections.

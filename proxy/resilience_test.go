@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
+	"google.golang.org/grpc/codes"
 )
 
 // startProxy starts a Server on a free loopback port with cfg (probe off unless cfg sets it) and returns it
@@ -263,7 +264,8 @@ func TestProbeBringsEndpointBack(t *testing.T) {
 	}
 }
 
-// A gRPC stream whose client sends a message over the limit ends with ResourceExhausted.
+// A gRPC stream whose client sends a message over the limit and gRPC's overhead (as etcd's server reads) ends
+// with ResourceExhausted.
 func TestStreamMessageTooLarge(t *testing.T) {
 	t.Parallel()
 	up := h2cUpstream(t, func(w http.ResponseWriter, r *http.Request) {
@@ -281,7 +283,7 @@ func TestStreamMessageTooLarge(t *testing.T) {
 	if _, err := io.ReadFull(resp.Body, first); err != nil {
 		t.Fatal(err)
 	}
-	go pw.Write(rawFrame(make([]byte, 2000)))
+	go pw.Write(rawFrame(make([]byte, 1000+grpcOverheadBytes+1)))
 	if _, err := io.ReadAll(resp.Body); err != nil {
 		t.Errorf("the stream broke off (%v), want a clean end", err)
 	}
@@ -342,7 +344,9 @@ func TestMaxRequestBytes(t *testing.T) {
 	}
 }
 
-// A gRPC message over the limit is answered ResourceExhausted; the upstream never gets it whole.
+// A write's gRPC message over the limit is answered as etcd answers it (InvalidArgument "etcdserver: request is
+// too large"), one past the limit and gRPC's overhead ResourceExhausted; the upstream never gets either. A read's
+// message is bounded by the gRPC limit alone, as by etcd.
 func TestMaxRequestBytesGRPC(t *testing.T) {
 	t.Parallel()
 	var whole atomic.Int64
@@ -353,18 +357,35 @@ func TestMaxRequestBytesGRPC(t *testing.T) {
 		grpcOK(w)
 	})
 	_, u := startProxy(t, Config{Upstreams: []string{up}, MaxRequestBytes: 1000})
-	resp := grpcCall(t, u+"/etcdserverpb.KV/Put", rawFrame(make([]byte, 2000)))
-	_, _ = io.ReadAll(resp.Body)
-	if got := grpcStatus(resp); got != fmt.Sprint(rules.CodeResourceExhausted) {
-		t.Errorf("grpc-status = %q, want %d (headers %v, trailers %v)", got, rules.CodeResourceExhausted, resp.Header, resp.Trailer)
+	for _, c := range []struct {
+		method string
+		size   int
+		status string
+		msg    string
+	}{
+		{"/etcdserverpb.KV/Put", 1001, fmt.Sprint(int(codes.InvalidArgument)), "etcdserver: request is too large"},
+		{"/etcdserverpb.KV/Put", 1000 + grpcOverheadBytes + 1, fmt.Sprint(rules.CodeResourceExhausted), "grpc: received message larger than max"},
+		{"/etcdserverpb.KV/Range", 1000 + grpcOverheadBytes + 1, fmt.Sprint(rules.CodeResourceExhausted), "grpc: received message larger than max"},
+	} {
+		resp := grpcCall(t, u+c.method, rawFrame(make([]byte, c.size)))
+		_, _ = io.ReadAll(resp.Body)
+		msg, _ := url.PathUnescape(resp.Trailer.Get("Grpc-Message") + resp.Header.Get("Grpc-Message"))
+		if got := grpcStatus(resp); got != c.status || !strings.HasPrefix(msg, c.msg) {
+			t.Errorf("%s of %d bytes: grpc-status %q %q, want %s %q", c.method, c.size, got, msg, c.status, c.msg)
+		}
 	}
 	if whole.Load() != 0 {
 		t.Errorf("the upstream read %d whole requests over the limit", whole.Load())
 	}
-	resp = grpcCall(t, u+"/etcdserverpb.KV/Put", rawFrame(make([]byte, 900)))
-	_, _ = io.ReadAll(resp.Body)
-	if got := grpcStatus(resp); got != "0" {
-		t.Errorf("a message under the limit: grpc-status %q", got)
+	for _, c := range []struct {
+		method string
+		size   int
+	}{{"/etcdserverpb.KV/Put", 1000}, {"/etcdserverpb.KV/Range", 1001}} {
+		resp := grpcCall(t, u+c.method, rawFrame(make([]byte, c.size)))
+		_, _ = io.ReadAll(resp.Body)
+		if got := grpcStatus(resp); got != "0" {
+			t.Errorf("%s of %d bytes: grpc-status %q, want 0", c.method, c.size, got)
+		}
 	}
 }
 
