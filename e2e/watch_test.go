@@ -459,3 +459,51 @@ func TestWatchFanOutShares(t *testing.T) {
 		t.Errorf("watch_client_watches %v, want %d", n, streams*perStream)
 	}
 }
+
+// TestWatchFanOutResumeCompacted: when the member of a shared watch goes away and the revision the watch must
+// resume from has been compacted meanwhile, the client gets the compaction error a member would give (its
+// watch cancelled with the compact revision), not a silent gap.
+func TestWatchFanOutResumeCompacted(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 60*time.Second)
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The proxy reaches member 0 through a relay that can be cut, and member 1 through one that opens later:
+	// the shared watch is made on member 0.
+	a, b := newRelay(t, c.Members[0].ClientURL), newRelay(t, c.Members[1].ClientURL)
+	a.open(t)
+	front, err := e.StartProxyProxy(ctx, harness.Endpoint{Name: "members", URLs: []string{a.url, b.url}}, harness.ProxyProxyHop{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, direct := v3Client(t, front.Endpoint.URLs...), v3Client(t, c.Endpoint().URLs...)
+	wch := cli.Watch(ctx, "quiet", clientv3.WithCreatedNotify())
+	if r := <-wch; !r.Created {
+		t.Fatalf("first answer %+v, want created", r)
+	}
+	// Writes the watch does not see, then a compaction past the revision it would resume from.
+	var last int64
+	for range 5 {
+		r, err := direct.Put(ctx, "other", "x")
+		if err != nil {
+			t.Fatal(err)
+		}
+		last = r.Header.Revision
+	}
+	if _, err := direct.Compact(ctx, last); err != nil {
+		t.Fatal(err)
+	}
+	b.open(t)
+	a.close()
+	select {
+	case r, ok := <-wch:
+		if !ok || r.CompactRevision != last || !r.Canceled {
+			t.Fatalf("after the member went away: %+v (open %v), want the watch cancelled with compact revision %d", r, ok, last)
+		}
+	case <-ctx.Done():
+		t.Fatal("no answer after the member went away")
+	}
+}
