@@ -17,8 +17,10 @@ import (
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/metadata"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
@@ -505,5 +507,91 @@ func TestWatchFanOutResumeCompacted(t *testing.T) {
 		}
 	case <-ctx.Done():
 		t.Fatal("no answer after the member went away")
+	}
+}
+
+// TestWatchFanOutAuth: with auth on, watches of two users on the same key are two upstream watches (etcd checks
+// permissions when a watch is created), each user gets their own answer — events for the one allowed, the
+// member's refusal for the other — and a watch with a token the member does not know gets the member's error
+// at once, not an Unavailable after the upstream was given up.
+func TestWatchFanOutAuth(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 60*time.Second)
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx, harness.WithMembers(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := v3Client(t, c.Endpoint().URLs...)
+	for _, step := range []func() error{
+		func() error { _, err := root.RoleAdd(ctx, "reader"); return err },
+		func() error {
+			_, err := root.RoleGrantPermission(ctx, "reader", "shared", "", clientv3.PermissionType(clientv3.PermRead))
+			return err
+		},
+		func() error { _, err := root.UserAdd(ctx, "root", "rootpw"); return err },
+		func() error { _, err := root.UserGrantRole(ctx, "root", "root"); return err },
+		func() error { _, err := root.UserAdd(ctx, "alice", "alicepw"); return err },
+		func() error { _, err := root.UserGrantRole(ctx, "alice", "reader"); return err },
+		func() error { _, err := root.UserAdd(ctx, "bob", "bobpw"); return err },
+		func() error { _, err := root.AuthEnable(ctx); return err },
+	} {
+		if err := step(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	front, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	user := func(name, pw string) *clientv3.Client {
+		cli, err := clientv3.New(clientv3.Config{Endpoints: front.Endpoint.URLs, Username: name, Password: pw,
+			DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = cli.Close() })
+		return cli
+	}
+	alice, bob := user("alice", "alicepw"), user("bob", "bobpw")
+	aw := alice.Watch(ctx, "shared", clientv3.WithCreatedNotify())
+	if r := <-aw; !r.Created || r.Err() != nil {
+		t.Fatalf("alice's watch: %+v %v", r, r.Err())
+	}
+	bw := bob.Watch(ctx, "shared")
+	if r := <-bw; r.Err() == nil || !strings.Contains(r.Err().Error(), "permission denied") {
+		t.Fatalf("bob's watch: %+v, %v; want permission denied", r, r.Err())
+	}
+	admin := user("root", "rootpw")
+	if _, err := admin.Put(ctx, "shared", "v"); err != nil {
+		t.Fatal(err)
+	}
+	if r := <-aw; len(r.Events) != 1 || string(r.Events[0].Kv.Value) != "v" {
+		t.Fatalf("alice's event: %+v %v", r, r.Err())
+	}
+
+	// A token the member does not know: its error, at once.
+	cc, err := grpc.NewClient(strings.TrimPrefix(front.Endpoint.URLs[0], "http://"),
+		grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cc.Close() })
+	began := time.Now()
+	s, err := pb.NewWatchClient(cc).Watch(metadata.AppendToOutgoingContext(ctx, "token", "not-a-token"))
+	if err == nil {
+		err = s.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{
+			CreateRequest: &pb.WatchCreateRequest{Key: []byte("shared")}}})
+	}
+	var r *pb.WatchResponse
+	if err == nil {
+		r, err = s.Recv()
+	}
+	if err == nil && r.Canceled {
+		err = errors.New(r.CancelReason)
+	}
+	if err == nil || !strings.Contains(err.Error(), "invalid auth token") || time.Since(began) > 2*time.Second {
+		t.Fatalf("watch with an unknown token: %v, %v after %v; want the member's invalid auth token at once", r, err,
+			time.Since(began).Round(time.Millisecond))
 	}
 }

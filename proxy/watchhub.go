@@ -482,10 +482,19 @@ func (g *watchGroup) attempt(ctx context.Context, e *endpoint) (got bool, err er
 	}
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	cs, err := cc.NewStream(metadata.NewOutgoingContext(ctx, g.md), streamDesc, watchMethod)
+	at := &attempt{}
+	cs, err := cc.NewStream(metadata.NewOutgoingContext(context.WithValue(ctx, attemptKey{}, at), g.md), streamDesc, watchMethod)
 	if err != nil {
 		return false, err
 	}
+	defer func() {
+		// The upstream's own status (not a lost connection): Unavailable (no leader, stopping) is tried on the next
+		// endpoint; any other (an invalid token, say) is the answer, for every client of the watch.
+		if err != nil && at.ended.Load() && status.Code(err) != codes.Unavailable && ctx.Err() == nil {
+			g.append(ctx, &watchEntry{kind: entryEnd, rev: g.rev, err: scrubbed(err)})
+			err = errGroupDone
+		}
+	}()
 	if c.f.live != nil {
 		defer c.f.live.watchTarget(liveTarget{e: e, cc: cc}, &streamState{f: c.f, cancel: cancel})()
 	}
