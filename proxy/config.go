@@ -44,6 +44,8 @@ const (
 	// DefaultMaxSnapshotBytes bounds a snapshot spooled from the upstream (rules.DefaultMaxSnapshotBytes: etcd's
 	// largest recommended --quota-backend-bytes).
 	DefaultMaxSnapshotBytes = rules.DefaultMaxSnapshotBytes
+	// DefaultWatchHistory is --watch-history.
+	DefaultWatchHistory = 1000
 	// DefaultMaxHeaderBytes bounds a request header, as net/http does by default.
 	DefaultMaxHeaderBytes = 1 << 20
 	// DefaultMaxUpstreamHeaderBytes bounds an upstream's status line and response headers, as http.Transport
@@ -147,6 +149,11 @@ type Config struct {
 	SnapshotSpoolDir string
 	// MaxSnapshotBytes bounds a snapshot received from the upstream; zero means DefaultMaxSnapshotBytes.
 	MaxSnapshotBytes int64
+	// NoWatchFanOut gives every client watch its own upstream watch, as without the fan-out (watchhub.go).
+	NoWatchFanOut bool
+	// WatchHistory is how many upstream responses a shared watch keeps for watches that start at an earlier
+	// revision and for slow clients; zero means DefaultWatchHistory.
+	WatchHistory int
 	// ReadHeaderTimeout bounds reading a request header on the listeners. Zero means
 	// DefaultReadHeaderTimeout; negative means none.
 	ReadHeaderTimeout time.Duration
@@ -264,6 +271,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	c.MaxRuleBody, c.MaxRequestBytes, c.MaxHeaderBytes = c.maxRuleBody(), c.maxRequestBytes(), c.maxHeaderBytes()
 	c.MaxUpstreamHeaderBytes = c.maxUpstreamHeaderBytes()
 	c.MaxSnapshotBytes = orDefault(c.MaxSnapshotBytes, DefaultMaxSnapshotBytes)
+	c.WatchHistory = orDefault(c.WatchHistory, DefaultWatchHistory)
 	fs.Var(listFlag{&c.Upstreams}, "upstream", "upstream client URL(s), comma-separated: an etcd member, a stock etcd proxy or another etcd-proxy-proxy (required)")
 	fs.StringVar(&c.UpstreamTLS.CAFile, "upstream-ca-file", "", "verify the upstream's certificate with this CA bundle (default: the system roots)")
 	fs.StringVar(&c.UpstreamTLS.CertFile, "upstream-cert-file", "", "client certificate presented to the upstream")
@@ -300,6 +308,8 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.Var(bytesFlag{&c.MaxUpstreamHeaderBytes}, "max-upstream-header-bytes", "largest status line and header of an upstream's answer, in bytes; more is answered 502")
 	fs.StringVar(&c.SnapshotSpoolDir, "snapshot-spool-dir", "", "directory where snapshots are spooled to hide the membership in them, up to twice a snapshot's size each (default: the system's temporary directory)")
 	fs.Var(bytesFlag{&c.MaxSnapshotBytes}, "max-snapshot-bytes", "largest snapshot (database and hash) accepted from the upstream, in bytes; a larger one fails with ResourceExhausted")
+	fs.Var(notFlag{&c.NoWatchFanOut}, "watch-fan-out", "identical client watches share one upstream watch, resumed on another endpoint when its member fails (default true; false: one upstream watch per client watch)")
+	fs.IntVar(&c.WatchHistory, "watch-history", c.WatchHistory, "upstream responses a shared watch keeps, for watches that start at an earlier revision and for slow clients (default 1000)")
 	fs.Var(durationFlag{&c.ReadHeaderTimeout}, "listen-read-header-timeout", "how long a client may take to send a request header, e.g. 10s; 0 for no limit")
 	fs.Var(durationFlag{&c.IdleTimeout}, "listen-idle-timeout", "how long an idle client connection is kept, e.g. 5m; 0 for ever")
 	fs.Var(durationFlag{&c.ShutdownTimeout}, "shutdown-timeout", "how long in-flight requests may take to finish on SIGTERM (streams end at once), e.g. 10s; 0 closes at once")
@@ -433,6 +443,9 @@ func (c *Config) Validate() error {
 		c.MaxUpstreamHeaderBytes < 0 {
 		add("byte limits must not be negative")
 	}
+	if c.WatchHistory < 0 {
+		add("--watch-history: must not be negative")
+	}
 	if c.MaxHeaderBytes > math.MaxInt32 {
 		add("--max-header-bytes: at most %d", math.MaxInt32)
 	}
@@ -520,7 +533,7 @@ func (c *Config) maxUpstreamHeaderBytes() int64 {
 }
 
 // orDefault is v with zero meaning def and a negative value meaning off (returned as zero).
-func orDefault[T int64 | time.Duration](v, def T) T {
+func orDefault[T int | int64 | time.Duration](v, def T) T {
 	switch {
 	case v == 0:
 		return def
@@ -529,3 +542,24 @@ func orDefault[T int64 | time.Duration](v, def T) T {
 	}
 	return v
 }
+
+// notFlag is a boolean flag that sets the negation of its field, so the field's zero value is the default.
+type notFlag struct{ p *bool }
+
+func (f notFlag) String() string {
+	if f.p == nil {
+		return "true"
+	}
+	return strconv.FormatBool(!*f.p)
+}
+
+func (f notFlag) Set(v string) error {
+	b, err := strconv.ParseBool(v)
+	if err != nil {
+		return err
+	}
+	*f.p = !b
+	return nil
+}
+
+func (notFlag) IsBoolFlag() bool { return true }

@@ -51,7 +51,8 @@ type grpcCore struct {
 	// observe, if set, is told of every call as it starts and returns what is told how it ended (metrics and
 	// the access log).
 	observe func(c *serverCall) func(code codes.Code)
-	m       *metrics // nil: no metrics
+	m       *metrics  // nil: no metrics
+	hub     *watchHub // the watch fan-out; nil: off (--watch-fan-out=false)
 }
 
 // Server-side keep-alive enforcement as etcd's (--grpc-keepalive-min-time): grpc-go's default (5 minutes) would
@@ -64,6 +65,10 @@ func newGRPCCore(f *Forwarder, cfg *Config, rs []rules.Rule, ops forwarderOps) *
 		if mr, ok := r.(rules.MessageRule); ok {
 			c.rules = append(c.rules, mr)
 		}
+	}
+	if !cfg.NoWatchFanOut {
+		c.hub = newWatchHub(c, orDefault(cfg.WatchHistory, DefaultWatchHistory),
+			max(cfg.failureWait(), 2*f.dialTimeout), newWatchMetrics(ops.m))
 	}
 	for _, m := range rules.Methods() {
 		c.chains[m.Name] = c.chainOf(m)
@@ -121,7 +126,7 @@ type methodChain struct {
 }
 
 func (c *grpcCore) chainOf(m *rules.Method) *methodChain {
-	mc := &methodChain{m: m}
+	mc := &methodChain{m: m, decode: c.hub != nil && m.Name == watchMethod} // the fan-out reads watch requests
 	if !m.ReadOnly {
 		// etcd checks the size of the requests it proposes to raft (the writes), and reads only at its gRPC
 		// limit: a read's message is answered by grpc-go's limit alone here too.
@@ -261,6 +266,9 @@ func (c *grpcCore) serve(call *serverCall, s rules.Stream, i int) error {
 // that may have been delivered is never sent again.
 func (c *grpcCore) forward(call *serverCall, s rules.Stream) error {
 	m := call.chain.m
+	if c.hub != nil && m.Name == watchMethod {
+		return c.hub.serve(call, s)
+	}
 	ctx := call.ctx
 	eps := c.f.endpoints.order(affinityOf(ctx))
 	if len(eps) == 0 {

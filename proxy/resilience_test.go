@@ -19,6 +19,8 @@ import (
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
 	"google.golang.org/grpc/codes"
+
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 )
 
 // startProxy starts a Server on a free loopback port with cfg (probe off unless cfg sets it) and returns it
@@ -277,7 +279,7 @@ func TestStreamMessageTooLarge(t *testing.T) {
 	_, u := startProxy(t, Config{Upstreams: []string{up}, MaxRequestBytes: 1000})
 	pr, pw := io.Pipe()
 	go pw.Write(rawFrame([]byte("create")))
-	resp := grpcStream(t, u+"/etcdserverpb.Watch/Watch", pr)
+	resp := grpcStream(t, u+"/etcdserverpb.Lease/LeaseKeepAlive", pr)
 	defer resp.Body.Close()
 	first := make([]byte, len(rawFrame([]byte("created"))))
 	if _, err := io.ReadFull(resp.Body, first); err != nil {
@@ -471,7 +473,7 @@ func TestGracefulShutdown(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer stream.Body.Close()
-	watch := grpcCall(t, u+"/etcdserverpb.Watch/Watch", rawFrame([]byte("create")))
+	watch := grpcCall(t, u+"/etcdserverpb.Lease/LeaseKeepAlive", rawFrame([]byte("create")))
 	defer watch.Body.Close()
 	first := make([]byte, len(rawFrame([]byte("event"))))
 	if _, err := io.ReadFull(watch.Body, first); err != nil {
@@ -642,5 +644,31 @@ func TestMalformedBody(t *testing.T) {
 		if msg := etcdError(t, resp, body, http.StatusBadRequest); msg != msgMalformed {
 			t.Errorf("upstream %s: message %q", up, msg)
 		}
+	}
+}
+
+// An upstream that ends a shared watch's stream with a status of its own other than Unavailable (a proxy below
+// refusing the client, say) gives that status to the watch's clients at once; the fan-out does not take it for
+// a lost member and try every endpoint until it gives up.
+func TestWatchUpstreamStatusPassed(t *testing.T) {
+	t.Parallel()
+	up := h2cUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", rules.GRPCContentType)
+		w.Header().Set("Grpc-Status", "7")
+		w.Header().Set("Grpc-Message", "etcdserver: permission denied")
+		w.WriteHeader(http.StatusOK)
+	})
+	_, u := startProxy(t, Config{Upstreams: []string{up}})
+	create, _ := (&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{
+		CreateRequest: &pb.WatchCreateRequest{Key: []byte("k")}}}).Marshal()
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	go pw.Write(rawFrame(create))
+	began := time.Now()
+	resp := grpcStream(t, u+"/etcdserverpb.Watch/Watch", pr)
+	defer resp.Body.Close()
+	_, _ = io.ReadAll(resp.Body)
+	if got := grpcStatus(resp); got != "7" || time.Since(began) > 2*time.Second {
+		t.Fatalf("grpc-status %q %q after %v, want 7 at once", got, resp.Trailer.Get("Grpc-Message"), time.Since(began))
 	}
 }
