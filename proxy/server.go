@@ -16,6 +16,7 @@ import (
 
 	"github.com/hashicorp/go-multierror"
 
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/crypt"
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
 )
 
@@ -81,9 +82,17 @@ func New(cfg Config, opts ...Option) (*Server, error) {
 		return nil, err
 	}
 	s.self = rules.NewSelf(cfg.Name, cfg.AdvertiseClientURLs)
+	var keys *crypt.Keyring
+	if len(cfg.EncryptPrefixes) > 0 {
+		var errs []error
+		if keys, errs = cfg.encryptionKeyring(); errs != nil { // changed since Validate read it
+			return nil, errors.Join(errs...)
+		}
+	}
 	rs := rules.Default(rules.Options{
 		Self: s.self, Instance: newInstanceID(), ForwardMemberChanges: cfg.ForwardMemberChanges, ReadOnly: cfg.ReadOnly,
 		SnapshotSpoolDir: cfg.SnapshotSpoolDir, MaxSnapshotBytes: cfg.MaxSnapshotBytes, Log: s.log,
+		EncryptPrefixes: cfg.EncryptPrefixes, EncryptionKeys: keys, EncryptionMaxRequestBytes: cfg.EncryptionMaxRequestBytes,
 	})
 	if s.buildRules != nil {
 		rs = s.buildRules(rs, s.self)

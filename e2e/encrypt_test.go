@@ -1,0 +1,379 @@
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/crypt"
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
+)
+
+// TestEncryptV3: values under --encrypt-prefix are stored encrypted and bound to their keys, and every v3 path
+// through the proxy (put, range, txn to any depth, delete and put with prev_kv, watch, the JSON gateway) gives
+// the plaintext; what a member holds is never the plaintext; a value moved to another key, tampered with or
+// stored in plaintext fails to read instead of reading as something; what cannot work on ciphertext is refused.
+// /secret/ holds good values only; /vault/ gets the bad ones, so that ranges over /secret/ stay readable.
+func TestEncryptV3(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 60*time.Second)
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx, harness.WithMembers(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	keyFile := filepath.Join(dir, "k1.key")
+	data, err := crypt.GenerateKeyFile("k1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyFile, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	key, err := crypt.ParseKeyFile(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ring, _ := crypt.NewKeyring(key)
+	encrypting := func(plaintext bool) harness.ProxyProxyHop {
+		return harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
+			cfg.EncryptPrefixes = []string{"/secret/", "/vault/"}
+			cfg.EncryptionKeyFiles = []string{keyFile}
+			cfg.EncryptionReadPlaintext = plaintext
+		}}
+	}
+	p, err := e.StartProxyProxy(ctx, c.Endpoint(), encrypting(false))
+	if err != nil {
+		t.Fatal(err)
+	}
+	lax, err := e.StartProxyProxy(ctx, c.Endpoint(), encrypting(true))
+	if err != nil {
+		t.Fatal(err)
+	}
+	client := func(ep harness.Endpoint) *clientv3.Client {
+		cl, err := clientv3.New(clientv3.Config{Endpoints: ep.URLs, Logger: zap.NewNop(), DialTimeout: 5 * time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = cl.Close() })
+		return cl
+	}
+	cli, laxCli, direct := client(p.Endpoint), client(lax.Endpoint), client(c.Endpoint())
+	stored := func(t *testing.T, k string) []byte {
+		t.Helper()
+		r, err := direct.Get(ctx, k)
+		if err != nil || len(r.Kvs) != 1 {
+			t.Fatalf("member's %s: %v, %v", k, r, err)
+		}
+		return r.Kvs[0].Value
+	}
+	checkStored := func(t *testing.T, k, plain string) {
+		t.Helper()
+		v := stored(t, k)
+		if !bytes.HasPrefix(v, []byte("epp:enc:v1:xchacha20poly1305:k1:")) || bytes.Contains(v, []byte(plain)) {
+			t.Errorf("the member stores %s as %q; want epp:enc:v1:xchacha20poly1305:k1:… without the plaintext", k, v)
+		}
+	}
+	get := func(t *testing.T, cl *clientv3.Client, k string) string {
+		t.Helper()
+		r, err := cl.Get(ctx, k)
+		if err != nil || len(r.Kvs) != 1 {
+			t.Fatalf("get %s: %v, %v", k, r, err)
+		}
+		return string(r.Kvs[0].Value)
+	}
+	wantCode := func(t *testing.T, what string, err error, code codes.Code, text string) {
+		t.Helper()
+		st, _ := status.FromError(err)
+		if err == nil || st.Code() != code || !strings.Contains(err.Error(), text) {
+			t.Errorf("%s: %v; want %s, %q", what, err, code, text)
+		}
+	}
+	mustPut := func(t *testing.T, cl *clientv3.Client, k, v string) {
+		t.Helper()
+		if _, err := cl.Put(ctx, k, v); err != nil {
+			t.Fatalf("put %s: %v", k, err)
+		}
+	}
+
+	t.Run("put-get", func(t *testing.T) {
+		t.Parallel()
+		mustPut(t, cli, "/secret/a", "hunter2")
+		mustPut(t, cli, "/public/a", "plain")
+		checkStored(t, "/secret/a", "hunter2")
+		if got := get(t, cli, "/secret/a"); got != "hunter2" {
+			t.Errorf("get through the proxy: %q; want hunter2", got)
+		}
+		if got := string(stored(t, "/public/a")); got != "plain" {
+			t.Errorf("a key outside the prefixes is stored as %q; want it untouched", got)
+		}
+		r, err := cli.Get(ctx, "/public/a", clientv3.WithRange("/secret/b")) // across the prefix's edge
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := map[string]string{}
+		for _, kv := range r.Kvs {
+			got[string(kv.Key)] = string(kv.Value)
+		}
+		if got["/secret/a"] != "hunter2" || got["/public/a"] != "plain" {
+			t.Errorf("range over both: %v", got)
+		}
+		if r, err := cli.Get(ctx, "/secret/", clientv3.WithPrefix(), clientv3.WithKeysOnly()); err != nil || len(r.Kvs) == 0 {
+			t.Errorf("keys-only range: %v, %v", r, err)
+		}
+		_, err = cli.Get(ctx, "/secret/", clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByValue, clientv3.SortAscend))
+		wantCode(t, "range sorted by value", err, codes.InvalidArgument, "cannot be sorted by value")
+		if _, err := cli.Get(ctx, "/public/", clientv3.WithPrefix(), clientv3.WithSort(clientv3.SortByValue, clientv3.SortAscend)); err != nil {
+			t.Errorf("range sorted by value outside the prefixes: %v", err)
+		}
+	})
+
+	t.Run("prev-kv", func(t *testing.T) {
+		t.Parallel()
+		mustPut(t, cli, "/secret/p", "one")
+		r, err := cli.Put(ctx, "/secret/p", "two", clientv3.WithPrevKV())
+		if err != nil || r.PrevKv == nil || string(r.PrevKv.Value) != "one" {
+			t.Errorf("put with prev_kv: %v, %v; want prev value one", r, err)
+		}
+		d, err := cli.Delete(ctx, "/secret/p", clientv3.WithPrevKV())
+		if err != nil || len(d.PrevKvs) != 1 || string(d.PrevKvs[0].Value) != "two" {
+			t.Errorf("delete with prev_kv: %v, %v; want prev value two", d, err)
+		}
+	})
+
+	t.Run("txn", func(t *testing.T) {
+		t.Parallel()
+		mustPut(t, cli, "/secret/t1", "first")
+		r, err := cli.Txn(ctx).If(clientv3.Compare(clientv3.Version("/secret/t2"), "=", 0)).Then(
+			clientv3.OpPut("/secret/t2", "second"),
+			clientv3.OpGet("/secret/t1"),
+			clientv3.OpTxn(nil, []clientv3.Op{clientv3.OpGet("/secret/t2"), clientv3.OpPut("/secret/t3", "third", clientv3.WithPrevKV())}, nil),
+		).Commit()
+		if err != nil || !r.Succeeded || len(r.Responses) != 3 {
+			t.Fatalf("txn: %v, %v", r, err)
+		}
+		if kvs := r.Responses[1].GetResponseRange().Kvs; len(kvs) != 1 || string(kvs[0].Value) != "first" {
+			t.Errorf("get in the txn: %v; want first", kvs)
+		}
+		inner := r.Responses[2].GetResponseTxn()
+		if kvs := inner.GetResponses()[0].GetResponseRange().Kvs; len(kvs) != 1 || string(kvs[0].Value) != "second" {
+			t.Errorf("get in the txn in the txn: %v; want second", kvs)
+		}
+		checkStored(t, "/secret/t2", "second")
+		checkStored(t, "/secret/t3", "third")
+		_, err = cli.Txn(ctx).If(clientv3.Compare(clientv3.Value("/secret/t1"), "=", "first")).Commit()
+		wantCode(t, "compare on an encrypted value", err, codes.InvalidArgument, "cannot work on ciphertext")
+		_, err = cli.Txn(ctx).Then(clientv3.OpTxn([]clientv3.Cmp{clientv3.Compare(clientv3.Value("/secret/").WithPrefix(), ">", "a")}, nil, nil)).Commit()
+		wantCode(t, "compare on encrypted values in a txn in a txn", err, codes.InvalidArgument, "cannot work on ciphertext")
+		if _, err := cli.Txn(ctx).If(clientv3.Compare(clientv3.Value("/public/t"), "=", "x")).Commit(); err != nil {
+			t.Errorf("compare on a value outside the prefixes: %v", err)
+		}
+	})
+
+	t.Run("watch", func(t *testing.T) {
+		t.Parallel()
+		wctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		w := cli.Watch(wctx, "/secret/w/", clientv3.WithPrefix(), clientv3.WithPrevKV(), clientv3.WithCreatedNotify())
+		if r := <-w; !r.Created {
+			t.Fatalf("first watch answer: %+v", r)
+		}
+		mustPut(t, cli, "/secret/w/1", "a")
+		mustPut(t, cli, "/secret/w/1", "b")
+		if _, err := cli.Delete(ctx, "/secret/w/1"); err != nil {
+			t.Fatal(err)
+		}
+		var got []string
+		for len(got) < 3 {
+			r, ok := <-w
+			if !ok || r.Err() != nil {
+				t.Fatalf("watch ended: %v", r.Err())
+			}
+			for _, ev := range r.Events {
+				prev := ""
+				if ev.PrevKv != nil {
+					prev = string(ev.PrevKv.Value)
+				}
+				got = append(got, ev.Type.String()+" "+string(ev.Kv.Value)+" prev="+prev)
+			}
+		}
+		if want := "PUT a prev=|PUT b prev=a|DELETE  prev=b"; strings.Join(got, "|") != want {
+			t.Errorf("events %q; want %q", strings.Join(got, "|"), want)
+		}
+	})
+
+	// watch-cancel speaks the Watch protocol itself: clientv3 closes a watch canceled by the server without
+	// handing on its reason or the events queued before it.
+	t.Run("watch-cancel", func(t *testing.T) {
+		t.Parallel()
+		wctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		ws, err := pb.NewWatchClient(cli.ActiveConnection()).Watch(wctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		create := func(key string, id int64) {
+			t.Helper()
+			err := ws.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: &pb.WatchCreateRequest{
+				Key: []byte(key), RangeEnd: []byte(clientv3.GetPrefixRangeEnd(key)), WatchId: id}}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r, err := ws.Recv(); err != nil || !r.Created || r.WatchId != id {
+				t.Fatalf("create watch %d: %v, %v", id, r, err)
+			}
+		}
+		create("/vault/w/", 7)
+		// One revision, two events: the first decrypts, the second does not.
+		good, _ := ring.Encrypt([]byte("/vault/w/a"), []byte("good"))
+		if _, err := direct.Txn(ctx).Then(clientv3.OpPut("/vault/w/a", string(good)), clientv3.OpPut("/vault/w/b", "not encrypted")).Commit(); err != nil {
+			t.Fatal(err)
+		}
+		r, err := ws.Recv()
+		if err != nil || r.WatchId != 7 || len(r.Events) != 1 || string(r.Events[0].Kv.Value) != "good" {
+			t.Fatalf("first answer: %v, %v; want the event that decrypts", r, err)
+		}
+		r, err = ws.Recv()
+		if err != nil || r.WatchId != 7 || !r.Canceled || !strings.Contains(r.CancelReason, "does not decrypt; watch canceled") {
+			t.Fatalf("second answer: %v, %v; want watch 7 canceled with the reason", r, err)
+		}
+		// The upstream's watch 7 is canceled too: the ID can be used again on the stream, and the upstream's
+		// confirmation never reaches the client.
+		mustPut(t, direct, "/vault/w/c", "not encrypted either")
+		create("/secret/w2/", 7)
+		mustPut(t, cli, "/secret/w2/x", "still")
+		if r, err := ws.Recv(); err != nil || r.WatchId != 7 || r.Canceled || len(r.Events) != 1 || string(r.Events[0].Kv.Value) != "still" {
+			t.Errorf("the new watch 7 on the same stream: %v, %v", r, err)
+		}
+	})
+
+	t.Run("fail-closed", func(t *testing.T) {
+		t.Parallel()
+		mustPut(t, cli, "/vault/orig", "secret")
+		ct := stored(t, "/vault/orig")
+		tampered := bytes.Clone(ct)
+		i := len("epp:enc:v1:xchacha20poly1305:k1:") + 30 // a base64 digit of the ciphertext, changed to another
+		tampered[i] = map[bool]byte{true: 'B', false: 'A'}[tampered[i] == 'A']
+		mustPut(t, direct, "/vault/moved", string(ct))
+		mustPut(t, direct, "/vault/tampered", string(tampered))
+		mustPut(t, direct, "/vault/plain", "old")
+		for _, k := range []string{"/vault/moved", "/vault/tampered"} {
+			_, err := cli.Get(ctx, k)
+			wantCode(t, "get "+k, err, codes.DataLoss, "does not decrypt")
+			_, err = laxCli.Get(ctx, k)
+			wantCode(t, "get "+k+" with --encryption-read-plaintext", err, codes.DataLoss, "does not decrypt")
+		}
+		_, err := cli.Get(ctx, "/vault/", clientv3.WithPrefix())
+		wantCode(t, "range over bad values", err, codes.DataLoss, "does not decrypt")
+		_, err = cli.Get(ctx, "/vault/plain")
+		wantCode(t, "get plaintext", err, codes.FailedPrecondition, "is not encrypted")
+		if got := get(t, laxCli, "/vault/plain"); got != "old" {
+			t.Errorf("plaintext with --encryption-read-plaintext: %q; want old", got)
+		}
+		_, err = cli.Txn(ctx).Then(clientv3.OpPut("/vault/tx", "x"), clientv3.OpGet("/vault/moved")).Commit()
+		wantCode(t, "txn that wrote and read a bad value", err, codes.DataLoss, "the transaction was applied")
+		if got := get(t, cli, "/vault/tx"); got != "x" {
+			t.Errorf("the txn's put: %q", got)
+		}
+		// An applied write whose prev_kv does not decrypt succeeds without it.
+		r, err := cli.Put(ctx, "/vault/tampered", "new", clientv3.WithPrevKV())
+		if err != nil || r.PrevKv != nil {
+			t.Errorf("put over a tampered value with prev_kv: %v, %v; want success without prev_kv", r, err)
+		}
+		d, err := cli.Delete(ctx, "/vault/moved", clientv3.WithPrevKV())
+		if err != nil || d.Deleted != 1 || len(d.PrevKvs) != 0 {
+			t.Errorf("delete of a moved value with prev_kv: %v, %v; want 1 deleted, no prev_kvs", d, err)
+		}
+	})
+
+	t.Run("too-large", func(t *testing.T) {
+		t.Parallel()
+		big := strings.Repeat("x", 1200<<10) // etcd takes it (1.5 MiB); its base64 ciphertext is 1.6 MiB
+		_, err := cli.Put(ctx, "/vault/big", big)
+		wantCode(t, "put of a value that encryption makes too large", err, codes.InvalidArgument, "larger than the upstream accepts")
+		if _, err := cli.Put(ctx, "/spare/big", big); err != nil {
+			t.Errorf("the same value outside the prefixes: %v", err)
+		}
+	})
+
+	// etcdctl, as a user runs it: put and get, an election (Campaign stores the value under a key the member
+	// makes, name/lease), a txn comparing a value.
+	t.Run("etcdctl", func(t *testing.T) {
+		t.Parallel()
+		ctl := e.Etcdctl(3, p.Endpoint)
+		for _, c := range []struct {
+			args        []string
+			stdin       string
+			until, want string
+			exit        int
+		}{
+			{args: []string{"put", "/secret/ctl", "from etcdctl"}, want: "OK\n"},
+			{args: []string{"get", "--print-value-only", "/secret/ctl"}, want: "from etcdctl\n"},
+			{args: []string{"elect", "/secret/election", "candidate-1"}, until: "candidate-1"},
+			{args: []string{"txn"}, stdin: "val(\"/secret/ctl\") = \"from etcdctl\"\n\nput /secret/ctl x\n\n\n", exit: 1},
+		} {
+			r := ctl.RunWith(ctx, c.stdin, c.until, c.args...)
+			switch {
+			case r.Err != nil || r.Exit != c.exit:
+				t.Errorf("etcdctl %s: exit %d, %v, %q", strings.Join(c.args, " "), r.Exit, r.Err, r.Stderr)
+			case c.want != "" && r.Stdout != c.want:
+				t.Errorf("etcdctl %s: %q; want %q", strings.Join(c.args, " "), r.Stdout, c.want)
+			case c.until != "" && !strings.HasPrefix(r.Stdout, "/secret/election/") || c.exit == 1 && !strings.Contains(r.Stderr, "cannot work on ciphertext"):
+				t.Errorf("etcdctl %s: stdout %q, stderr %q", strings.Join(c.args, " "), r.Stdout, r.Stderr)
+			}
+		}
+		// etcdctl resigned when it was interrupted: the leader's key is in the history.
+		wctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		w := direct.Watch(wctx, "/secret/election/", clientv3.WithPrefix(), clientv3.WithRev(1))
+		if r := <-w; len(r.Events) == 0 || !bytes.HasPrefix(r.Events[0].Kv.Value, []byte("epp:enc:v1:")) {
+			t.Errorf("the member's election key: %v, %v; want the value encrypted", r.Events, r.Err())
+		}
+	})
+
+	t.Run("gateway", func(t *testing.T) {
+		t.Parallel()
+		b64 := base64.StdEncoding.EncodeToString
+		cl := &http.Client{Timeout: 5 * time.Second}
+		post := func(path, body string) string {
+			req, _ := http.NewRequestWithContext(ctx, http.MethodPost, p.Endpoint.URLs[0]+path, strings.NewReader(body))
+			resp, err := cl.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			var buf bytes.Buffer
+			_, _ = buf.ReadFrom(resp.Body)
+			if resp.StatusCode != http.StatusOK {
+				t.Fatalf("POST %s: %d %s", path, resp.StatusCode, buf.String())
+			}
+			return buf.String()
+		}
+		post("/v3/kv/put", `{"key":"`+b64([]byte("/secret/gw"))+`","value":"`+b64([]byte("via gateway"))+`"}`)
+		checkStored(t, "/secret/gw", "via gateway")
+		var rr struct {
+			Kvs []struct{ Value []byte } `json:"kvs"`
+		}
+		if err := json.Unmarshal([]byte(post("/v3/kv/range", `{"key":"`+b64([]byte("/secret/gw"))+`"}`)), &rr); err != nil {
+			t.Fatal(err)
+		}
+		if len(rr.Kvs) != 1 || string(rr.Kvs[0].Value) != "via gateway" {
+			t.Errorf("gateway range: %+v; want the plaintext", rr)
+		}
+	})
+}
