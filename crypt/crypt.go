@@ -139,6 +139,9 @@ type Keyring struct {
 	keys     []*Key
 	byHeader map[string]*Key // provider:name
 	identity *Key            // nil: plaintext does not read
+	// unattributed counts the failed reads that name no key of the keyring (plaintext refused, unknown key or
+	// version, malformed header).
+	unattributed atomic.Uint64
 }
 
 // NewKeyring makes a keyring of keys, the first of which encrypts. Names must differ.
@@ -205,6 +208,7 @@ type Read struct {
 func (r *Keyring) Decrypt(etcdKey, stored []byte) ([]byte, Read, error) {
 	if !bytes.HasPrefix(stored, []byte(family)) {
 		if r.identity == nil {
+			r.unattributed.Add(1)
 			return nil, Read{}, ErrNotEncrypted
 		}
 		k := r.identity
@@ -216,16 +220,19 @@ func (r *Keyring) Decrypt(etcdKey, stored []byte) ([]byte, Read, error) {
 		return stored, Read{Key: k.name, Stale: stale}, nil
 	}
 	if !bytes.HasPrefix(stored, []byte(Prefix)) {
+		r.unattributed.Add(1)
 		return nil, Read{}, fmt.Errorf("%w: unknown version", ErrMalformed)
 	}
 	rest := stored[len(Prefix):]
 	provider, rest, ok1 := bytes.Cut(rest, []byte(":"))
 	name, payload, ok2 := bytes.Cut(rest, []byte(":"))
 	if !ok1 || !ok2 {
+		r.unattributed.Add(1)
 		return nil, Read{}, fmt.Errorf("%w: want %s<provider>:<key>:<base64>", ErrMalformed, Prefix)
 	}
 	k := r.byHeader[string(provider)+":"+string(name)]
 	if k == nil || k.aead == nil {
+		r.unattributed.Add(1)
 		return nil, Read{}, fmt.Errorf("%w: %q", ErrUnknownKey, string(provider)+":"+string(name))
 	}
 	raw := make([]byte, base64.StdEncoding.DecodedLen(len(payload)))
@@ -260,6 +267,10 @@ type Stats struct {
 	Key                                       string
 	Encryptions, Decryptions, Stale, Failures uint64
 }
+
+// UnattributedFailures counts the reads that failed naming no key of the keyring: plaintext it does not read, a
+// key or version it does not know, a malformed header.
+func (r *Keyring) UnattributedFailures() uint64 { return r.unattributed.Load() }
 
 // Stats returns the counts of every key, by name.
 func (r *Keyring) Stats() []Stats {

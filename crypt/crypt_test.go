@@ -99,8 +99,8 @@ func TestFailClosed(t *testing.T) {
 			t.Errorf("%s: Decrypt = %q, %v; want nil, %v", c.name, got, err, c.want)
 		}
 	}
-	if s := r.Stats()[0]; s.Failures != 5 || s.Decryptions != 0 {
-		t.Errorf("stats %+v; want 5 failures (the values that named k1), no decryption", s)
+	if s := r.Stats()[0]; s.Failures != 5 || s.Decryptions != 0 || r.UnattributedFailures() != 6 {
+		t.Errorf("stats %+v, %d unattributed; want 5 failures (the values that named k1), no decryption, 6 others", s, r.UnattributedFailures())
 	}
 }
 

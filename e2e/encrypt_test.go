@@ -5,10 +5,12 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -55,6 +57,7 @@ func TestEncryptV3(t *testing.T) {
 			cfg.EncryptPrefixes = []string{"/secret/", "/vault/"}
 			cfg.EncryptionKeyFiles = []string{keyFile}
 			cfg.EncryptionReadPlaintext = plaintext
+			cfg.ListenMetricsURLs = []string{"http://127.0.0.1:0"}
 		}}
 	}
 	p, err := e.StartProxyProxy(ctx, c.Endpoint(), encrypting(false))
@@ -299,6 +302,23 @@ func TestEncryptV3(t *testing.T) {
 		if err != nil || d.Deleted != 1 || len(d.PrevKvs) != 0 {
 			t.Errorf("delete of a moved value with prev_kv: %v, %v; want 1 deleted, no prev_kvs", d, err)
 		}
+		// What failed is counted (other subtests add to the counts, never take from them).
+		code, metrics := do(ctx, &http.Client{Timeout: 5 * time.Second}, http.MethodGet, p.Server.MetricsURLs()[0]+"/metrics", "")
+		for series, least := range map[string]float64{
+			`etcd_proxy_proxy_encryption_values_total{key="k1",result="failed"}`:    4, // moved, tampered: by both reads
+			`etcd_proxy_proxy_encryption_values_total{key="",result="failed"}`:      1, // plaintext refused
+			`etcd_proxy_proxy_encryption_values_total{key="k1",result="encrypted"}`: 2,
+			`etcd_proxy_proxy_encryption_dropped_total{what="prev_kv"}`:             2,
+		} {
+			i := strings.Index(metrics, "\n"+series+" ")
+			var v float64
+			if i >= 0 {
+				_, _ = fmt.Sscan(metrics[i+len(series)+2:], &v)
+			}
+			if code != http.StatusOK || i < 0 || v < least {
+				t.Errorf("metrics: %s = %v (status %d); want at least %v", series, v, code, least)
+			}
+		}
 	})
 
 	t.Run("too-large", func(t *testing.T) {
@@ -376,4 +396,83 @@ func TestEncryptV3(t *testing.T) {
 			t.Errorf("gateway range: %+v; want the plaintext", rr)
 		}
 	})
+}
+
+// BenchmarkEncryptV3: put and range of 1 KiB values through a proxy with --encrypt-prefix and through one
+// without, 16 clients at a time, against one member; batches of the two alternate, so that the machine's other
+// load falls on both alike. It reports each one's operations per second and their ratio
+// (go test -run '^$' -bench EncryptV3 -benchtime 1x ./e2e/).
+func BenchmarkEncryptV3(b *testing.B) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	e := harness.NewTestEnv(b)
+	c, err := e.StartCluster(ctx, harness.WithMembers(1))
+	if err != nil {
+		b.Fatal(err)
+	}
+	keyFile := filepath.Join(b.TempDir(), "k1.key")
+	data, _ := crypt.GenerateKeyFile("k1")
+	if err := os.WriteFile(keyFile, data, 0o600); err != nil {
+		b.Fatal(err)
+	}
+	value := strings.Repeat("v", 1024)
+	modes := []string{"plain", "encrypted"}
+	clients := map[string]*clientv3.Client{}
+	for _, mode := range modes {
+		p, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
+			if mode == "encrypted" {
+				cfg.EncryptPrefixes, cfg.EncryptionKeyFiles = []string{"/bench/"}, []string{keyFile}
+			}
+		}})
+		if err != nil {
+			b.Fatal(err)
+		}
+		cli, err := clientv3.New(clientv3.Config{Endpoints: p.Endpoint.URLs, Logger: zap.NewNop()})
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer cli.Close()
+		if _, err := cli.Put(ctx, "/bench/"+mode, value); err != nil {
+			b.Fatal(err)
+		}
+		clients[mode] = cli
+	}
+	const clientsAtOnce, batch, rounds = 16, 400, 10
+	for _, op := range []string{"put", "range"} {
+		b.Run(op, func(b *testing.B) {
+			for range b.N {
+				took := map[string]time.Duration{}
+				for r := range rounds {
+					for i := range modes {
+						mode := modes[(i+r)%2]
+						cli := clients[mode]
+						start := time.Now()
+						var wg sync.WaitGroup
+						for range clientsAtOnce {
+							wg.Go(func() {
+								for range batch / clientsAtOnce {
+									var err error
+									if op == "put" {
+										_, err = cli.Put(ctx, "/bench/"+mode, value)
+									} else {
+										_, err = cli.Get(ctx, "/bench/"+mode)
+									}
+									if err != nil {
+										b.Error(err)
+										return
+									}
+								}
+							})
+						}
+						wg.Wait()
+						took[mode] += time.Since(start)
+					}
+				}
+				n := float64(batch * rounds)
+				b.ReportMetric(n/took["plain"].Seconds(), "plain-ops/s")
+				b.ReportMetric(n/took["encrypted"].Seconds(), "encrypted-ops/s")
+				b.ReportMetric(took["plain"].Seconds()/took["encrypted"].Seconds(), "encrypted/plain")
+			}
+		})
+	}
 }

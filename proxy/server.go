@@ -97,6 +97,9 @@ func New(cfg Config, opts ...Option) (*Server, error) {
 	if s.buildRules != nil {
 		rs = s.buildRules(rs, s.self)
 	}
+	if e := encryptRuleOf(rs); e != nil && e.Keys != nil {
+		s.ops.m.reg.MustRegister(encryptionCollector{keys: e.Keys, rule: e})
+	}
 	rs = s.ops.m.countRules(rs) // etcd_proxy_proxy_rule_actions_total
 	fwd, err := newForwarder(&s.cfg, rs, s.log, forwarderOps{m: s.ops.m, access: s.ops.access,
 		upstreamTLS: s.ops.certs.upstreamTLS()})
