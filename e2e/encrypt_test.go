@@ -20,6 +20,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/cli"
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/crypt"
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
@@ -475,4 +476,133 @@ func BenchmarkEncryptV3(b *testing.B) {
 			}
 		})
 	}
+}
+
+// TestEncryptRotation: a new key goes in first with the old one behind it; rewrap re-encrypts every stale value
+// (the old key's, and plaintext) with the new key while a writer keeps writing, leases kept; then the old key
+// can go: everything reads with the new key alone, and every write the writer made is there.
+func TestEncryptRotation(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 60*time.Second)
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx, harness.WithMembers(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	keyFiles := map[string]string{}
+	for _, name := range []string{"old", "new"} {
+		keyFiles[name] = filepath.Join(dir, name+".key")
+		if code, out, errOut := runCLI("keygen", "--out", keyFiles[name], "--name", name); code != 0 {
+			t.Fatalf("keygen: %d %s %s", code, out, errOut)
+		}
+	}
+	connect := func(files []string, plaintext bool) *clientv3.Client {
+		t.Helper()
+		p, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
+			cfg.EncryptPrefixes, cfg.EncryptionKeyFiles, cfg.EncryptionReadPlaintext = []string{"/r/"}, files, plaintext
+		}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cl, err := clientv3.New(clientv3.Config{Endpoints: p.Endpoint.URLs, Logger: zap.NewNop()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = cl.Close() })
+		return cl
+	}
+	direct, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer direct.Close()
+
+	const n = 60
+	want := map[string]string{"/r/plain": "plain", "/r/leased": "leased"}
+	oldCli := connect([]string{keyFiles["old"]}, false)
+	for i := range n {
+		k := fmt.Sprintf("/r/%02d", i)
+		want[k] = "v" + k
+		if _, err := oldCli.Put(ctx, k, want[k]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	lease, err := direct.Grant(ctx, 600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := oldCli.Put(ctx, "/r/leased", "leased", clientv3.WithLease(lease.ID)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := direct.Put(ctx, "/r/plain", "plain"); err != nil {
+		t.Fatal(err)
+	}
+	rewrapArgs := []string{"rewrap", "--upstream", c.Endpoint().URLs[0], "--prefix", "/r/", "--encryption-key-file", keyFiles["new"],
+		"--encryption-key-file", keyFiles["old"], "--encryption-read-plaintext"}
+	code, out, errOut := runCLI(append(rewrapArgs, "--dry-run")...)
+	if code != 0 || !strings.Contains(out, fmt.Sprintf("scanned %d, stale %d, would rewrap (dry run) %d,", n+2, n+2, n+2)) {
+		t.Errorf("dry run: exit %d, %q, %q", code, out, errOut)
+	}
+
+	// The new key encrypts everywhere now; a writer goes on through it while rewrap runs.
+	newCli := connect([]string{keyFiles["new"], keyFiles["old"]}, true)
+	stop := make(chan struct{})
+	writerDone := make(chan map[string]string)
+	go func() {
+		wrote := map[string]string{}
+		for round := 0; ; round++ {
+			for i := 0; i < n; i += 3 {
+				select {
+				case <-stop:
+					writerDone <- wrote
+					return
+				default:
+				}
+				k, v := fmt.Sprintf("/r/%02d", i), fmt.Sprintf("w%d", round)
+				if _, err := newCli.Put(ctx, k, v); err == nil {
+					wrote[k] = v
+				}
+			}
+		}
+	}()
+	code, out, errOut = runCLI(rewrapArgs...)
+	close(stop)
+	for k, v := range <-writerDone {
+		want[k] = v
+	}
+	if code != 0 || !strings.Contains(out, "failed to decrypt 0") {
+		t.Fatalf("rewrap: exit %d, %q, %q", code, out, errOut)
+	}
+	t.Logf("rewrap: %s", strings.TrimSpace(out))
+
+	r, err := direct.Get(ctx, "/r/", clientv3.WithPrefix())
+	if err != nil || len(r.Kvs) != len(want) {
+		t.Fatalf("member: %d keys, %v; want %d", len(r.Kvs), err, len(want))
+	}
+	for _, kv := range r.Kvs {
+		if !bytes.HasPrefix(kv.Value, []byte("epp:enc:v1:xchacha20poly1305:new:")) {
+			t.Errorf("%s stored as %.40q after rewrap; want the new key's", kv.Key, kv.Value)
+		}
+		if string(kv.Key) == "/r/leased" && clientv3.LeaseID(kv.Lease) != lease.ID {
+			t.Errorf("/r/leased lost its lease: %x, want %x", kv.Lease, lease.ID)
+		}
+	}
+	onlyNew := connect([]string{keyFiles["new"]}, false)
+	r, err = onlyNew.Get(ctx, "/r/", clientv3.WithPrefix())
+	if err != nil {
+		t.Fatalf("read with the new key alone: %v", err)
+	}
+	for _, kv := range r.Kvs {
+		if want[string(kv.Key)] != string(kv.Value) {
+			t.Errorf("%s = %q; want %q (a write lost?)", kv.Key, kv.Value, want[string(kv.Key)])
+		}
+	}
+}
+
+// runCLI runs the etcd-proxy-proxy command in process.
+func runCLI(args ...string) (int, string, string) {
+	var out, errOut bytes.Buffer
+	code := cli.Main(append([]string{"etcd-proxy-proxy"}, args...), &out, &errOut)
+	return code, out.String(), errOut.String()
 }
