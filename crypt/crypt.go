@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path"
 	"regexp"
 	"sort"
 	"strings"
@@ -31,6 +32,8 @@ const (
 	family = "epp:enc:"
 	// XChaCha is the provider of XChaCha20-Poly1305 keys.
 	XChaCha = "xchacha20poly1305"
+	// ParentSuffix flags, after the provider, a value bound to the parent of its key (EncryptInDir).
+	ParentSuffix = "-parent"
 	// Identity is the provider that stores values as they are.
 	Identity = "identity"
 	// KeySize is the size of a key's secret.
@@ -62,9 +65,10 @@ type Key struct {
 		Seal(dst, nonce, plaintext, ad []byte) []byte
 		Open(dst, nonce, ciphertext, ad []byte) ([]byte, error)
 	}
-	// header is Prefix + provider + ":" + name + ":", what every value it encrypts starts with.
-	header string
-	stats  keyStats
+	// header is Prefix + provider + ":" + name + ":", what every value it encrypts starts with; parentHeader
+	// the same with ParentSuffix.
+	header, parentHeader string
+	stats                keyStats
 }
 
 // keyStats counts what a key did.
@@ -82,7 +86,8 @@ func NewKey(name string, secret []byte) (*Key, error) {
 	if err != nil {
 		return nil, fmt.Errorf("key %s: want %d bytes, got %d", name, KeySize, len(secret))
 	}
-	return &Key{name: name, provider: XChaCha, aead: aead, header: Prefix + XChaCha + ":" + name + ":"}, nil
+	return &Key{name: name, provider: XChaCha, aead: aead, header: Prefix + XChaCha + ":" + name + ":",
+		parentHeader: Prefix + XChaCha + ParentSuffix + ":" + name + ":"}, nil
 }
 
 // IdentityKey is the identity provider.
@@ -169,20 +174,35 @@ func (r *Keyring) Keys() []*Key { return r.keys }
 // Encrypt returns what is stored for plaintext under the etcd key etcdKey (v3: the key's bytes; v2: the
 // node's path).
 func (r *Keyring) Encrypt(etcdKey, plaintext []byte) ([]byte, error) {
+	return r.seal(etcdKey, plaintext, false)
+}
+
+// EncryptInDir returns what is stored for plaintext under a key of the v2 directory dir that is not known yet
+// (an in-order create, POST, which the member names): the value is bound to dir, flagged with ParentSuffix, and
+// decrypts under any key of dir (path.Dir of the key).
+func (r *Keyring) EncryptInDir(dir, plaintext []byte) ([]byte, error) {
+	return r.seal(dir, plaintext, true)
+}
+
+func (r *Keyring) seal(ad, plaintext []byte, parent bool) ([]byte, error) {
 	k := r.keys[0]
 	k.stats.encryptions.Add(1)
 	if k.aead == nil {
 		return plaintext, nil
+	}
+	header := k.header
+	if parent {
+		header = k.parentHeader
 	}
 	raw := make([]byte, chacha20poly1305.NonceSizeX, Overhead+len(plaintext))
 	if _, err := rand.Read(raw); err != nil {
 		k.stats.failures.Add(1)
 		return nil, fmt.Errorf("nonce: %w", err)
 	}
-	raw = k.aead.Seal(raw, raw, plaintext, etcdKey)
-	out := make([]byte, len(k.header)+base64.StdEncoding.EncodedLen(len(raw)))
-	copy(out, k.header)
-	base64.StdEncoding.Encode(out[len(k.header):], raw)
+	raw = k.aead.Seal(raw, raw, plaintext, ad)
+	out := make([]byte, len(header)+base64.StdEncoding.EncodedLen(len(raw)))
+	copy(out, header)
+	base64.StdEncoding.Encode(out[len(header):], raw)
 	return out, nil
 }
 
@@ -230,6 +250,10 @@ func (r *Keyring) Decrypt(etcdKey, stored []byte) ([]byte, Read, error) {
 		r.unattributed.Add(1)
 		return nil, Read{}, fmt.Errorf("%w: want %s<provider>:<key>:<base64>", ErrMalformed, Prefix)
 	}
+	ad := etcdKey
+	if p, ok := bytes.CutSuffix(provider, []byte(ParentSuffix)); ok {
+		provider, ad = p, []byte(path.Dir(string(etcdKey)))
+	}
 	k := r.byHeader[string(provider)+":"+string(name)]
 	if k == nil || k.aead == nil {
 		r.unattributed.Add(1)
@@ -243,7 +267,7 @@ func (r *Keyring) Decrypt(etcdKey, stored []byte) ([]byte, Read, error) {
 	}
 	raw = raw[:n]
 	nonce, ct := raw[:chacha20poly1305.NonceSizeX], raw[chacha20poly1305.NonceSizeX:]
-	plain, err := k.aead.Open(ct[:0], nonce, ct, etcdKey)
+	plain, err := k.aead.Open(ct[:0], nonce, ct, ad)
 	if err != nil {
 		k.stats.failures.Add(1)
 		return nil, Read{}, ErrAuth

@@ -193,3 +193,29 @@ func BenchmarkDecrypt1KiB(b *testing.B) {
 		}
 	}
 }
+
+// TestEncryptInDir: a value bound to a v2 directory (an in-order create) decrypts under any key of it, and under
+// no other; the flag cannot be added to a value bound to its own key.
+func TestEncryptInDir(t *testing.T) {
+	t.Parallel()
+	r := newRing(t, newKey(t, "k1", 1))
+	stored, err := r.EncryptInDir([]byte("/queue"), []byte("job"))
+	if err != nil || !strings.HasPrefix(string(stored), "epp:enc:v1:xchacha20poly1305-parent:k1:") {
+		t.Fatalf("EncryptInDir = %q, %v", stored, err)
+	}
+	for _, k := range []string{"/queue/00000000000000000012", "/queue/other"} {
+		if v, _, err := r.Decrypt([]byte(k), stored); err != nil || string(v) != "job" {
+			t.Errorf("under %s: %q, %v; want job", k, v, err)
+		}
+	}
+	for _, k := range []string{"/queue", "/elsewhere/1", "/queue/a/b"} {
+		if _, _, err := r.Decrypt([]byte(k), stored); !errors.Is(err, crypt.ErrAuth) {
+			t.Errorf("under %s: %v; want ErrAuth", k, err)
+		}
+	}
+	own, _ := r.Encrypt([]byte("/queue/1"), []byte("v"))
+	flagged := strings.Replace(string(own), "xchacha20poly1305:", "xchacha20poly1305-parent:", 1)
+	if _, _, err := r.Decrypt([]byte("/queue/1"), []byte(flagged)); !errors.Is(err, crypt.ErrAuth) {
+		t.Errorf("a value bound to its key, flagged as bound to its directory: %v; want ErrAuth", err)
+	}
+}

@@ -13,6 +13,8 @@ func FuzzDecrypt(f *testing.F) {
 	k := newKey(f, "k1", 1)
 	strict, lax := newRing(f, k), newRing(f, k, crypt.IdentityKey())
 	good, _ := strict.Encrypt([]byte("/a"), []byte("value"))
+	inDir, _ := strict.EncryptInDir([]byte("/"), []byte("value"))
+	f.Add([]byte("/a"), inDir)
 	for _, s := range [][]byte{good, []byte("plain"), []byte("epp:enc:v1:xchacha20poly1305:k1:"),
 		[]byte("epp:enc:v1:xchacha20poly1305:k1:====="), []byte("epp:enc:v1::"), []byte("epp:enc:")} {
 		f.Add([]byte("/a"), s)

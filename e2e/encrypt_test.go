@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -605,4 +606,162 @@ func runCLI(args ...string) (int, string, string) {
 	var out, errOut bytes.Buffer
 	code := cli.Main(append([]string{"etcd-proxy-proxy"}, args...), &out, &errOut)
 	return code, out.String(), errOut.String()
+}
+
+// TestEncryptV2: the v2 half. A member stores what is written under an encrypted prefix as ciphertext bound to
+// the node's path (an in-order create: to its directory); get, a recursive listing, prevNode and watches, one
+// event and stream=true alike, give the plaintext; a value moved to another path fails; prevValue is refused.
+func TestEncryptV2(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 60*time.Second)
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx, harness.WithMembers(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyFile := filepath.Join(t.TempDir(), "k1.key")
+	if code, out, errOut := runCLI("keygen", "--out", keyFile, "--name", "k1"); code != 0 {
+		t.Fatalf("keygen: %d %s %s", code, out, errOut)
+	}
+	p, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
+		cfg.EncryptPrefixes, cfg.EncryptionKeyFiles = []string{"/secret/"}, []string{keyFile}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl := &http.Client{Timeout: 10 * time.Second}
+	via, member := p.Endpoint.URLs[0]+"/v2/keys", c.Members[0].ClientURL+"/v2/keys"
+	type node struct {
+		Key   string  `json:"key"`
+		Value *string `json:"value"`
+		Nodes []node  `json:"nodes"`
+	}
+	type event struct {
+		Action   string `json:"action"`
+		Node     *node  `json:"node"`
+		PrevNode *node  `json:"prevNode"`
+		Message  string `json:"message"`
+	}
+	call := func(t *testing.T, method, u, body string) (int, event, string) {
+		t.Helper()
+		code, b := do(ctx, cl, method, u, body)
+		var ev event
+		_ = json.Unmarshal([]byte(b), &ev)
+		return code, ev, b
+	}
+	value := func(n *node) string {
+		if n == nil || n.Value == nil {
+			return "<none>"
+		}
+		return *n.Value
+	}
+
+	if code, ev, b := call(t, http.MethodPut, via+"/secret/a", "value=hunter2"); code != http.StatusCreated || value(ev.Node) != "hunter2" {
+		t.Fatalf("PUT through the proxy: %d %s", code, b)
+	}
+	_, stored, b := call(t, http.MethodGet, member+"/secret/a", "")
+	if !strings.HasPrefix(value(stored.Node), "epp:enc:v1:xchacha20poly1305:k1:") {
+		t.Fatalf("the member stores %s", b)
+	}
+	if _, ev, b := call(t, http.MethodGet, via+"/secret/a", ""); value(ev.Node) != "hunter2" {
+		t.Errorf("GET through the proxy: %s", b)
+	}
+	if code, ev, b := call(t, http.MethodPut, via+"/secret/a?value=again&prevExist=true", ""); code != http.StatusOK ||
+		value(ev.Node) != "again" || value(ev.PrevNode) != "hunter2" {
+		t.Errorf("PUT with the value in the query: %d %s; want again, prevNode hunter2", code, b)
+	}
+	if _, ev, b := call(t, http.MethodPut, via+"/public/a", "value=plain"); value(ev.Node) != "plain" {
+		t.Errorf("PUT outside the prefix: %s", b)
+	}
+	if _, ev, _ := call(t, http.MethodGet, member+"/public/a", ""); value(ev.Node) != "plain" {
+		t.Errorf("a value outside the prefix is stored as %q", value(ev.Node))
+	}
+	if code, ev, b := call(t, http.MethodPost, via+"/secret/queue", "value=job"); code != http.StatusCreated || value(ev.Node) != "job" {
+		t.Errorf("in-order POST: %d %s", code, b)
+	}
+	_, ev, b := call(t, http.MethodGet, via+"/?recursive=true", "")
+	got := map[string]string{}
+	var walk func(n *node)
+	walk = func(n *node) {
+		if n.Value != nil {
+			got[n.Key] = *n.Value
+		}
+		for i := range n.Nodes {
+			walk(&n.Nodes[i])
+		}
+	}
+	if ev.Node != nil {
+		walk(ev.Node)
+	}
+	if got["/secret/a"] != "again" || got["/public/a"] != "plain" || len(got) != 3 {
+		t.Errorf("recursive listing: %v (%s)", got, b)
+	}
+	for k, v := range got {
+		if strings.HasPrefix(k, "/secret/queue/") && v != "job" {
+			t.Errorf("in-order key %s = %q; want job", k, v)
+		}
+	}
+
+	if code, _, b := call(t, http.MethodPut, via+"/secret/a", "value=x&prevValue=again"); code != http.StatusBadRequest ||
+		!strings.Contains(b, "prevValue cannot be compared") {
+		t.Errorf("prevValue: %d %s; want 400", code, b)
+	}
+	if _, ev, _ := call(t, http.MethodGet, via+"/secret/a", ""); value(ev.Node) != "again" {
+		t.Errorf("after a refused prevValue: %q; want it unchanged", value(ev.Node))
+	}
+	// A ciphertext moved to another path, and plaintext, fail; a write over one succeeds without prevNode.
+	if code, _, b := call(t, http.MethodPut, member+"/secret/moved", "value="+url.QueryEscape(value(stored.Node))); code != http.StatusCreated {
+		t.Fatalf("PUT on the member: %d %s", code, b)
+	}
+	if code, _, b := call(t, http.MethodGet, via+"/secret/moved", ""); code != http.StatusInternalServerError || !strings.Contains(b, "does not decrypt") {
+		t.Errorf("GET of a moved value: %d %s; want 500, does not decrypt", code, b)
+	}
+	if code, ev, b := call(t, http.MethodPut, via+"/secret/moved", "value=new"); code != http.StatusOK || value(ev.Node) != "new" || ev.PrevNode != nil {
+		t.Errorf("PUT over a moved value: %d %s; want success without prevNode", code, b)
+	}
+
+	// Watches: one event, and a stream whose events arrive one by one as they happen.
+	done := make(chan string, 1)
+	go func() {
+		_, b := do(ctx, cl, http.MethodGet, via+"/secret/w?wait=true", "")
+		done <- b
+	}()
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(sctx, http.MethodGet, via+"/secret/?wait=true&recursive=true&stream=true", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	dec := json.NewDecoder(resp.Body)
+	for i, v := range []string{"first", "second"} {
+		if i == 0 {
+			// The one-event watch must be in place before the first write: write until it has fired.
+			eventually(t, ctx, "the one-event watch fires", func() (bool, string) {
+				if code, _, b := call(t, http.MethodPut, via+"/secret/w", "value="+v); code >= 300 {
+					return false, b
+				}
+				select {
+				case b := <-done:
+					done <- b
+					return true, ""
+				default:
+					return false, "no event yet"
+				}
+			})
+		} else if code, _, b := call(t, http.MethodPut, via+"/secret/w", "value="+v); code >= 300 {
+			t.Fatal(b)
+		}
+		var ev event
+		for ev.Node == nil || ev.Node.Key != "/secret/w" || value(ev.Node) != v {
+			ev = event{}
+			if err := dec.Decode(&ev); err != nil {
+				t.Fatalf("stream: %v", err)
+			}
+		}
+	}
+	if b := <-done; !strings.Contains(b, `"value":"first"`) {
+		t.Errorf("one-event watch: %s", b)
+	}
 }

@@ -46,7 +46,7 @@ var encryptMessages = []string{msgEncCompareValue, msgEncSortValue, msgEncTooLar
 // Encrypt encrypts the values of the keys under Prefixes on their way up and decrypts them on their way back,
 // with the etcd key as the associated data (crypt): v3's Put, Range, DeleteRange's prev_kvs, Txn to any depth,
 // Watch events, the values of elections (Campaign, Proclaim, Leader, Observe), and the JSON gateway, which comes
-// through the same path. Keys are never encrypted.
+// through the same path; and v2 keys (encrypt_v2.go). Keys are never encrypted.
 //
 // It fails closed: a value that does not decrypt is an error for the read (gRPC DataLoss; FailedPrecondition for
 // plaintext the keyring does not read), never an empty or raw value; an applied write whose answer carries a
@@ -55,7 +55,6 @@ var encryptMessages = []string{msgEncCompareValue, msgEncSortValue, msgEncTooLar
 // refused: a Compare on the value of an encrypted key, a Range sorted by value over an encrypted prefix; and
 // so is a write whose encrypted values would make it larger than the upstream accepts.
 type Encrypt struct {
-	Passthrough // v2 is not covered yet
 	// Prefixes are the key prefixes whose values are encrypted; none turns the rule off.
 	Prefixes []string
 	// Keys encrypt (the first) and decrypt (all); required with Prefixes.

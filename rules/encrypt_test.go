@@ -3,6 +3,11 @@ package rules
 import (
 	"bytes"
 	"context"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -245,5 +250,77 @@ func TestEncryptWatchCancel(t *testing.T) {
 	}
 	if e.WatchesCanceled() != 1 {
 		t.Errorf("WatchesCanceled = %d; want 1", e.WatchesCanceled())
+	}
+}
+
+// TestEncryptV2Stream: a stream=true watch is decrypted an event per Read, so that each is flushed as it comes;
+// etcd's error objects pass as they are; an event that does not decrypt ends the stream with an error object.
+func TestEncryptV2Stream(t *testing.T) {
+	t.Parallel()
+	e, ring := testEncrypt(t)
+	good := string(enc(t, ring, "/s/a", "one"))
+	pr, pw := io.Pipe()
+	req := httptest.NewRequest(http.MethodGet, "/v2/keys/s/?wait=true&recursive=true&stream=true", nil)
+	resp := &http.Response{StatusCode: http.StatusOK, Header: http.Header{}, Body: pr, ContentLength: -1, Request: req}
+	if fn, err := e.Response(resp); fn != nil || err != nil {
+		t.Fatalf("Response = %v, %v; want the body wrapped, not claimed", fn, err)
+	}
+	write := func(s string) {
+		go func() { _, _ = io.WriteString(pw, s) }()
+	}
+	read := func() string {
+		b := make([]byte, 64<<10)
+		n, err := resp.Body.Read(b)
+		if err != nil {
+			t.Fatalf("read: %v", err)
+		}
+		return string(b[:n])
+	}
+	write(`{"action":"set","node":{"key":"/s/a","value":` + strconv.Quote(good) + `,"modifiedIndex":5,"createdIndex":5}}` + "\n")
+	if got := read(); got != `{"action":"set","node":{"key":"/s/a","value":"one","modifiedIndex":5,"createdIndex":5}}`+"\n" {
+		t.Errorf("first event: %s", got)
+	}
+	write(`{"errorCode":401,"message":"The event in requested index is outdated and cleared","index":9}` + "\n")
+	if got := read(); !strings.HasPrefix(got, `{"errorCode":401`) {
+		t.Errorf("an error object: %s", got)
+	}
+	write(`{"action":"set","node":{"key":"/s/b","value":"plain","modifiedIndex":6,"createdIndex":6}}` + "\n")
+	if got := read(); !strings.Contains(got, msgEncWatch) {
+		t.Errorf("an event that does not decrypt: %s; want the error object", got)
+	}
+	if n, err := resp.Body.Read(make([]byte, 10)); n != 0 || err != io.EOF {
+		t.Errorf("after the error: %d, %v; want the stream ended", n, err)
+	}
+	_ = resp.Body.Close()
+}
+
+// TestEncryptV2Requests: prevValue is refused under an encrypted prefix (query or form) and passes elsewhere; an
+// in-order create is bound to its directory.
+func TestEncryptV2Requests(t *testing.T) {
+	t.Parallel()
+	e, ring := testEncrypt(t)
+	form := func(method, target, body string) *http.Request {
+		r := httptest.NewRequest(method, target, strings.NewReader(body))
+		r.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		return r
+	}
+	for _, r := range []*http.Request{form(http.MethodPut, "/v2/keys/s/a?prevValue=x", "value=y"),
+		form(http.MethodPut, "/v2/keys/s/a", "value=y&prevValue=x"), form(http.MethodDelete, "/v2/keys/s/a?prevValue=x", "")} {
+		if reply, err := e.Request(r); err != nil || reply == nil || reply.StatusCode != http.StatusBadRequest {
+			t.Errorf("%s %s: %v, %v; want 400", r.Method, r.URL, reply, err)
+		}
+	}
+	if reply, err := e.Request(form(http.MethodPut, "/v2/keys/t/a?prevValue=x", "value=y")); reply != nil || err != nil {
+		t.Errorf("prevValue outside the prefix: %v, %v", reply, err)
+	}
+	r := form(http.MethodPost, "/v2/keys/s", "value=job")
+	if reply, err := e.Request(r); reply != nil || err != nil {
+		t.Fatalf("POST: %v, %v", reply, err)
+	}
+	b, _ := io.ReadAll(r.Body)
+	vs, _ := url.ParseQuery(string(b))
+	if v, _, err := ring.Decrypt([]byte("/s/00000000000000000007"), []byte(vs.Get("value"))); err != nil || string(v) != "job" ||
+		r.ContentLength != int64(len(b)) {
+		t.Errorf("POSTed value %q: %q, %v; want it bound to the directory", vs.Get("value"), v, err)
 	}
 }
