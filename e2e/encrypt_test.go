@@ -283,7 +283,7 @@ func TestEncryptV3(t *testing.T) {
 			_, err = laxCli.Get(ctx, k)
 			wantCode(t, "get "+k+" with --encryption-read-plaintext", err, codes.DataLoss, "does not decrypt")
 		}
-		_, err := cli.Get(ctx, "/vault/", clientv3.WithPrefix())
+		_, err := cli.Get(ctx, "/vault/moved", clientv3.WithRange("/vault/orig\x00")) // a bad value and a good one
 		wantCode(t, "range over bad values", err, codes.DataLoss, "does not decrypt")
 		_, err = cli.Get(ctx, "/vault/plain")
 		wantCode(t, "get plaintext", err, codes.FailedPrecondition, "is not encrypted")
@@ -321,6 +321,26 @@ func TestEncryptV3(t *testing.T) {
 				t.Errorf("metrics: %s = %v (status %d); want at least %v", series, v, code, least)
 			}
 		}
+	})
+
+	// A proxy-proxy above passes the encrypting one's refusals and failures on as they are (it withholds texts it
+	// does not know).
+	t.Run("chain", func(t *testing.T) {
+		t.Parallel()
+		top, err := e.StartProxyProxy(ctx, p.Endpoint, harness.ProxyProxyHop{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cl := client(top.Endpoint)
+		mustPut(t, cl, "/secret/chain", "through two")
+		if got := get(t, cl, "/secret/chain"); got != "through two" {
+			t.Errorf("get through the chain: %q", got)
+		}
+		_, err = cl.Txn(ctx).If(clientv3.Compare(clientv3.Value("/secret/chain"), "=", "x")).Commit()
+		wantCode(t, "compare on value through the chain", err, codes.InvalidArgument, "cannot work on ciphertext")
+		mustPut(t, direct, "/vault/zz-chain-plain", "plain")
+		_, err = cl.Get(ctx, "/vault/zz-chain-plain")
+		wantCode(t, "plaintext through the chain", err, codes.FailedPrecondition, "is not encrypted")
 	})
 
 	t.Run("too-large", func(t *testing.T) {
