@@ -785,3 +785,113 @@ func TestEncryptV2(t *testing.T) {
 		t.Errorf("one-event watch: %s", b)
 	}
 }
+
+// TestEncryptConfig: --encryption-config gives each set of prefixes its keyring; a change of the file is picked
+// up while the proxy runs (a new key first: new writes take it, old values still read), and a broken file keeps
+// the keys loaded before.
+func TestEncryptConfig(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 60*time.Second)
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx, harness.WithMembers(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	keyFile := func(name string) string {
+		f := filepath.Join(dir, name+".key")
+		if code, out, errOut := runCLI("keygen", "--out", f, "--name", name); code != 0 {
+			t.Fatalf("keygen: %d %s %s", code, out, errOut)
+		}
+		return f
+	}
+	ka, kb, kc := keyFile("a"), keyFile("b"), keyFile("c")
+	conf := filepath.Join(dir, "encryption.yaml")
+	write := func(s string) {
+		t.Helper()
+		if err := os.WriteFile(conf, []byte(s), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("resources:\n- prefixes: [/a/]\n  providers: [{keyFile: " + ka + "}]\n" +
+		"- prefixes: [/b/, /a/b/]\n  providers: [{keyFile: " + kb + "}, {identity: {}}]\n")
+	p, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
+		cfg.EncryptionConfig = conf
+		cfg.CertReloadInterval = 50 * time.Millisecond
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: p.Endpoint.URLs, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	direct, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer direct.Close()
+	keyOf := func(k string) string {
+		t.Helper()
+		r, err := direct.Get(ctx, k)
+		if err != nil || len(r.Kvs) != 1 {
+			t.Fatalf("member's %s: %v", k, err)
+		}
+		v := string(r.Kvs[0].Value)
+		if !strings.HasPrefix(v, "epp:enc:v1:") {
+			return "plaintext"
+		}
+		return strings.Split(v, ":")[4]
+	}
+	put := func(k, v string) {
+		t.Helper()
+		if _, err := cli.Put(ctx, k, v); err != nil {
+			t.Fatalf("put %s: %v", k, err)
+		}
+	}
+	get := func(k string) (string, error) {
+		r, err := cli.Get(ctx, k)
+		if err != nil || len(r.Kvs) != 1 {
+			return "", fmt.Errorf("get %s: %v", k, err)
+		}
+		return string(r.Kvs[0].Value), nil
+	}
+	put("/a/x", "1")
+	put("/a/b/x", "2") // the longest prefix decides
+	put("/b/x", "3")
+	if _, err := direct.Put(ctx, "/b/plain", "p"); err != nil {
+		t.Fatal(err)
+	}
+	for k, want := range map[string]string{"/a/x": "a", "/a/b/x": "b", "/b/x": "b"} {
+		if got := keyOf(k); got != want {
+			t.Errorf("%s stored with key %s; want %s", k, got, want)
+		}
+	}
+	if v, err := get("/b/plain"); err != nil || v != "p" {
+		t.Errorf("plaintext under an identity provider: %q, %v", v, err)
+	}
+
+	// Rotation of /a/: c first, a behind it.
+	write("resources:\n- prefixes: [/a/]\n  providers: [{keyFile: " + kc + "}, {keyFile: " + ka + "}]\n")
+	eventually(t, ctx, "the new configuration is used", func() (bool, string) {
+		put("/a/y", "4")
+		k := keyOf("/a/y")
+		return k == "c", "stored with " + k
+	})
+	if v, err := get("/a/x"); err != nil || v != "1" {
+		t.Errorf("a value of the old key after the rotation: %q, %v", v, err)
+	}
+	if v, err := get("/b/x"); err != nil || !strings.HasPrefix(v, "epp:enc:v1:xchacha20poly1305:b:") {
+		t.Errorf("/b/ out of the configuration: %.40q, %v; want it passed as stored", v, err)
+	}
+	// A broken file: the keys loaded before stay.
+	write("resources: [oops\n")
+	if err := p.Server.ReloadCertificates(); err == nil || !strings.Contains(err.Error(), "encryption-config") {
+		t.Errorf("reload of a broken file: %v", err)
+	}
+	put("/a/z", "5")
+	if k := keyOf("/a/z"); k != "c" {
+		t.Errorf("after a failed reload /a/z is stored with %s; want c, as before", k)
+	}
+}

@@ -165,6 +165,10 @@ type Config struct {
 	// EncryptionReadPlaintext reads a value under EncryptPrefixes that is not encrypted as it is (counted as
 	// stale), to turn encryption on over existing data; false makes it an error.
 	EncryptionReadPlaintext bool
+	// EncryptionConfig is a file (YAML or JSON) of key prefixes each with its ordered providers (key files,
+	// identity), the general case of EncryptPrefixes and EncryptionKeyFiles, which it excludes; reloaded on
+	// SIGHUP and when it or its key files change. Empty means none.
+	EncryptionConfig string
 	// EncryptionMaxRequestBytes is the members' --max-request-bytes: a write that encryption would make larger
 	// is refused. Zero means rules.DefaultEncryptMaxRequestBytes (etcd's default, 1.5 MiB).
 	EncryptionMaxRequestBytes int64
@@ -336,6 +340,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	}
 	fs.Var(repeatFlag{&c.EncryptPrefixes}, "encrypt-prefix", "store the values of the keys under this prefix encrypted (repeatable; needs --encryption-key-file)")
 	fs.Var(repeatFlag{&c.EncryptionKeyFiles}, "encryption-key-file", "file of an encryption key, <name>:<base64 of 32 bytes> as keygen writes it (repeatable: the first encrypts, all decrypt)")
+	fs.StringVar(&c.EncryptionConfig, "encryption-config", "", "file (YAML or JSON) of key prefixes, each with its ordered providers (keyFile, identity); instead of --encrypt-prefix and --encryption-key-file; reloaded on SIGHUP and when it or its key files change")
 	fs.BoolVar(&c.EncryptionReadPlaintext, "encryption-read-plaintext", false, "read a value under --encrypt-prefix that is not encrypted as it is (to turn encryption on over existing data); otherwise it is an error")
 	fs.Var(bytesFlag{&c.EncryptionMaxRequestBytes}, "encryption-max-request-bytes", "the members' --max-request-bytes: a write that encryption would make larger is refused, in bytes")
 	c.OpsConfig.addFlags(fs) // metrics, health, reload, access log (ops.go)
@@ -484,6 +489,16 @@ func (c *Config) Validate() error {
 
 // validateEncryption checks the encryption flags, and reads every key file.
 func (c *Config) validateEncryption(add func(format string, args ...any)) {
+	if c.EncryptionConfig != "" {
+		if len(c.EncryptPrefixes) > 0 || len(c.EncryptionKeyFiles) > 0 || c.EncryptionReadPlaintext {
+			add("--encryption-config excludes --encrypt-prefix, --encryption-key-file and --encryption-read-plaintext")
+		}
+		_, _, errs := loadEncryptionConfig(c.EncryptionConfig)
+		for _, err := range errs {
+			add("%v", err)
+		}
+		return
+	}
 	if len(c.EncryptPrefixes) == 0 {
 		if len(c.EncryptionKeyFiles) > 0 {
 			add("--encryption-key-file needs --encrypt-prefix")

@@ -333,3 +333,52 @@ func TestEncryptionFlags(t *testing.T) {
 		t.Errorf("a prefix without a key: %v", err)
 	}
 }
+
+// TestEncryptionConfigFile: --encryption-config's problems, all in one message; the example in the repository
+// has the schema the loader reads (only its key files are missing here).
+func TestEncryptionConfigFile(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	key := filepath.Join(dir, "k.key")
+	data, _ := crypt.GenerateKeyFile("k")
+	if err := os.WriteFile(key, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	conf := filepath.Join(dir, "enc.yaml")
+	if err := os.WriteFile(conf, []byte(`resources:
+- prefixes: [/a/]
+  providers: [{keyFile: `+key+`}, {keyFile: `+key+`}]
+- prefixes: [/a/, /b/]
+  providers: [{identity: {}, keyFile: `+key+`}, {}]
+- prefixes: []
+  providers: [{keyFile: `+filepath.Join(dir, "missing.key")+`}]
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := Config{Upstreams: []string{"http://127.0.0.1:1"}, EncryptionConfig: conf, EncryptPrefixes: []string{"/x/"}}
+	err := cfg.Validate()
+	for _, w := range []string{"--encryption-config excludes --encrypt-prefix",
+		"resources[0]: key k appears twice", `resources[1]: prefix "/a/" is also in resources[0]`,
+		"resources[1].providers[0]: want one of keyFile, identity", "resources[1].providers[1]: want one of keyFile, identity",
+		"resources[2]: no prefixes", "resources[2].providers[0]: open " + filepath.Join(dir, "missing.key")} {
+		if err == nil || !strings.Contains(err.Error(), w) {
+			t.Errorf("missing %q in:\n%v", w, err)
+		}
+	}
+	if err := os.WriteFile(conf, []byte("resources:\n- prefixes: [/a/]\n  provider: []\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := (&Config{Upstreams: []string{"http://127.0.0.1:1"}, EncryptionConfig: conf}).Validate(); err == nil ||
+		!strings.Contains(err.Error(), `unknown field "provider"`) {
+		t.Errorf("a misspelt field: %v", err)
+	}
+	_, _, errs := loadEncryptionConfig(filepath.Join("..", "examples", "encryption", "encryption.yaml"))
+	if len(errs) != 3 {
+		t.Errorf("the example: %v; want the three missing key files alone", errs)
+	}
+	for _, err := range errs {
+		if !strings.Contains(err.Error(), "no such file or directory") {
+			t.Errorf("the example: %v", err)
+		}
+	}
+}

@@ -37,6 +37,8 @@ type Options struct {
 	// EncryptPrefixes are the key prefixes whose values Encrypt encrypts with EncryptionKeys; none: off.
 	EncryptPrefixes []string
 	EncryptionKeys  *crypt.Keyring
+	// EncryptionResources, when set, replace EncryptPrefixes and EncryptionKeys (--encryption-config).
+	EncryptionResources []EncryptResource
 	// EncryptionMaxRequestBytes is the upstream's --max-request-bytes; zero means DefaultEncryptMaxRequestBytes.
 	EncryptionMaxRequestBytes int64
 	// Log receives what rules log; nil means slog.Default().

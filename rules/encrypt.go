@@ -43,7 +43,7 @@ const (
 var encryptMessages = []string{msgEncCompareValue, msgEncSortValue, msgEncTooLarge, msgEncFailed, msgEncDecrypt,
 	msgEncPlaintext, msgEncTxnApplied, msgEncWatch}
 
-// Encrypt encrypts the values of the keys under Prefixes on their way up and decrypts them on their way back,
+// Encrypt encrypts the values of the keys under its prefixes on their way up and decrypts them on their way back,
 // with the etcd key as the associated data (crypt): v3's Put, Range, DeleteRange's prev_kvs, Txn to any depth,
 // Watch events, the values of elections (Campaign, Proclaim, Leader, Observe), and the JSON gateway, which comes
 // through the same path; and v2 keys (encrypt_v2.go). Keys are never encrypted.
@@ -55,10 +55,14 @@ var encryptMessages = []string{msgEncCompareValue, msgEncSortValue, msgEncTooLar
 // refused: a Compare on the value of an encrypted key, a Range sorted by value over an encrypted prefix; and
 // so is a write whose encrypted values would make it larger than the upstream accepts.
 type Encrypt struct {
-	// Prefixes are the key prefixes whose values are encrypted; none turns the rule off.
+	// Prefixes are the key prefixes whose values are encrypted with Keys (the simple case); none, and no
+	// Resources, turns the rule off.
 	Prefixes []string
 	// Keys encrypt (the first) and decrypt (all); required with Prefixes.
 	Keys *crypt.Keyring
+	// Resources, when set, replace Prefixes and Keys: a keyring per set of prefixes (a key takes the keyring of
+	// the longest prefix it has). SetResources replaces them while the proxy runs.
+	Resources []EncryptResource
 	// MaxRequestBytes is the largest request the upstream accepts (etcd's --max-request-bytes); zero means
 	// DefaultEncryptMaxRequestBytes.
 	MaxRequestBytes int64
@@ -66,10 +70,76 @@ type Encrypt struct {
 	Log *slog.Logger
 
 	prevKVsDropped, watchesCanceled atomic.Uint64
+	state                           atomic.Pointer[encryptState]
 }
 
+// EncryptResource is a set of key prefixes and the keyring of their values.
+type EncryptResource struct {
+	Prefixes []string
+	Keys     *crypt.Keyring
+}
+
+// encryptState is what the rule encrypts with: every prefix with its keyring, longest first.
+type encryptState struct {
+	prefixes []string
+	keys     []*crypt.Keyring
+}
+
+// current is the state in use: Resources (or Prefixes and Keys) until SetResources replaces them.
+func (e *Encrypt) current() *encryptState {
+	if st := e.state.Load(); st != nil {
+		return st
+	}
+	rs := e.Resources
+	if rs == nil {
+		rs = []EncryptResource{{Prefixes: e.Prefixes, Keys: e.Keys}}
+	}
+	e.state.CompareAndSwap(nil, newEncryptState(rs))
+	return e.state.Load()
+}
+
+func newEncryptState(rs []EncryptResource) *encryptState {
+	st := &encryptState{}
+	for _, r := range rs {
+		for _, p := range r.Prefixes {
+			st.prefixes = append(st.prefixes, p)
+			st.keys = append(st.keys, r.Keys)
+		}
+	}
+	idx := make([]int, len(st.prefixes))
+	for i := range idx {
+		idx[i] = i
+	}
+	slices.SortStableFunc(idx, func(a, b int) int { return len(st.prefixes[b]) - len(st.prefixes[a]) })
+	sorted := &encryptState{}
+	for _, i := range idx {
+		sorted.prefixes = append(sorted.prefixes, st.prefixes[i])
+		sorted.keys = append(sorted.keys, st.keys[i])
+	}
+	return sorted
+}
+
+// SetResources replaces what the rule encrypts with (a reload of the encryption configuration); calls under
+// way finish with what they started with, value by value.
+func (e *Encrypt) SetResources(rs []EncryptResource) { e.state.Store(newEncryptState(rs)) }
+
+// Keyrings are the keyrings in use, each once.
+func (e *Encrypt) Keyrings() []*crypt.Keyring {
+	var out []*crypt.Keyring
+	for _, k := range e.current().keys {
+		if k != nil && !slices.Contains(out, k) {
+			out = append(out, k)
+		}
+	}
+	return out
+}
+
+// on reports whether the rule was given anything to encrypt.
+func (e *Encrypt) on() bool { return len(e.Prefixes) > 0 || e.Resources != nil }
+
 func encryptRule(o Options) *Encrypt {
-	return &Encrypt{Prefixes: o.EncryptPrefixes, Keys: o.EncryptionKeys, MaxRequestBytes: o.EncryptionMaxRequestBytes, Log: o.Log}
+	return &Encrypt{Prefixes: o.EncryptPrefixes, Keys: o.EncryptionKeys, Resources: o.EncryptionResources,
+		MaxRequestBytes: o.EncryptionMaxRequestBytes, Log: o.Log}
 }
 
 // Name implements Rule.
@@ -96,7 +166,7 @@ const (
 
 // Claim implements MessageRule: the messages of the methods that carry values, when the rule is on.
 func (e *Encrypt) Claim(m *Method) Claim {
-	if len(e.Prefixes) == 0 {
+	if !e.on() {
 		return ClaimNone
 	}
 	switch m.Name {
@@ -138,15 +208,19 @@ func (e *Encrypt) Serve(s Stream, next Handler) error {
 		}})
 }
 
-// under reports whether key's value is encrypted.
-func (e *Encrypt) under(key []byte) bool {
-	for _, p := range e.Prefixes {
+// keysFor is the keyring of key's value, nil when it is not encrypted.
+func (e *Encrypt) keysFor(key []byte) *crypt.Keyring {
+	st := e.current()
+	for i, p := range st.prefixes {
 		if bytes.HasPrefix(key, []byte(p)) {
-			return true
+			return st.keys[i]
 		}
 	}
-	return false
+	return nil
 }
+
+// under reports whether key's value is encrypted.
+func (e *Encrypt) under(key []byte) bool { return e.keysFor(key) != nil }
 
 // touches reports whether the range [key, end), with etcd's meaning of end (empty: the key alone; "\x00":
 // every key from key on), meets an encrypted prefix.
@@ -155,7 +229,7 @@ func (e *Encrypt) touches(key, end []byte) bool {
 		return e.under(key)
 	}
 	toEnd := bytes.Equal(end, []byte{0})
-	for _, p := range e.Prefixes {
+	for _, p := range e.current().prefixes {
 		prefix := []byte(p)
 		prefixEnd := []byte(clientv3.GetPrefixRangeEnd(p))
 		noPrefixEnd := bytes.Equal(prefixEnd, []byte{0}) // a prefix of 0xff bytes runs to the end
@@ -214,10 +288,11 @@ func (e *Encrypt) put(r *pb.PutRequest) (bool, error) {
 
 // value encrypts *v, to be stored under key, when key is under an encrypted prefix.
 func (e *Encrypt) value(key []byte, v *[]byte) (bool, error) {
-	if !e.under(key) {
+	keys := e.keysFor(key)
+	if keys == nil {
 		return false, nil
 	}
-	out, err := e.Keys.Encrypt(key, *v)
+	out, err := keys.Encrypt(key, *v)
 	if err != nil {
 		e.log().Error("encryption failed", "key", string(key), "err", err)
 		return false, status.Error(codes.Internal, msgEncFailed)
@@ -278,10 +353,14 @@ func (e errDecrypt) status() error {
 
 // decrypt replaces the value of kv by its plaintext when its key is under an encrypted prefix.
 func (e *Encrypt) decrypt(kv *mvccpb.KeyValue) error {
-	if kv == nil || !e.under(kv.Key) {
+	if kv == nil {
 		return nil
 	}
-	plain, _, err := e.Keys.Decrypt(kv.Key, kv.Value)
+	keys := e.keysFor(kv.Key)
+	if keys == nil {
+		return nil
+	}
+	plain, _, err := keys.Decrypt(kv.Key, kv.Value)
 	if err != nil {
 		e.log().Warn("value does not decrypt", "key", string(kv.Key), "err", err)
 		return errDecrypt{plaintext: errors.Is(err, crypt.ErrNotEncrypted)}

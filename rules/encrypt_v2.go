@@ -29,6 +29,7 @@ const (
 	msgEncPrevValue = "etcd-proxy-proxy: prevValue cannot be compared with an encrypted value"
 	msgEncV2Body    = "etcd-proxy-proxy: the request's form under an encrypted prefix cannot be read"
 	msgEncV2Applied = "etcd-proxy-proxy: the write was applied, but the value it answers with does not decrypt"
+	msgEncInOrder   = "etcd-proxy-proxy: an in-order create in a directory that holds an encrypted prefix only in part cannot be encrypted"
 )
 
 // v2EncryptMaxBody bounds a v2 answer read whole to be decrypted (watch streams are read an event at a time).
@@ -52,7 +53,7 @@ func (e *Encrypt) v2MayHold(key string) bool {
 		return true
 	}
 	dir := strings.TrimSuffix(key, "/") + "/"
-	for _, p := range e.Prefixes {
+	for _, p := range e.current().prefixes {
 		if strings.HasPrefix(p, dir) || strings.HasPrefix(dir, p) {
 			return true
 		}
@@ -62,23 +63,34 @@ func (e *Encrypt) v2MayHold(key string) bool {
 
 // Request implements Rule: encrypts the value of a write under an encrypted prefix; refuses prevValue there.
 func (e *Encrypt) Request(req *http.Request) (*http.Response, error) {
-	if len(e.Prefixes) == 0 {
+	if !e.on() {
 		return nil, nil
 	}
 	key, ok := v2Key(req.URL.Path)
 	if !ok {
 		return nil, nil
 	}
-	inDir := false
+	var (
+		inDir bool
+		keys  *crypt.Keyring
+	)
 	switch req.Method {
 	case http.MethodPut, http.MethodDelete:
-		if !e.under([]byte(key)) {
+		if keys = e.keysFor([]byte(key)); keys == nil {
 			return nil, nil
 		}
 	case http.MethodPost: // a new key in the directory, named by the member
 		dir := strings.TrimSuffix(key, "/") + "/"
 		if !e.touches([]byte(dir), []byte(clientv3.GetPrefixRangeEnd(dir))) {
 			return nil, nil
+		}
+		// The keyring of the directory's keys; a prefix inside the directory, which only some of the names the
+		// member may pick have, takes the request as a whole.
+		if keys = e.keysFor([]byte(dir)); keys == nil {
+			keys = e.keysFor([]byte(dir + "0"))
+		}
+		if keys == nil {
+			return Reply(req, http.StatusBadRequest, msgEncInOrder), nil
 		}
 		inDir = true
 	default:
@@ -112,9 +124,9 @@ func (e *Encrypt) Request(req *http.Request) (*http.Response, error) {
 			err error
 		)
 		if inDir {
-			v, err = e.Keys.EncryptInDir([]byte(key), []byte(vs.Get("value")))
+			v, err = keys.EncryptInDir([]byte(key), []byte(vs.Get("value")))
 		} else {
-			v, err = e.Keys.Encrypt([]byte(key), []byte(vs.Get("value")))
+			v, err = keys.Encrypt([]byte(key), []byte(vs.Get("value")))
 		}
 		if err != nil {
 			e.log().Error("encryption failed", "key", key, "err", err)
@@ -147,7 +159,7 @@ func (e *Encrypt) Request(req *http.Request) (*http.Response, error) {
 // when a value in it does not decrypt, replaced with an error (prevNode is left out instead, and the watch
 // stream ends with an error object).
 func (e *Encrypt) Response(resp *http.Response) (BodyFunc, error) {
-	if len(e.Prefixes) == 0 || resp.Request == nil || resp.Request.Method == http.MethodHead ||
+	if !e.on() || resp.Request == nil || resp.Request.Method == http.MethodHead ||
 		resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusCreated {
 		return nil, nil
 	}
@@ -220,8 +232,8 @@ func (e *Encrypt) v2Node(n *v2store.NodeExtern) error {
 	if n == nil {
 		return nil
 	}
-	if n.Value != nil && !n.Dir && e.under([]byte(n.Key)) {
-		plain, _, err := e.Keys.Decrypt([]byte(n.Key), []byte(*n.Value))
+	if keys := e.keysFor([]byte(n.Key)); n.Value != nil && !n.Dir && keys != nil {
+		plain, _, err := keys.Decrypt([]byte(n.Key), []byte(*n.Value))
 		if err != nil {
 			e.log().Warn("value does not decrypt", "key", n.Key, "err", err)
 			return errDecrypt{plaintext: errors.Is(err, crypt.ErrNotEncrypted)}
