@@ -2,12 +2,17 @@ package cli
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
+	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
+	"path"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -56,6 +61,7 @@ func rewrap(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&tlsInfo.CertFile, "upstream-cert-file", "", "client certificate presented to the upstream")
 	fs.StringVar(&tlsInfo.KeyFile, "upstream-key-file", "", "key of --upstream-cert-file")
 	timeout := fs.Duration("timeout", 5*time.Second, "how long each request to the upstream may take")
+	api := fs.Int("api", 3, "the keys to rewrap: 3 (v3, the default) or 2 (v2's store, over HTTP)")
 	if err := fs.Parse(args); err != nil {
 		return usageStatus(err)
 	}
@@ -68,6 +74,9 @@ func rewrap(args []string, stdout, stderr io.Writer) int {
 	}
 	if len(files) == 0 {
 		problems = append(problems, errors.New("--encryption-key-file is required"))
+	}
+	if *api != 2 && *api != 3 {
+		problems = append(problems, fmt.Errorf("--api %d: want 2 or 3", *api))
 	}
 	if fs.NArg() > 0 {
 		problems = append(problems, fmt.Errorf("unexpected arguments %q", fs.Args()))
@@ -108,6 +117,12 @@ func rewrap(args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if *api == 2 {
+		rw := &rewrapper{ring: ring, dryRun: *dryRun, timeout: *timeout, progress: stderr,
+			v2: &v2Client{urls: upstreams, user: *user, http: &http.Client{Timeout: *timeout,
+				Transport: &http.Transport{TLSClientConfig: cfg.TLS}}}}
+		return rw.run(ctx, prefixes, stdout, stderr)
+	}
 	cli, err := clientv3.New(cfg)
 	if err != nil {
 		fmt.Fprintf(stderr, "etcd-proxy-proxy rewrap: %v\n", err)
@@ -115,15 +130,26 @@ func rewrap(args []string, stdout, stderr io.Writer) int {
 	}
 	defer cli.Close()
 	rw := &rewrapper{cli: cli, ring: ring, dryRun: *dryRun, timeout: *timeout, progress: stderr}
+	return rw.run(ctx, prefixes, stdout, stderr)
+}
+
+// run rewraps every prefix and reports.
+func (r *rewrapper) run(ctx context.Context, prefixes []string, stdout, stderr io.Writer) int {
 	for _, p := range prefixes {
-		if err := rw.prefix(ctx, p); err != nil {
+		var err error
+		if r.v2 != nil {
+			err = r.v2Prefix(ctx, p)
+		} else {
+			err = r.prefix(ctx, p)
+		}
+		if err != nil {
 			fmt.Fprintf(stderr, "\netcd-proxy-proxy rewrap: %s: %v\n", p, err)
-			rw.report(stdout)
+			r.report(stdout)
 			return exitError
 		}
 	}
-	rw.report(stdout)
-	if rw.failed > 0 {
+	r.report(stdout)
+	if r.failed > 0 {
 		return exitError
 	}
 	return exitOK
@@ -140,7 +166,8 @@ func anyHTTPS(urls []string) bool {
 
 // rewrapper walks prefixes and rewraps what is stale, counting.
 type rewrapper struct {
-	cli      *clientv3.Client
+	cli      *clientv3.Client // v3
+	v2       *v2Client        // v2, instead of cli
 	ring     *crypt.Keyring
 	dryRun   bool
 	timeout  time.Duration
@@ -210,4 +237,139 @@ func (r *rewrapper) report(w io.Writer) {
 	}
 	fmt.Fprintf(w, "scanned %d, stale %d, %s %d, changed meanwhile (left to the newer write) %d, failed to decrypt %d\n",
 		r.scanned, r.stale, verb, map[bool]int{false: r.rewrapped, true: r.stale}[r.dryRun], r.changed, r.failed)
+}
+
+// v2Client talks to the v2 keys API of the upstream.
+type v2Client struct {
+	urls []string
+	user string
+	http *http.Client
+}
+
+// v2Node is a node of a v2 answer.
+type v2Node struct {
+	Key           string   `json:"key"`
+	Value         *string  `json:"value"`
+	Dir           bool     `json:"dir"`
+	TTL           int64    `json:"ttl"`
+	ModifiedIndex uint64   `json:"modifiedIndex"`
+	Nodes         []v2Node `json:"nodes"`
+}
+
+// do sends a request for node key with form (nil: GET with query q) and decodes the answer into out.
+func (c *v2Client) do(ctx context.Context, method, key string, q, form url.Values, out any) (int, error) {
+	var last error
+	for _, base := range c.urls {
+		u, err := url.Parse(base)
+		if err != nil {
+			return 0, err
+		}
+		u.Path, u.RawQuery = "/v2/keys"+key, q.Encode()
+		var body io.Reader
+		if form != nil {
+			body = strings.NewReader(form.Encode())
+		}
+		req, err := http.NewRequestWithContext(ctx, method, u.String(), body)
+		if err != nil {
+			return 0, err
+		}
+		if form != nil {
+			req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+		}
+		if c.user != "" {
+			name, pass, _ := strings.Cut(c.user, ":")
+			req.SetBasicAuth(name, pass)
+		}
+		resp, err := c.http.Do(req)
+		if err != nil {
+			last = err
+			if form != nil { // a write may have been delivered: not sent again
+				return 0, err
+			}
+			continue
+		}
+		err = json.NewDecoder(resp.Body).Decode(out)
+		_ = resp.Body.Close()
+		return resp.StatusCode, err
+	}
+	return 0, last
+}
+
+// v2Prefix rewraps every stale value of the v2 store whose path starts with p: the directory that holds them is
+// read recursively, and each value replaced with a compare-and-swap on its modifiedIndex (prevIndex), its TTL
+// kept to the second (v2 has no way to keep an expiration as it is).
+func (r *rewrapper) v2Prefix(ctx context.Context, p string) error {
+	dir := path.Dir(p + "x") // "/a/" → "/a", "/a/b" → "/a"
+	var ans struct {
+		Node      *v2Node `json:"node"`
+		ErrorCode int     `json:"errorCode"`
+		Message   string  `json:"message"`
+	}
+	code, err := r.v2.do(ctx, http.MethodGet, dir, url.Values{"recursive": {"true"}, "quorum": {"true"}}, nil, &ans)
+	switch {
+	case err != nil:
+		return err
+	case code == http.StatusNotFound && ans.ErrorCode == 100: // nothing there
+		fmt.Fprintf(r.progress, "%s: nothing stored\n", p)
+		return nil
+	case code != http.StatusOK || ans.Node == nil:
+		return fmt.Errorf("reading %s: %d %s", dir, code, ans.Message)
+	}
+	var walk func(n *v2Node) error
+	walk = func(n *v2Node) error {
+		for i := range n.Nodes {
+			if err := walk(&n.Nodes[i]); err != nil {
+				return err
+			}
+		}
+		if n.Dir || n.Value == nil || !strings.HasPrefix(n.Key, p) {
+			return nil
+		}
+		r.scanned++
+		plain, read, err := r.ring.Decrypt([]byte(n.Key), []byte(*n.Value))
+		if err != nil {
+			r.failed++
+			fmt.Fprintf(r.progress, "\n%q: %v: left as it is\n", n.Key, err)
+			return nil
+		}
+		if !read.Stale {
+			return nil
+		}
+		r.stale++
+		if r.dryRun {
+			return nil
+		}
+		v, err := r.ring.Encrypt([]byte(n.Key), plain) // bound to its own key now that it is known
+		if err != nil {
+			return err
+		}
+		form := url.Values{"value": {string(v)}, "prevIndex": {strconv.FormatUint(n.ModifiedIndex, 10)}}
+		if n.TTL > 0 {
+			form.Set("ttl", strconv.FormatInt(n.TTL, 10))
+		}
+		var res struct {
+			ErrorCode int    `json:"errorCode"`
+			Message   string `json:"message"`
+		}
+		code, err := r.v2.do(ctx, http.MethodPut, n.Key, nil, form, &res)
+		switch {
+		case err != nil:
+			return err
+		case code == http.StatusOK:
+			r.rewrapped++
+		case res.ErrorCode == 101 || res.ErrorCode == 100: // compare failed, or gone: a newer write wins
+			r.changed++
+		default:
+			return fmt.Errorf("writing %s: %d %s", n.Key, code, res.Message)
+		}
+		if r.scanned%rewrapPage == 0 {
+			fmt.Fprintf(r.progress, "\r%s: %d scanned, %d stale, %d rewrapped", p, r.scanned, r.stale, r.rewrapped)
+		}
+		return nil
+	}
+	if err := walk(ans.Node); err != nil {
+		return err
+	}
+	fmt.Fprintf(r.progress, "\r%s: %d scanned, %d stale, %d rewrapped\n", p, r.scanned, r.stale, r.rewrapped)
+	return nil
 }

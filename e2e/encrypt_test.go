@@ -784,6 +784,43 @@ func TestEncryptV2(t *testing.T) {
 	if b := <-done; !strings.Contains(b, `"value":"first"`) {
 		t.Errorf("one-event watch: %s", b)
 	}
+
+	// Rotation of the v2 store: rewrap --api 2 with a new key first; TTLs stay; then the new key alone reads all.
+	if code, _, b := call(t, http.MethodPut, via+"/secret/ttl", "value=t&ttl=600"); code != http.StatusCreated {
+		t.Fatalf("PUT with a TTL: %d %s", code, b)
+	}
+	k2 := filepath.Join(filepath.Dir(keyFile), "k2.key")
+	if code, out, errOut := runCLI("keygen", "--out", k2, "--name", "k2"); code != 0 {
+		t.Fatalf("keygen: %d %s %s", code, out, errOut)
+	}
+	code, out, errOut := runCLI("rewrap", "--api", "2", "--upstream", c.Members[0].ClientURL, "--prefix", "/secret/",
+		"--encryption-key-file", k2, "--encryption-key-file", keyFile)
+	if code != 0 || !strings.Contains(out, "scanned 5, stale 5, rewrapped 5,") {
+		t.Fatalf("rewrap --api 2: exit %d, %q, %q", code, out, errOut)
+	}
+	if _, ev, b := call(t, http.MethodGet, member+"/secret/ttl", ""); !strings.HasPrefix(value(ev.Node), "epp:enc:v1:xchacha20poly1305:k2:") ||
+		!strings.Contains(b, `"ttl":`) {
+		t.Errorf("the member's /secret/ttl after rewrap: %s; want the new key's, with its TTL", b)
+	}
+	onlyK2, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
+		cfg.EncryptPrefixes, cfg.EncryptionKeyFiles = []string{"/secret/"}, []string{k2}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, ev, b = call(t, http.MethodGet, onlyK2.Endpoint.URLs[0]+"/v2/keys/secret?recursive=true", "")
+	got = map[string]string{}
+	if ev.Node != nil {
+		walk(ev.Node)
+	}
+	if len(got) != 5 || got["/secret/a"] != "again" || got["/secret/ttl"] != "t" || got["/secret/w"] != "second" || got["/secret/moved"] != "new" {
+		t.Errorf("read with the new key alone: %v (%s)", got, b)
+	}
+	for k, v := range got {
+		if strings.HasPrefix(k, "/secret/queue/") && v != "job" {
+			t.Errorf("in-order key %s after rewrap = %q; want job", k, v)
+		}
+	}
 }
 
 // TestEncryptConfig: --encryption-config gives each set of prefixes its keyring; a change of the file is picked
