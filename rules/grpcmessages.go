@@ -135,7 +135,7 @@ var withheldPattern = regexp.MustCompile(`^etcd-proxy-proxy: upstream error \((?
 // knownGRPCMessages holds every fixed text that passes.
 var knownGRPCMessages = func() map[string]bool {
 	known := make(map[string]bool, len(etcdMessages)+len(grpcGoMessages)+len(ownMessages)+40)
-	for _, list := range [][]string{etcdMessages, raftMessages, grpcGoMessages, ownMessages} {
+	for _, list := range [][]string{etcdMessages, raftMessages, grpcGoMessages, ownMessages, encryptMessages} {
 		for _, m := range list {
 			known[m] = true
 		}
