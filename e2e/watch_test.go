@@ -37,6 +37,7 @@ type watchSpec struct {
 	label            string
 	direct, proxied  *watchRun
 	openedAt, client int
+	openRev          int64 // the last revision written before it was opened
 }
 
 func (s *watchSpec) options() []clientv3.OpOption {
@@ -61,6 +62,7 @@ func (s *watchSpec) options() []clientv3.OpOption {
 
 // watchRun is what one watch received.
 type watchRun struct {
+	name      string
 	mu        sync.Mutex
 	created   int64 // the created answer's revision
 	events    []string
@@ -177,7 +179,7 @@ func TestWatchFanOutDifferential(t *testing.T) {
 		}
 	}
 	compactRev := rev - 10
-	ref := &watchRun{}
+	ref := &watchRun{name: "reference"}
 	refSpec := &watchSpec{key: "k/", end: "k0", prevKV: true, start: compactRev + 1}
 	ref.run(ctx, direct, refSpec)
 
@@ -199,8 +201,9 @@ func TestWatchFanOutDifferential(t *testing.T) {
 		if rng.IntN(4) == 0 {
 			s.cancelAfter = op + 20 + rng.IntN(100)
 		}
-		s.openedAt, s.client = op, rng.IntN(len(proxied))
-		s.direct, s.proxied = &watchRun{}, &watchRun{}
+		s.openedAt, s.client, s.openRev = op, rng.IntN(len(proxied)), rev
+		s.direct = &watchRun{name: fmt.Sprintf("watch %d direct %+v", len(specs), s)}
+		s.proxied = &watchRun{name: fmt.Sprintf("watch %d proxied (client %d)", len(specs), s.client)}
 		s.direct.run(ctx, direct, &s)
 		s.proxied.run(ctx, proxied[s.client], &s)
 		specs = append(specs, &s)
@@ -294,17 +297,20 @@ func TestWatchFanOutDifferential(t *testing.T) {
 		}
 	}
 	for {
-		behind := 0
+		var behind []string
 		for _, r := range runs {
 			if r.seen.Load() < final && r != old.direct && r != old.proxied {
-				behind++
+				r.mu.Lock()
+				behind = append(behind, fmt.Sprintf("%s: seen %d, %d events, created at %d, err %v", r.name,
+					r.seen.Load(), len(r.events), r.created, r.err))
+				r.mu.Unlock()
 			}
 		}
-		if behind == 0 {
+		if len(behind) == 0 {
 			break
 		}
 		if ctx.Err() != nil {
-			t.Fatalf("%d watches never got to revision %d", behind, final)
+			t.Fatalf("%d watches never got to revision %d:\n%s", len(behind), final, strings.Join(behind, "\n"))
 		}
 		for _, cli := range append([]*clientv3.Client{direct}, proxied...) {
 			_ = cli.RequestProgress(ctx)
@@ -331,6 +337,12 @@ func TestWatchFanOutDifferential(t *testing.T) {
 			from := s.start
 			if from == 0 {
 				from = r.created + 1
+				// A watch from now starts at a revision a member could give it: never one already compacted
+				// (the shared watch of a watch from the past must not serve it before it has caught up).
+				if r.created < compactRev {
+					t.Errorf("watch %d (%+v) %s: created at revision %d, below the compaction at %d",
+						i, *s.withoutRuns(), side, r.created, compactRev)
+				}
 			}
 			want := s.expected(refEvents, from)
 			got := r.events

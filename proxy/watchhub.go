@@ -156,6 +156,11 @@ func (g *watchGroup) join(s *watchSession, w *clientWatch, rev int64) bool {
 		}
 		w.cursor, w.next, w.created = g.first, rev, false
 	case rev == 0:
+		if g.rev < g.created || g.cs == nil {
+			// Still catching up to the revision it was created at (it started in the past), or being resumed: a
+			// watch from now would get older events than a member gives it.
+			return false
+		}
 		w.cursor, w.next, w.rev, w.created = g.first+uint64(len(g.log)), g.rev+1, g.rev, true
 	case rev-1 < g.base:
 		return false
@@ -836,10 +841,11 @@ func (s *watchSession) move(w *clientWatch, ng *watchGroup) {
 	w.g = ng
 	s.add(w)
 	old.leave(s)
-	for _, pw := range s.progress { // a progress request waits for the new group's answer now
+	// Generations are the group's own: a progress request waiting for the old group waits for an answer of the
+	// new one now, asked for after the move (the other watches of the old group still wait for its answer).
+	w.gen = 0
+	for _, pw := range s.progress {
 		if _, ok := pw.need[old]; ok {
-			delete(pw.need, old)
-			w.gen = 0
 			pw.need[ng] = ng.requestProgress()
 		}
 	}
@@ -906,19 +912,8 @@ func (s *watchSession) flushWatch(ctx context.Context, w *clientWatch) error {
 	for ctx.Err() == nil {
 		g := w.g
 		es, ok := g.read(w.cursor)
-		if !ok {
-			// Fallen behind the shared log: from the upstream, from its next revision, until caught up.
-			if !w.created && w.zero { // its created answer went with the log: from the group's first revision
-				w.next, w.zero = g.firstRev()+1, false
-			}
-			ng := s.hub.newGroup(s, g.key, &g.req, false)
-			ng.req.StartRevision = w.next
-			created := w.created
-			ng.join(s, w, w.next)
-			w.created = created
-			s.move(w, ng)
-			ng.start()
-			s.hub.m.caughtUp()
+		if !ok { // fallen behind the shared log
+			s.catchUp(w, g)
 			continue
 		}
 		if len(es) == 0 {
@@ -930,7 +925,15 @@ func (s *watchSession) flushWatch(ctx context.Context, w *clientWatch) error {
 			}
 			return nil
 		}
+		left := false
 		for _, e := range es {
+			if e.kind == entryEnd && e.resp != nil && e.resp.CompactRevision != 0 && w.created &&
+				w.next > e.resp.CompactRevision {
+				// The shared watch started before the compaction; this watch starts after it and goes on.
+				s.catchUp(w, g)
+				left = true
+				break
+			}
 			w.cursor++
 			r, err := w.apply(e)
 			if err != nil {
@@ -947,11 +950,27 @@ func (s *watchSession) flushWatch(ctx context.Context, w *clientWatch) error {
 				return nil
 			}
 		}
-		if !g.shared {
+		if !g.shared && !left {
 			g.taken(w.cursor)
 		}
 	}
 	return ctx.Err()
+}
+
+// catchUp gives w an upstream watch of its own from its next revision, until it has caught up with the shared
+// one: it fell behind g's log, or g ended where w goes on.
+func (s *watchSession) catchUp(w *clientWatch, g *watchGroup) {
+	if !w.created && w.zero { // its created answer went with the log: from the group's first revision
+		w.next, w.zero = g.firstRev()+1, false
+	}
+	ng := s.hub.newGroup(s, g.key, &g.req, false)
+	ng.req.StartRevision = w.next
+	created := w.created
+	ng.join(s, w, w.next)
+	w.created = created
+	s.move(w, ng)
+	ng.start()
+	s.hub.m.caughtUp()
 }
 
 // apply is what one log entry means for the watch: the answer to send (nil: none), or the error ending the
