@@ -34,7 +34,6 @@ type watchSpec struct {
 	start            int64 // 0: from now (the created answer's revision)
 	cancelAfter      int   // cancelled after this many operations of the workload; 0: never
 	wantCompacted    bool
-	label            string
 	direct, proxied  *watchRun
 	openedAt, client int
 	openRev          int64 // the last revision written before it was opened
