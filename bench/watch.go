@@ -58,17 +58,24 @@ func measureRSS(pid int, settle time.Duration) (rss, hwm int64, err error) {
 	return rss, hwm, err
 }
 
-// watchV3 opens n gRPC Watch streams (one watcher each, on one connection) through pp, measures its RSS, then
-// writes the watched key on the member and checks every stream gets the event.
-func watchV3(ctx context.Context, pp *proc, ppAddr, memberAddr string, n int, settle time.Duration) (*watchResult, error) {
-	r := &watchResult{kind: "v3 watch streams", n: n}
-	for _, a := range []string{ppAddr, memberAddr} {
+// newWatchResult starts a watcher row: the addresses are loopback ones, and the proxy's RSS before.
+func newWatchResult(kind string, n int, pp *proc, settle time.Duration, addrs ...string) (*watchResult, error) {
+	r := &watchResult{kind: kind, n: n}
+	for _, a := range addrs {
 		if err := checkLoopback(a); err != nil {
 			return nil, err
 		}
 	}
 	var err error
-	if r.baseKiB, _, err = measureRSS(pp.pid(), settle); err != nil {
+	r.baseKiB, _, err = measureRSS(pp.pid(), settle)
+	return r, err
+}
+
+// watchV3 opens n gRPC Watch streams (one watcher each, on one connection) through pp, measures its RSS, then
+// writes the watched key on the member and checks every stream gets the event.
+func watchV3(ctx context.Context, pp *proc, ppAddr, memberAddr string, n int, settle time.Duration) (*watchResult, error) {
+	r, err := newWatchResult("v3 watch streams", n, pp, settle, ppAddr, memberAddr)
+	if err != nil {
 		return nil, err
 	}
 	conn, err := grpc.NewClient(ppAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
@@ -164,14 +171,8 @@ func watchV3(ctx context.Context, pp *proc, ppAddr, memberAddr string, n int, se
 // watchV2 opens n v2 long polls (GET ?wait=true, one connection each) through pp, measures its RSS, then
 // writes the watched key on the member and checks every poll returns the event.
 func watchV2(ctx context.Context, pp *proc, ppURL, memberURL string, n int, settle time.Duration) (*watchResult, error) {
-	r := &watchResult{kind: "v2 long polls", n: n}
-	for _, a := range []string{ppURL, memberURL} {
-		if err := checkLoopback(a); err != nil {
-			return nil, err
-		}
-	}
-	var err error
-	if r.baseKiB, _, err = measureRSS(pp.pid(), settle); err != nil {
+	r, err := newWatchResult("v2 long polls", n, pp, settle, ppURL, memberURL)
+	if err != nil {
 		return nil, err
 	}
 	tr := &http.Transport{
@@ -276,14 +277,8 @@ const (
 // watchers, then writes each key twice on the member, one write at a time, and times each write to its
 // delivery to the last of the watchers of its key.
 func watchCoalesced(ctx context.Context, pp *proc, ppAddr, memberAddr string, n int, settle time.Duration) (*watchResult, error) {
-	r := &watchResult{kind: "v3 coalesced watchers", n: n}
-	for _, a := range []string{ppAddr, memberAddr} {
-		if err := checkLoopback(a); err != nil {
-			return nil, err
-		}
-	}
-	var err error
-	if r.baseKiB, _, err = measureRSS(pp.pid(), settle); err != nil {
+	r, err := newWatchResult("v3 coalesced watchers", n, pp, settle, ppAddr, memberAddr)
+	if err != nil {
 		return nil, err
 	}
 	before := memberWatchers(ctx, "http://"+memberAddr) // watches of earlier rows may still be going away

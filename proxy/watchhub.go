@@ -270,16 +270,22 @@ func (g *watchGroup) requestProgress() uint64 {
 	g.mu.Lock()
 	g.wanted++
 	gen := g.wanted
-	send := !g.inFlight && g.cs != nil
-	if send {
-		g.inFlight, g.sent = true, g.wanted
-	}
-	cs := g.cs
+	cs, next, send := g.nextProgress()
 	g.mu.Unlock()
 	if send {
-		g.sendProgress(cs, gen)
+		g.sendProgress(cs, next)
 	}
 	return gen
+}
+
+// nextProgress, with g.mu held, marks a progress request to go up when clients wait for one and none is in
+// flight: the stream, and the generation its answer will be.
+func (g *watchGroup) nextProgress() (grpc.ClientStream, uint64, bool) {
+	if g.inFlight || g.cs == nil || g.wanted <= g.sent {
+		return nil, 0, false
+	}
+	g.inFlight, g.sent = true, g.wanted
+	return g.cs, g.sent, true
 }
 
 func (g *watchGroup) sendProgress(cs grpc.ClientStream, gen uint64) {
@@ -288,11 +294,14 @@ func (g *watchGroup) sendProgress(cs grpc.ClientStream, gen uint64) {
 	g.sendMu.Unlock()
 	time.AfterFunc(progressTimeout, func() {
 		g.mu.Lock()
-		again := g.inFlight && g.sent == gen && g.cs == cs && !g.ended
-		if again {
-			g.sent = g.wanted
+		var (
+			next  uint64
+			again bool
+		)
+		if g.inFlight && g.sent == gen && g.cs == cs && !g.ended { // no answer: asked again
+			g.inFlight, g.sent = false, 0
+			cs, next, again = g.nextProgress()
 		}
-		next := g.sent
 		g.mu.Unlock()
 		if again {
 			g.sendProgress(cs, next)
@@ -300,20 +309,15 @@ func (g *watchGroup) sendProgress(cs grpc.ClientStream, gen uint64) {
 	})
 }
 
-// progressAnswered is the upstream's answer to the progress request in flight: the generation it answers, and
-// whether another must go up.
+// progressAnswered is the upstream's answer to the progress request in flight: the generation it answers. The
+// next request goes up if clients asked meanwhile.
 func (g *watchGroup) progressAnswered() (gen uint64) {
 	g.mu.Lock()
 	gen = g.sent
 	g.inFlight = false
-	cs := g.cs
-	again := g.wanted > g.sent && cs != nil
-	if again {
-		g.inFlight, g.sent = true, g.wanted
-	}
-	next := g.sent
+	cs, next, send := g.nextProgress()
 	g.mu.Unlock()
-	if again {
+	if send {
 		g.sendProgress(cs, next)
 	}
 	return gen
@@ -541,14 +545,10 @@ func (g *watchGroup) attempt(ctx context.Context, e *endpoint) (got bool, err er
 			got = true
 			g.mu.Lock()
 			g.cs = cs
-			again := g.wanted > g.sent
-			if again {
-				g.inFlight, g.sent = true, g.wanted
-			}
-			gen := g.sent
+			pcs, gen, again := g.nextProgress() // progress requests that waited for the watch
 			g.mu.Unlock()
 			if again {
-				g.sendProgress(cs, gen)
+				g.sendProgress(pcs, gen)
 			}
 			if !resuming {
 				rev := resp.Header.GetRevision()
