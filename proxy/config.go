@@ -47,6 +47,8 @@ const (
 	DefaultMaxSnapshotBytes = rules.DefaultMaxSnapshotBytes
 	// DefaultWatchHistory is --watch-history.
 	DefaultWatchHistory = 1000
+	// DefaultWatchCatchUpLimit is --watch-catch-up-limit.
+	DefaultWatchCatchUpLimit = 1000
 	// DefaultMaxHeaderBytes bounds a request header, as net/http does by default.
 	DefaultMaxHeaderBytes = 1 << 20
 	// DefaultMaxUpstreamHeaderBytes bounds an upstream's status line and response headers, as http.Transport
@@ -155,6 +157,9 @@ type Config struct {
 	// WatchHistory is how many upstream responses a shared watch keeps for watches that start at an earlier
 	// revision and for slow clients; zero means DefaultWatchHistory.
 	WatchHistory int
+	// WatchCatchUpLimit bounds the slow clients' watches caught up by upstream watches of their own at once; one
+	// more is cancelled. Zero means DefaultWatchCatchUpLimit.
+	WatchCatchUpLimit int
 	// ReadHeaderTimeout bounds reading a request header on the listeners. Zero means
 	// DefaultReadHeaderTimeout; negative means none.
 	ReadHeaderTimeout time.Duration
@@ -304,6 +309,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	c.MaxUpstreamHeaderBytes = c.maxUpstreamHeaderBytes()
 	c.MaxSnapshotBytes = orDefault(c.MaxSnapshotBytes, DefaultMaxSnapshotBytes)
 	c.WatchHistory = orDefault(c.WatchHistory, DefaultWatchHistory)
+	c.WatchCatchUpLimit = orDefault(c.WatchCatchUpLimit, DefaultWatchCatchUpLimit)
 	fs.Var(listFlag{&c.Upstreams}, "upstream", "upstream client URL(s), comma-separated: an etcd member, a stock etcd proxy or another etcd-proxy-proxy (required)")
 	fs.StringVar(&c.UpstreamTLS.CAFile, "upstream-ca-file", "", "verify the upstream's certificate with this CA bundle (default: the system roots)")
 	fs.StringVar(&c.UpstreamTLS.CertFile, "upstream-cert-file", "", "client certificate presented to the upstream")
@@ -342,6 +348,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.Var(bytesFlag{&c.MaxSnapshotBytes}, "max-snapshot-bytes", "largest snapshot (database and hash) accepted from the upstream, in bytes; a larger one fails with ResourceExhausted")
 	fs.Var(notFlag{&c.NoWatchFanOut}, "watch-fan-out", "identical client watches share one upstream watch, resumed on another endpoint when its member fails (default true; false: one upstream watch per client watch)")
 	fs.IntVar(&c.WatchHistory, "watch-history", c.WatchHistory, "upstream responses a shared watch keeps, for watches that start at an earlier revision and for slow clients (default 1000)")
+	fs.IntVar(&c.WatchCatchUpLimit, "watch-catch-up-limit", c.WatchCatchUpLimit, "watches of slow clients (fallen behind --watch-history) caught up by upstream watches of their own at once; one more is cancelled with a CancelReason that says from which revision to watch again (default 1000)")
 	fs.Var(durationFlag{&c.ReadHeaderTimeout}, "listen-read-header-timeout", "how long a client may take to send a request header, e.g. 10s; 0 for no limit")
 	fs.Var(durationFlag{&c.IdleTimeout}, "listen-idle-timeout", "how long an idle client connection is kept, e.g. 5m; 0 for ever")
 	fs.Var(durationFlag{&c.ShutdownTimeout}, "shutdown-timeout", "how long in-flight requests may take to finish on SIGTERM (streams end at once), e.g. 10s; 0 closes at once")
@@ -485,6 +492,9 @@ func (c *Config) Validate() error {
 	}
 	if c.WatchHistory < 0 {
 		add("--watch-history: must not be negative")
+	}
+	if c.WatchCatchUpLimit < 0 {
+		add("--watch-catch-up-limit: must not be negative")
 	}
 	if c.MaxHeaderBytes > math.MaxInt32 {
 		add("--max-header-bytes: at most %d", math.MaxInt32)

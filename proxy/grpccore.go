@@ -68,7 +68,8 @@ func newGRPCCore(f *Forwarder, cfg *Config, rs []rules.Rule, ops forwarderOps) *
 	}
 	if !cfg.NoWatchFanOut {
 		c.hub = newWatchHub(c, orDefault(cfg.WatchHistory, DefaultWatchHistory),
-			max(cfg.failureWait(), 2*f.dialTimeout), newWatchMetrics(ops.m))
+			orDefault(cfg.WatchCatchUpLimit, DefaultWatchCatchUpLimit), max(cfg.failureWait(), 2*f.dialTimeout),
+			newWatchMetrics(ops.m))
 	}
 	for _, m := range rules.Methods() {
 		c.chains[m.Name] = c.chainOf(m)

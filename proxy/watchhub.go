@@ -3,6 +3,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"slices"
 	"strings"
@@ -52,15 +53,20 @@ const progressTimeout = time.Second
 type watchHub struct {
 	c       *grpcCore
 	history int
-	wait    time.Duration // how long a group tries to resume before its clients' streams end
-	m       *watchMetrics
+	// catchUps counts the slow clients' watches being caught up by upstream watches of their own; past
+	// catchUpLimit, one more is cancelled.
+	catchUps     atomic.Int64
+	catchUpLimit int64
+	wait         time.Duration // how long a group tries to resume before its clients' streams end
+	m            *watchMetrics
 
 	mu     sync.Mutex
 	groups map[groupKey]*watchGroup
 }
 
-func newWatchHub(c *grpcCore, history int, wait time.Duration, m *watchMetrics) *watchHub {
-	return &watchHub{c: c, history: max(history, 1), wait: wait, m: m, groups: map[groupKey]*watchGroup{}}
+func newWatchHub(c *grpcCore, history, catchUpLimit int, wait time.Duration, m *watchMetrics) *watchHub {
+	return &watchHub{c: c, history: max(history, 1), catchUpLimit: int64(catchUpLimit), wait: wait, m: m,
+		groups: map[groupKey]*watchGroup{}}
 }
 
 // groupKey is what watches must have in common to share an upstream watch.
@@ -116,6 +122,7 @@ type watchGroup struct {
 	hub     *watchHub
 	key     groupKey
 	shared  bool // in hub.groups; a private group serves one client watch and waits for it
+	slow    bool // a private group catching up a slow client (hub.catchUps counts it)
 	md      metadata.MD
 	id      *upstreamIdentity
 	req     pb.WatchCreateRequest // the create request of the upstream watch (start_revision: the first)
@@ -423,6 +430,9 @@ func (g *watchGroup) start() {
 	g.hub.m.upstreamWatch(1)
 	go func() {
 		defer g.hub.m.upstreamWatch(-1)
+		if g.slow {
+			defer g.hub.catchUps.Add(-1)
+		}
 		g.run(ctx)
 	}()
 }
@@ -913,7 +923,9 @@ func (s *watchSession) flushWatch(ctx context.Context, w *clientWatch) error {
 		g := w.g
 		es, ok := g.read(w.cursor)
 		if !ok { // fallen behind the shared log
-			s.catchUp(w, g)
+			if gone, err := s.catchUp(w, g, true); gone || err != nil {
+				return err
+			}
 			continue
 		}
 		if len(es) == 0 {
@@ -930,7 +942,9 @@ func (s *watchSession) flushWatch(ctx context.Context, w *clientWatch) error {
 			if e.kind == entryEnd && e.resp != nil && e.resp.CompactRevision != 0 && w.created &&
 				w.next > e.resp.CompactRevision {
 				// The shared watch started before the compaction; this watch starts after it and goes on.
-				s.catchUp(w, g)
+				if _, err := s.catchUp(w, g, false); err != nil {
+					return err
+				}
 				left = true
 				break
 			}
@@ -959,11 +973,23 @@ func (s *watchSession) flushWatch(ctx context.Context, w *clientWatch) error {
 
 // catchUp gives w an upstream watch of its own from its next revision, until it has caught up with the shared
 // one: it fell behind g's log, or g ended where w goes on.
-func (s *watchSession) catchUp(w *clientWatch, g *watchGroup) {
+// A slow client's watch (slow) is cancelled instead when --watch-catch-up-limit watches are being caught up:
+// gone reports that.
+func (s *watchSession) catchUp(w *clientWatch, g *watchGroup, slow bool) (gone bool, err error) {
 	if !w.created && w.zero { // its created answer went with the log: from the group's first revision
 		w.next, w.zero = g.firstRev()+1, false
 	}
+	h := s.hub
+	if slow && h.catchUps.Add(1) > h.catchUpLimit {
+		h.catchUps.Add(-1)
+		h.m.slowCancel()
+		hdr := g.headerAt()
+		s.remove(w)
+		return true, s.send(&pb.WatchResponse{Header: hdr, WatchId: w.id, Canceled: true, CancelReason: fmt.Sprintf(
+			"etcd-proxy-proxy: the client fell behind the watch and too many are catching up; watch again from revision %d", w.next)})
+	}
 	ng := s.hub.newGroup(s, g.key, &g.req, false)
+	ng.slow = slow
 	ng.req.StartRevision = w.next
 	created := w.created
 	ng.join(s, w, w.next)
@@ -971,6 +997,7 @@ func (s *watchSession) catchUp(w *clientWatch, g *watchGroup) {
 	s.move(w, ng)
 	ng.start()
 	s.hub.m.caughtUp()
+	return false, nil
 }
 
 // apply is what one log entry means for the watch: the answer to send (nil: none), or the error ending the
@@ -1061,7 +1088,7 @@ func (s *watchSession) close() {
 // watchMetrics count the fan-out; nil: no metrics.
 type watchMetrics struct {
 	clientWatches, upstreamWatches atomic.Int64
-	resumes, catchUps              prometheus.Counter
+	resumes, catchUps, slowCancels prometheus.Counter
 }
 
 func newWatchMetrics(m *metrics) *watchMetrics {
@@ -1076,7 +1103,9 @@ func newWatchMetrics(m *metrics) *watchMetrics {
 		"Shared upstream watches resumed on another endpoint after theirs failed, unseen by their clients.")))
 	w.catchUps = prometheus.NewCounter(prometheus.CounterOpts(opts("watch_catch_ups_total",
 		"Client watches served by an upstream watch of their own until they caught up: started before the shared watch's history, or fell behind it (slow clients).")))
-	m.reg.MustRegister(w.resumes, w.catchUps,
+	w.slowCancels = prometheus.NewCounter(prometheus.CounterOpts(opts("watch_slow_cancels_total",
+		"Client watches cancelled because their client fell behind while --watch-catch-up-limit watches were being caught up.")))
+	m.reg.MustRegister(w.resumes, w.catchUps, w.slowCancels,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("watch_client_watches",
 			"Open client watches (watch IDs) served by the watch fan-out.")),
 			func() float64 { return float64(w.clientWatches.Load()) }),
@@ -1109,6 +1138,12 @@ func (w *watchMetrics) upstreamWatch(d int64) {
 func (w *watchMetrics) resumed() {
 	if w != nil {
 		w.resumes.Inc()
+	}
+}
+
+func (w *watchMetrics) slowCancel() {
+	if w != nil {
+		w.slowCancels.Inc()
 	}
 }
 

@@ -122,3 +122,114 @@ func grep(s, sub string) string {
 	}
 	return strings.Join(out, "\n")
 }
+
+// TestWatchSlowClientCancelled: past --watch-catch-up-limit slow clients being caught up at once, one more
+// that falls behind has its watch cancelled with a CancelReason naming the revision to watch again from, after
+// every event before that revision: nothing is skipped silently. The one being caught up still gets every event.
+func TestWatchSlowClientCancelled(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx, harness.WithMembers(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	front, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
+		cfg.WatchHistory, cfg.WatchCatchUpLimit = 4, 1
+		cfg.ListenMetricsURLs = []string{"http://127.0.0.1:0"}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	metric := func(name string) string {
+		resp, err := http.Get(front.Server.MetricsURLs()[0] + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		for _, l := range strings.Split(string(body), "\n") {
+			if strings.HasPrefix(l, name+" ") {
+				return l
+			}
+		}
+		return ""
+	}
+	addr := strings.TrimPrefix(front.Endpoint.URLs[0], "http://")
+	slowWatch := func() pb.Watch_WatchClient {
+		cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = cc.Close() })
+		s, err := pb.NewWatchClient(cc).Watch(ctx)
+		if err == nil {
+			err = s.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{
+				CreateRequest: &pb.WatchCreateRequest{Key: []byte("big")}}})
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r, err := s.Recv(); err != nil || !r.Created {
+			t.Fatalf("created: %v %v", r, err)
+		}
+		return s
+	}
+	one, two := slowWatch(), slowWatch()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	const n = 20
+	var revs []int64
+	for i := range n {
+		r, err := cli.Put(ctx, "big", fmt.Sprint(i, strings.Repeat("x", 64<<10)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		revs = append(revs, r.Header.Revision)
+	}
+	recv := func(s pb.Watch_WatchClient, got *[]int64) *pb.WatchResponse {
+		t.Helper()
+		r, err := s.Recv()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, ev := range r.Events {
+			*got = append(*got, ev.Kv.ModRevision)
+		}
+		return r
+	}
+	// The first reads a little: it falls behind and is being caught up.
+	var got1 []int64
+	for metric("etcd_proxy_proxy_watch_catch_ups_total") == "etcd_proxy_proxy_watch_catch_ups_total 0" {
+		if ctx.Err() != nil {
+			t.Fatal("the first client was never caught up")
+		}
+		recv(one, &got1)
+	}
+	// The second then falls behind too, past the limit: cancelled after every event before the revision named.
+	var got2 []int64
+	for {
+		r := recv(two, &got2)
+		if r.Canceled {
+			want := fmt.Sprintf("watch again from revision %d", revs[len(got2)])
+			if !strings.Contains(r.CancelReason, want) || fmt.Sprint(got2) != fmt.Sprint(revs[:len(got2)]) {
+				t.Fatalf("cancelled after %v with %q; want the revisions before and %q", got2, r.CancelReason, want)
+			}
+			break
+		}
+	}
+	if m := metric("etcd_proxy_proxy_watch_slow_cancels_total"); m != "etcd_proxy_proxy_watch_slow_cancels_total 1" {
+		t.Errorf("metrics: %q, want one slow cancel", m)
+	}
+	for len(got1) < n {
+		recv(one, &got1)
+	}
+	if fmt.Sprint(got1) != fmt.Sprint(revs) {
+		t.Fatalf("the client caught up got %v, want %v", got1, revs)
+	}
+}
