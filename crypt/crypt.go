@@ -12,6 +12,7 @@ package crypt
 import (
 	"bytes"
 	"crypto/rand"
+	"crypto/rsa"
 	"encoding/base64"
 	"errors"
 	"fmt"
@@ -68,7 +69,9 @@ type Key struct {
 	// header is Prefix + provider + ":" + name + ":", what every value it encrypts starts with; parentHeader
 	// the same with ParentSuffix.
 	header, parentHeader string
-	stats                keyStats
+	// etcvault holds the RSA keys of etcvault's keychain by name, for the Etcvault provider (etcvault.go).
+	etcvault map[string]*rsa.PrivateKey
+	stats    keyStats
 }
 
 // keyStats counts what a key did.
@@ -96,7 +99,7 @@ func IdentityKey() *Key { return &Key{name: Identity, provider: Identity} }
 // Name is the key's name ("identity" for the identity provider).
 func (k *Key) Name() string { return k.name }
 
-// Provider is the key's provider: XChaCha or Identity.
+// Provider is the key's provider: XChaCha, Identity or Etcvault.
 func (k *Key) Provider() string { return k.provider }
 
 // GenerateKeyFile returns the content of a key file holding a new random key called name.
@@ -144,6 +147,7 @@ type Keyring struct {
 	keys     []*Key
 	byHeader map[string]*Key // provider:name
 	identity *Key            // nil: plaintext does not read
+	etcvault *Key            // nil: etcvault's values are plaintext to this keyring
 	// unattributed counts the failed reads that name no key of the keyring (plaintext refused, unknown key or
 	// version, malformed header).
 	unattributed atomic.Uint64
@@ -161,8 +165,14 @@ func NewKeyring(keys ...*Key) (*Keyring, error) {
 			return nil, fmt.Errorf("key %s appears twice", k.name)
 		}
 		r.byHeader[id] = k
-		if k.provider == Identity {
+		switch k.provider {
+		case Identity:
 			r.identity = k
+		case Etcvault:
+			if k == keys[0] {
+				return nil, errors.New("etcvault's keychain decrypts only: it cannot be the first provider")
+			}
+			r.etcvault = k
 		}
 	}
 	return r, nil
@@ -185,6 +195,11 @@ func (r *Keyring) EncryptInDir(dir, plaintext []byte) ([]byte, error) {
 }
 
 func (r *Keyring) seal(ad, plaintext []byte, parent bool) ([]byte, error) {
+	if r.etcvault != nil { // etcvault's clients write a plaintext to encrypt in a marker
+		if plain, ok := EtcvaultPlain(plaintext); ok {
+			plaintext = plain
+		}
+	}
 	k := r.keys[0]
 	k.stats.encryptions.Add(1)
 	if k.aead == nil {
@@ -225,15 +240,39 @@ type Read struct {
 
 // Decrypt returns the plaintext of a value stored under etcdKey. A value that does not decrypt is an error,
 // never the value as it is, unless it is plaintext and the keyring has the identity provider.
+//
+// With the etcvault provider, etcvault's encrypted values decrypt (stale, whatever the etcd key: etcvault bound
+// them to none), and its write markers stored as they are read as the plaintext they hold where plaintext reads.
 func (r *Keyring) Decrypt(etcdKey, stored []byte) ([]byte, Read, error) {
+	if r.etcvault != nil && isEtcvault(stored) {
+		k := r.etcvault
+		plain, err := k.openEtcvault(stored)
+		if err != nil {
+			k.stats.failures.Add(1)
+			return nil, Read{}, err
+		}
+		k.stats.decryptions.Add(1)
+		k.stats.stale.Add(1)
+		if plain == nil {
+			plain = []byte{}
+		}
+		return plain, Read{Key: k.name, Stale: true}, nil
+	}
 	if !bytes.HasPrefix(stored, []byte(family)) {
 		if r.identity == nil {
 			r.unattributed.Add(1)
 			return nil, Read{}, ErrNotEncrypted
 		}
 		k := r.identity
+		marker := false
+		if r.etcvault != nil {
+			var plain []byte
+			if plain, marker = EtcvaultPlain(stored); marker {
+				stored = plain
+			}
+		}
 		k.stats.decryptions.Add(1)
-		stale := k != r.keys[0]
+		stale := k != r.keys[0] || marker
 		if stale {
 			k.stats.stale.Add(1)
 		}
