@@ -54,6 +54,7 @@ func rewrap(args []string, stdout, stderr io.Writer) int {
 		return nil
 	})
 	plaintext := fs.Bool("encryption-read-plaintext", false, "encrypt the values that are not encrypted too")
+	etcvault := fs.String("etcvault-keychain", "", "etcvault's keychain directory (NAME.pem): encrypt etcvault's values too")
 	dryRun := fs.Bool("dry-run", false, "count what would be rewrapped, change nothing")
 	user := fs.String("user", "", "etcd user[:password] when the cluster has auth on")
 	var tlsInfo transport.TLSInfo
@@ -92,6 +93,14 @@ func rewrap(args []string, stdout, stderr io.Writer) int {
 	}
 	if *plaintext {
 		keys = append(keys, crypt.IdentityKey())
+	}
+	if *etcvault != "" {
+		k, err := crypt.LoadEtcvaultKeychain(*etcvault)
+		if err != nil {
+			problems = append(problems, fmt.Errorf("--etcvault-keychain: %w", err))
+		} else {
+			keys = append(keys, k)
+		}
 	}
 	var ring *crypt.Keyring
 	if len(keys) > 0 {

@@ -170,3 +170,10 @@ func (k *Key) openEtcvault(stored []byte) ([]byte, error) {
 	}
 	return nil, fmt.Errorf("%w: etcvault form %q", ErrMalformed, form)
 }
+
+// Fresh is the same key with counts of its own, for another keyring: a keyring counts what its keys do, and
+// one key in two keyrings would be counted twice where they are added up.
+func (k *Key) Fresh() *Key {
+	return &Key{name: k.name, provider: k.provider, aead: k.aead, header: k.header, parentHeader: k.parentHeader,
+		etcvault: k.etcvault}
+}

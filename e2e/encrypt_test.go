@@ -932,3 +932,130 @@ func TestEncryptConfig(t *testing.T) {
 		t.Errorf("after a failed reload /a/z is stored with %s; want c, as before", k)
 	}
 }
+
+// TestEncryptEtcvault: values etcvault v0.3.1 stored (crypt/testdata/etcvault, made with etcvault itself, both
+// forms), in the v3 store and the v2 store, read as their plaintext through a proxy given etcvault's keychain,
+// v3 and v2 alike; etcvault's write markers written through it are stored in the new format; rewrap (v3 and
+// --api 2) turns every etcvault value into the new format, after which a proxy without the keychain reads them.
+func TestEncryptEtcvault(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 60*time.Second)
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx, harness.WithMembers(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	keychain := filepath.Join("..", "crypt", "testdata", "etcvault", "keychain")
+	data, err := os.ReadFile(filepath.Join("..", "crypt", "testdata", "etcvault", "vectors.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var vectors []struct{ Name, Plaintext, Stored string }
+	if err := json.Unmarshal(data, &vectors); err != nil {
+		t.Fatal(err)
+	}
+	keyFile := filepath.Join(t.TempDir(), "k1.key")
+	if code, out, errOut := runCLI("keygen", "--out", keyFile, "--name", "k1"); code != 0 {
+		t.Fatalf("keygen: %d %s %s", code, out, errOut)
+	}
+	start := func(etcvault string) (*clientv3.Client, string) {
+		t.Helper()
+		p, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
+			cfg.EncryptPrefixes, cfg.EncryptionKeyFiles, cfg.EtcvaultKeychain = []string{"/ev/"}, []string{keyFile}, etcvault
+		}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cl, err := clientv3.New(clientv3.Config{Endpoints: p.Endpoint.URLs, Logger: zap.NewNop()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = cl.Close() })
+		return cl, p.Endpoint.URLs[0] + "/v2/keys"
+	}
+	direct, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer direct.Close()
+	hc := &http.Client{Timeout: 10 * time.Second}
+	member := c.Members[0].ClientURL + "/v2/keys"
+	v2get := func(u string) (int, string) {
+		code, b := do(ctx, hc, http.MethodGet, u, "")
+		var ev struct {
+			Node struct{ Value string } `json:"node"`
+		}
+		if err := json.Unmarshal([]byte(b), &ev); err != nil || code != http.StatusOK {
+			return code, b
+		}
+		return code, ev.Node.Value
+	}
+	want := map[string]string{}
+	for _, v := range vectors {
+		want["/ev/"+v.Name] = v.Plaintext
+		if _, err := direct.Put(ctx, "/ev/"+v.Name, v.Stored); err != nil {
+			t.Fatal(err)
+		}
+		if code, b := do(ctx, hc, http.MethodPut, member+"/ev/"+v.Name, url.Values{"value": {v.Stored}}.Encode()); code != http.StatusCreated {
+			t.Fatalf("v2 PUT to the member: %d %s", code, b)
+		}
+	}
+
+	cl, v2 := start(keychain)
+	r, err := cl.Get(ctx, "/ev/", clientv3.WithPrefix())
+	if err != nil || len(r.Kvs) != len(vectors) {
+		t.Fatalf("v3 range through the proxy: %v, %v", err, r)
+	}
+	for _, kv := range r.Kvs {
+		if string(kv.Value) != want[string(kv.Key)] {
+			t.Errorf("v3 %s = %.40q; want %.40q", kv.Key, kv.Value, want[string(kv.Key)])
+		}
+	}
+	for k, w := range want {
+		if code, got := v2get(v2 + k); code != http.StatusOK || got != w {
+			t.Errorf("v2 %s: %d %.60q; want %.40q", k, code, got, w)
+		}
+	}
+	// etcvault's write markers: stored in the new format, read as the plaintext.
+	if _, err := cl.Put(ctx, "/ev/marker3", "ETCVAULT::plain:etcvault-test:hello::ETCVAULT"); err != nil {
+		t.Fatal(err)
+	}
+	if code, b := do(ctx, hc, http.MethodPut, v2+"/ev/marker2", url.Values{"value": {"ETCVAULT::plain:etcvault-test:hi::ETCVAULT"}}.Encode()); code != http.StatusCreated {
+		t.Fatalf("v2 PUT of a marker: %d %s", code, b)
+	}
+	want["/ev/marker3"] = "hello"
+	if code, got := v2get(v2 + "/ev/marker2"); code != http.StatusOK || got != "hi" {
+		t.Errorf("v2 marker read back: %d %q", code, got)
+	}
+	if code, got := v2get(member + "/ev/marker2"); code != http.StatusOK || !strings.HasPrefix(got, "epp:enc:v1:xchacha20poly1305:k1:") {
+		t.Errorf("the member stores the v2 marker as %d %.40q", code, got)
+	}
+
+	// Rewrap both stores; then a proxy without the keychain reads everything, and the member holds no
+	// etcvault value.
+	for _, api := range []string{"3", "2"} {
+		code, out, errOut := runCLI("rewrap", "--upstream", c.Endpoint().URLs[0], "--prefix", "/ev/", "--api", api,
+			"--encryption-key-file", keyFile, "--etcvault-keychain", keychain)
+		if code != 0 || !strings.Contains(out, fmt.Sprintf("stale %d,", len(vectors))) || !strings.Contains(out, "failed to decrypt 0") {
+			t.Fatalf("rewrap --api %s: exit %d, %q, %q", api, code, out, errOut)
+		}
+	}
+	plainCli, plainV2 := start("")
+	r, err = plainCli.Get(ctx, "/ev/", clientv3.WithPrefix())
+	if err != nil || len(r.Kvs) != len(want) {
+		t.Fatalf("v3 after rewrap: %v, %v", err, r)
+	}
+	for _, kv := range r.Kvs {
+		if string(kv.Value) != want[string(kv.Key)] {
+			t.Errorf("v3 %s after rewrap = %.40q; want %.40q", kv.Key, kv.Value, want[string(kv.Key)])
+		}
+	}
+	for _, v := range vectors {
+		if code, got := v2get(plainV2 + "/ev/" + v.Name); code != http.StatusOK || got != v.Plaintext {
+			t.Errorf("v2 %s after rewrap: %d %.60q", v.Name, code, got)
+		}
+		if _, got := v2get(member + "/ev/" + v.Name); !strings.HasPrefix(got, "epp:enc:v1:") {
+			t.Errorf("v2 %s is stored as %.40q after rewrap", v.Name, got)
+		}
+	}
+}

@@ -332,6 +332,34 @@ func TestEncryptionFlags(t *testing.T) {
 		!strings.Contains(err.Error(), "--encrypt-prefix needs --encryption-key-file") {
 		t.Errorf("a prefix without a key: %v", err)
 	}
+	// --etcvault-keychain: with either way of naming prefixes, from the environment too; its problems.
+	keychain := filepath.Join("..", "crypt", "testdata", "etcvault", "keychain")
+	c = parse([]string{"--encrypt-prefix", "/s/", "--encryption-key-file", good}, map[string]string{"ETCD_PROXY_PROXY_ETCVAULT_KEYCHAIN": keychain})
+	if err := c.Validate(); err != nil || c.EtcvaultKeychain != keychain {
+		t.Errorf("--etcvault-keychain from the environment: %v, %q", err, c.EtcvaultKeychain)
+	}
+	if ring, errs := c.encryptionKeyring(); errs != nil || len(ring.Keys()) != 2 || ring.Keys()[1].Provider() != crypt.Etcvault {
+		t.Errorf("the keyring of --etcvault-keychain: %v", errs)
+	}
+	conf := filepath.Join(dir, "enc.yaml")
+	if err := os.WriteFile(conf, []byte("resources:\n- prefixes: [/a/]\n  providers: [{keyFile: "+good+"}]\n"+
+		"- prefixes: [/b/]\n  providers: [{keyFile: "+good+"}]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rs, _, errs := loadEncryptionConfig(conf, keychain)
+	if errs != nil || len(rs) != 2 || rs[0].Keys.Keys()[1] == rs[1].Keys.Keys()[1] || rs[1].Keys.Keys()[1].Provider() != crypt.Etcvault {
+		t.Errorf("--encryption-config with --etcvault-keychain: %v; want each resource its own etcvault provider", errs)
+	}
+	err = parse([]string{"--etcvault-keychain", keychain}, nil).Validate()
+	if err == nil || !strings.Contains(err.Error(), "--etcvault-keychain needs --encrypt-prefix or --encryption-config") {
+		t.Errorf("a keychain alone: %v", err)
+	}
+	for _, args := range [][]string{{"--encrypt-prefix", "/s/", "--encryption-key-file", good}, {"--encryption-config", conf}} {
+		err = parse(append(args, "--etcvault-keychain", dir), nil).Validate()
+		if err == nil || !strings.Contains(err.Error(), "--etcvault-keychain: "+dir+": no <name>.pem key in the keychain") {
+			t.Errorf("%q with an empty keychain: %v", args, err)
+		}
+	}
 }
 
 // TestEncryptionConfigFile: --encryption-config's problems, all in one message; the example in the repository
@@ -372,7 +400,7 @@ func TestEncryptionConfigFile(t *testing.T) {
 		!strings.Contains(err.Error(), `unknown field "provider"`) {
 		t.Errorf("a misspelt field: %v", err)
 	}
-	_, _, errs := loadEncryptionConfig(filepath.Join("..", "examples", "encryption", "encryption.yaml"))
+	_, _, errs := loadEncryptionConfig(filepath.Join("..", "examples", "encryption", "encryption.yaml"), "")
 	if len(errs) != 3 {
 		t.Errorf("the example: %v; want the three missing key files alone", errs)
 	}

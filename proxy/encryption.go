@@ -95,11 +95,16 @@ type encryptionConfigFile struct {
 	} `json:"resources"`
 }
 
-// loadEncryptionConfig reads --encryption-config and the key files it names, reporting every problem.
-func loadEncryptionConfig(file string) ([]rules.EncryptResource, []string, []error) {
+// loadEncryptionConfig reads --encryption-config and the key files it names, reporting every problem; with
+// etcvaultDir (--etcvault-keychain), every resource also reads etcvault's values.
+func loadEncryptionConfig(file, etcvaultDir string) ([]rules.EncryptResource, []string, []error) {
 	data, err := os.ReadFile(file)
 	if err != nil {
 		return nil, nil, []error{fmt.Errorf("--encryption-config: %w", err)}
+	}
+	ev, err := loadEtcvaultKeychain(etcvaultDir)
+	if err != nil {
+		return nil, nil, []error{err}
 	}
 	var cf encryptionConfigFile
 	if err := yaml.UnmarshalStrict(data, &cf); err != nil {
@@ -148,6 +153,9 @@ func loadEncryptionConfig(file string) ([]rules.EncryptResource, []string, []err
 			}
 		}
 		if len(keys) == len(r.Providers) && len(keys) > 0 {
+			if ev != nil {
+				keys = append(keys, ev.Fresh())
+			}
 			ring, err := crypt.NewKeyring(keys...)
 			if err != nil {
 				add("resources[%d]: %v", i, err)
@@ -162,12 +170,25 @@ func loadEncryptionConfig(file string) ([]rules.EncryptResource, []string, []err
 	return out, files, nil
 }
 
+// loadEtcvaultKeychain reads --etcvault-keychain; nil without one.
+func loadEtcvaultKeychain(dir string) (*crypt.Key, error) {
+	if dir == "" {
+		return nil, nil
+	}
+	k, err := crypt.LoadEtcvaultKeychain(dir)
+	if err != nil {
+		return nil, fmt.Errorf("--etcvault-keychain: %w", err)
+	}
+	return k, nil
+}
+
 // encryptionReloader re-reads --encryption-config and its key files on SIGHUP and when they change; a reload
 // that fails keeps what was loaded before, and logs why.
 type encryptionReloader struct {
-	file string
-	rule *rules.Encrypt
-	log  *slog.Logger
+	file        string
+	etcvaultDir string // --etcvault-keychain, read again with the file
+	rule        *rules.Encrypt
+	log         *slog.Logger
 
 	mu     sync.Mutex
 	files  []string // the config and the key files it named when last read
@@ -197,7 +218,7 @@ func (r *encryptionReloader) reload(onlyIfChanged bool) error {
 		return nil
 	}
 	r.stamps = stamps
-	rs, files, errs := loadEncryptionConfig(r.file)
+	rs, files, errs := loadEncryptionConfig(r.file, r.etcvaultDir)
 	if errs != nil {
 		err := errors.Join(errs...)
 		r.log.Error("encryption configuration reload failed; keeping the previous keys", "err", err)
