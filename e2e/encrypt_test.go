@@ -851,7 +851,8 @@ func TestEncryptConfig(t *testing.T) {
 		}
 	}
 	write("resources:\n- prefixes: [/a/]\n  providers: [{keyFile: " + ka + "}]\n" +
-		"- prefixes: [/b/, /a/b/]\n  providers: [{keyFile: " + kb + "}, {identity: {}}]\n")
+		"- prefixes: [/b/, /a/b/]\n  providers: [{keyFile: " + kb + "}, {identity: {}}]\n" +
+		"- prefixes: [/raw/]\n  on-decrypt-error: raw\n  providers: [{keyFile: " + ka + "}]\n")
 	p, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
 		cfg.EncryptionConfig = conf
 		cfg.CertReloadInterval = 50 * time.Millisecond
@@ -907,6 +908,24 @@ func TestEncryptConfig(t *testing.T) {
 	}
 	if v, err := get("/b/plain"); err != nil || v != "p" {
 		t.Errorf("plaintext under an identity provider: %q, %v", v, err)
+	}
+	// on-decrypt-error: raw passes what does not decrypt as stored (a value of /a/ moved here, plaintext).
+	r, err := direct.Get(ctx, "/a/x")
+	if err != nil || len(r.Kvs) != 1 {
+		t.Fatal(err)
+	}
+	moved := string(r.Kvs[0].Value)
+	for k, v := range map[string]string{"/raw/moved": moved, "/raw/plain": "p"} {
+		if _, err := direct.Put(ctx, k, v); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := get(k); err != nil || got != v {
+			t.Errorf("%s under on-decrypt-error: raw: %.40q, %v; want it as stored", k, got, err)
+		}
+	}
+	put("/raw/good", "g")
+	if v, err := get("/raw/good"); err != nil || v != "g" || keyOf("/raw/good") != "a" {
+		t.Errorf("a good value under on-decrypt-error: raw: %q, %v", v, err)
 	}
 
 	// Rotation of /a/: c first, a behind it.

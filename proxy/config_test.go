@@ -343,12 +343,15 @@ func TestEncryptionFlags(t *testing.T) {
 	}
 	conf := filepath.Join(dir, "enc.yaml")
 	if err := os.WriteFile(conf, []byte("resources:\n- prefixes: [/a/]\n  providers: [{keyFile: "+good+"}]\n"+
-		"- prefixes: [/b/]\n  providers: [{keyFile: "+good+"}]\n"), 0o600); err != nil {
+		"- prefixes: [/b/]\n  on-decrypt-error: raw\n  providers: [{keyFile: "+good+"}]\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	rs, _, errs := loadEncryptionConfig(conf, keychain)
 	if errs != nil || len(rs) != 2 || rs[0].Keys.Keys()[1] == rs[1].Keys.Keys()[1] || rs[1].Keys.Keys()[1].Provider() != crypt.Etcvault {
-		t.Errorf("--encryption-config with --etcvault-keychain: %v; want each resource its own etcvault provider", errs)
+		t.Fatalf("--encryption-config with --etcvault-keychain: %v; want each resource its own etcvault provider", errs)
+	}
+	if rs[0].RawOnDecryptError || !rs[1].RawOnDecryptError {
+		t.Errorf("on-decrypt-error: raw read as %v, %v; want false, true", rs[0].RawOnDecryptError, rs[1].RawOnDecryptError)
 	}
 	err = parse([]string{"--etcvault-keychain", keychain}, nil).Validate()
 	if err == nil || !strings.Contains(err.Error(), "--etcvault-keychain needs --encrypt-prefix or --encryption-config") {
@@ -379,6 +382,7 @@ func TestEncryptionConfigFile(t *testing.T) {
 - prefixes: [/a/, /b/]
   providers: [{identity: {}, keyFile: `+key+`}, {}]
 - prefixes: []
+  on-decrypt-error: maybe
   providers: [{keyFile: `+filepath.Join(dir, "missing.key")+`}]
 `), 0o600); err != nil {
 		t.Fatal(err)
@@ -388,7 +392,7 @@ func TestEncryptionConfigFile(t *testing.T) {
 	for _, w := range []string{"--encryption-config excludes --encrypt-prefix",
 		"resources[0]: key k appears twice", `resources[1]: prefix "/a/" is also in resources[0]`,
 		"resources[1].providers[0]: want one of keyFile, identity", "resources[1].providers[1]: want one of keyFile, identity",
-		"resources[2]: no prefixes", "resources[2].providers[0]: open " + filepath.Join(dir, "missing.key")} {
+		"resources[2]: no prefixes", `resources[2]: on-decrypt-error "maybe": want fail or raw`, "resources[2].providers[0]: open " + filepath.Join(dir, "missing.key")} {
 		if err == nil || !strings.Contains(err.Error(), w) {
 			t.Errorf("missing %q in:\n%v", w, err)
 		}
@@ -401,8 +405,8 @@ func TestEncryptionConfigFile(t *testing.T) {
 		t.Errorf("a misspelt field: %v", err)
 	}
 	_, _, errs := loadEncryptionConfig(filepath.Join("..", "examples", "encryption", "encryption.yaml"), "")
-	if len(errs) != 3 {
-		t.Errorf("the example: %v; want the three missing key files alone", errs)
+	if len(errs) != 4 {
+		t.Errorf("the example: %v; want the four missing key files alone", errs)
 	}
 	for _, err := range errs {
 		if !strings.Contains(err.Error(), "no such file or directory") {

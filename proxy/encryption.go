@@ -87,8 +87,11 @@ func encryptRuleOf(rs []rules.Rule) *rules.Encrypt {
 // providers in order — the first encrypts, all decrypt.
 type encryptionConfigFile struct {
 	Resources []struct {
-		Prefixes  []string `json:"prefixes"`
-		Providers []struct {
+		Prefixes []string `json:"prefixes"`
+		// OnDecryptError is what a read of a value that does not decrypt gets: fail (the default), or raw:
+		// the value as stored, for a migration.
+		OnDecryptError string `json:"on-decrypt-error,omitempty"`
+		Providers      []struct {
 			KeyFile  string    `json:"keyFile,omitempty"`
 			Identity *struct{} `json:"identity,omitempty"`
 		} `json:"providers"`
@@ -135,6 +138,9 @@ func loadEncryptionConfig(file, etcvaultDir string) ([]rules.EncryptResource, []
 		if len(r.Providers) == 0 {
 			add("resources[%d]: no providers", i)
 		}
+		if r.OnDecryptError != "" && r.OnDecryptError != "fail" && r.OnDecryptError != "raw" {
+			add("resources[%d]: on-decrypt-error %q: want fail or raw", i, r.OnDecryptError)
+		}
 		var keys []*crypt.Key
 		for j, p := range r.Providers {
 			switch {
@@ -161,7 +167,7 @@ func loadEncryptionConfig(file, etcvaultDir string) ([]rules.EncryptResource, []
 				add("resources[%d]: %v", i, err)
 				continue
 			}
-			out = append(out, rules.EncryptResource{Prefixes: r.Prefixes, Keys: ring})
+			out = append(out, rules.EncryptResource{Prefixes: r.Prefixes, Keys: ring, RawOnDecryptError: r.OnDecryptError == "raw"})
 		}
 	}
 	if errs != nil {

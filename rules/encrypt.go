@@ -77,12 +77,17 @@ type Encrypt struct {
 type EncryptResource struct {
 	Prefixes []string
 	Keys     *crypt.Keyring
+	// RawOnDecryptError passes a value that does not decrypt as it is stored instead of failing the read (for
+	// a migration; the keyring counts it as failed all the same). False fails closed.
+	RawOnDecryptError bool
 }
 
-// encryptState is what the rule encrypts with: every prefix with its keyring, longest first.
+// encryptState is what the rule encrypts with: every prefix with its keyring and RawOnDecryptError, longest
+// first.
 type encryptState struct {
 	prefixes []string
 	keys     []*crypt.Keyring
+	raw      []bool
 }
 
 // current is the state in use: Resources (or Prefixes and Keys) until SetResources replaces them.
@@ -104,6 +109,7 @@ func newEncryptState(rs []EncryptResource) *encryptState {
 		for _, p := range r.Prefixes {
 			st.prefixes = append(st.prefixes, p)
 			st.keys = append(st.keys, r.Keys)
+			st.raw = append(st.raw, r.RawOnDecryptError)
 		}
 	}
 	idx := make([]int, len(st.prefixes))
@@ -115,6 +121,7 @@ func newEncryptState(rs []EncryptResource) *encryptState {
 	for _, i := range idx {
 		sorted.prefixes = append(sorted.prefixes, st.prefixes[i])
 		sorted.keys = append(sorted.keys, st.keys[i])
+		sorted.raw = append(sorted.raw, st.raw[i])
 	}
 	return sorted
 }
@@ -210,13 +217,36 @@ func (e *Encrypt) Serve(s Stream, next Handler) error {
 
 // keysFor is the keyring of key's value, nil when it is not encrypted.
 func (e *Encrypt) keysFor(key []byte) *crypt.Keyring {
+	keys, _ := e.resourceFor(key)
+	return keys
+}
+
+// resourceFor is the keyring of key's value (nil when it is not encrypted) and whether a value of it that does
+// not decrypt passes as it is stored.
+func (e *Encrypt) resourceFor(key []byte) (*crypt.Keyring, bool) {
 	st := e.current()
 	for i, p := range st.prefixes {
 		if bytes.HasPrefix(key, []byte(p)) {
-			return st.keys[i]
+			return st.keys[i], st.raw[i]
 		}
 	}
-	return nil
+	return nil, false
+}
+
+// open decrypts a value stored under key: its plaintext; or, when it does not decrypt, an error, or the value
+// as stored where its resource says RawOnDecryptError (counted as failed by the keyring all the same). keys is
+// the keyring of key, raw its resource's RawOnDecryptError.
+func (e *Encrypt) open(keys *crypt.Keyring, raw bool, key, stored []byte) ([]byte, error) {
+	plain, _, err := keys.Decrypt(key, stored)
+	if err == nil {
+		return plain, nil
+	}
+	if raw {
+		e.log().Warn("value does not decrypt; passed as stored (on-decrypt-error: raw)", "key", string(key), "err", err)
+		return stored, nil
+	}
+	e.log().Warn("value does not decrypt", "key", string(key), "err", err)
+	return nil, errDecrypt{plaintext: errors.Is(err, crypt.ErrNotEncrypted)}
 }
 
 // under reports whether key's value is encrypted.
@@ -356,14 +386,13 @@ func (e *Encrypt) decrypt(kv *mvccpb.KeyValue) error {
 	if kv == nil {
 		return nil
 	}
-	keys := e.keysFor(kv.Key)
+	keys, raw := e.resourceFor(kv.Key)
 	if keys == nil {
 		return nil
 	}
-	plain, _, err := keys.Decrypt(kv.Key, kv.Value)
+	plain, err := e.open(keys, raw, kv.Key, kv.Value)
 	if err != nil {
-		e.log().Warn("value does not decrypt", "key", string(kv.Key), "err", err)
-		return errDecrypt{plaintext: errors.Is(err, crypt.ErrNotEncrypted)}
+		return err
 	}
 	kv.Value = plain
 	return nil

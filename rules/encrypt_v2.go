@@ -232,11 +232,10 @@ func (e *Encrypt) v2Node(n *v2store.NodeExtern) error {
 	if n == nil {
 		return nil
 	}
-	if keys := e.keysFor([]byte(n.Key)); n.Value != nil && !n.Dir && keys != nil {
-		plain, _, err := keys.Decrypt([]byte(n.Key), []byte(*n.Value))
+	if keys, raw := e.resourceFor([]byte(n.Key)); n.Value != nil && !n.Dir && keys != nil {
+		plain, err := e.open(keys, raw, []byte(n.Key), []byte(*n.Value))
 		if err != nil {
-			e.log().Warn("value does not decrypt", "key", n.Key, "err", err)
-			return errDecrypt{plaintext: errors.Is(err, crypt.ErrNotEncrypted)}
+			return err
 		}
 		s := string(plain)
 		n.Value = &s
