@@ -175,5 +175,5 @@ func (k *Key) openEtcvault(stored []byte) ([]byte, error) {
 // one key in two keyrings would be counted twice where they are added up.
 func (k *Key) Fresh() *Key {
 	return &Key{name: k.name, provider: k.provider, aead: k.aead, header: k.header, parentHeader: k.parentHeader,
-		etcvault: k.etcvault}
+		siv: k.siv, sivHeader: k.sivHeader, etcvault: k.etcvault}
 }

@@ -16,7 +16,10 @@ func FuzzDecrypt(f *testing.F) {
 	good, _ := strict.Encrypt([]byte("/a"), []byte("value"))
 	inDir, _ := strict.EncryptInDir([]byte("/"), []byte("value"))
 	f.Add([]byte("/a"), inDir)
-	for _, s := range [][]byte{good, []byte("plain"), []byte("epp:enc:v1:xchacha20poly1305:k1:"),
+	det, _ := crypt.NewDeterministicKeyring(k)
+	sivValue, _ := det.Encrypt([]byte("/a"), []byte("value"))
+	f.Add([]byte("/a"), sivValue)
+	for _, s := range [][]byte{good, []byte("plain"), []byte("epp:enc:v1:xchacha20poly1305:k1:"), []byte("epp:enc:v1:aes-siv-parent:k1:AAAA"),
 		[]byte("epp:enc:v1:xchacha20poly1305:k1:====="), []byte("epp:enc:v1::"), []byte("epp:enc:")} {
 		f.Add([]byte("/a"), s)
 	}
@@ -41,23 +44,34 @@ func FuzzDecrypt(f *testing.F) {
 	})
 }
 
-// FuzzRoundTrip: what is encrypted decrypts under its etcd key only.
+// FuzzRoundTrip: what is encrypted decrypts under its etcd key only, in both modes; the deterministic one
+// writes the same value twice.
 func FuzzRoundTrip(f *testing.F) {
-	r := newRing(f, newKey(f, "k1", 1))
+	k := newKey(f, "k1", 1)
+	det, err := crypt.NewDeterministicKeyring(k)
+	if err != nil {
+		f.Fatal(err)
+	}
+	rings := []*crypt.Keyring{newRing(f, k), det}
 	f.Add([]byte("/a"), []byte("/b"), []byte("value"))
 	f.Add([]byte{}, []byte{0}, []byte{})
 	f.Fuzz(func(t *testing.T, key, otherKey, plain []byte) {
-		stored, err := r.Encrypt(key, plain)
-		if err != nil {
-			t.Fatal(err)
-		}
-		got, _, err := r.Decrypt(key, stored)
-		if err != nil || !bytes.Equal(got, plain) {
-			t.Fatalf("round trip of %q: %q, %v", plain, got, err)
-		}
-		if !bytes.Equal(key, otherKey) {
-			if got, _, err := r.Decrypt(otherKey, stored); err == nil {
-				t.Fatalf("a value of %q decrypted under %q: %q", key, otherKey, got)
+		for _, r := range rings {
+			stored, err := r.Encrypt(key, plain)
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, _, err := r.Decrypt(key, stored)
+			if err != nil || !bytes.Equal(got, plain) {
+				t.Fatalf("round trip of %q: %q, %v", plain, got, err)
+			}
+			if !bytes.Equal(key, otherKey) {
+				if got, _, err := r.Decrypt(otherKey, stored); err == nil {
+					t.Fatalf("a value of %q decrypted under %q: %q", key, otherKey, got)
+				}
+			}
+			if again, _ := r.Encrypt(key, plain); r.Deterministic() != bytes.Equal(again, stored) {
+				t.Fatalf("deterministic %v, twice: %q %q", r.Deterministic(), stored, again)
 			}
 		}
 	})

@@ -1078,3 +1078,117 @@ func TestEncryptEtcvault(t *testing.T) {
 		}
 	}
 }
+
+// TestEncryptDeterministic: under a resource with deterministic: true, a member stores AES-SIV values and a
+// compare on a value works through the proxy against a real member, v3 (Compare EQUAL and NOT_EQUAL in a
+// txn) and v2 (prevValue); what still cannot work (GREATER, a compare over a range, a prefix that is not
+// deterministic) is refused.
+func TestEncryptDeterministic(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 60*time.Second)
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx, harness.WithMembers(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	keyFile := filepath.Join(dir, "a.key")
+	if code, out, errOut := runCLI("keygen", "--out", keyFile, "--name", "a"); code != 0 {
+		t.Fatalf("keygen: %d %s %s", code, out, errOut)
+	}
+	conf := filepath.Join(dir, "encryption.yaml")
+	if err := os.WriteFile(conf, []byte("resources:\n- prefixes: [/d/]\n  deterministic: true\n  providers: [{keyFile: "+keyFile+"}]\n"+
+		"- prefixes: [/r/]\n  providers: [{keyFile: "+keyFile+"}]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) { cfg.EncryptionConfig = conf }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl, err := clientv3.New(clientv3.Config{Endpoints: p.Endpoint.URLs, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	direct, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer direct.Close()
+
+	if _, err := cl.Put(ctx, "/d/k", "v1"); err != nil {
+		t.Fatal(err)
+	}
+	txn := func(cmp clientv3.Cmp, then string) (bool, error) {
+		r, err := cl.Txn(ctx).If(cmp).Then(clientv3.OpPut("/d/k", then)).Commit()
+		if err != nil {
+			return false, err
+		}
+		return r.Succeeded, nil
+	}
+	for _, step := range []struct {
+		name string
+		cmp  clientv3.Cmp
+		then string
+		want bool
+	}{
+		{"equal", clientv3.Compare(clientv3.Value("/d/k"), "=", "v1"), "v2", true},
+		{"equal, no longer", clientv3.Compare(clientv3.Value("/d/k"), "=", "v1"), "v3", false},
+		{"not equal", clientv3.Compare(clientv3.Value("/d/k"), "!=", "v1"), "v4", true},
+		{"not equal, the same", clientv3.Compare(clientv3.Value("/d/k"), "!=", "v4"), "v5", false},
+	} {
+		if ok, err := txn(step.cmp, step.then); err != nil || ok != step.want {
+			t.Errorf("%s: succeeded %v, %v; want %v", step.name, ok, err, step.want)
+		}
+	}
+	r, err := direct.Get(ctx, "/d/k")
+	if err != nil || len(r.Kvs) != 1 || !strings.HasPrefix(string(r.Kvs[0].Value), "epp:enc:v1:aes-siv:a:") {
+		t.Fatalf("the member stores %v, %v", r, err)
+	}
+	if g, err := cl.Get(ctx, "/d/k"); err != nil || string(g.Kvs[0].Value) != "v4" {
+		t.Fatalf("read through the proxy: %v, %v; want v4", g, err)
+	}
+	for name, cmp := range map[string]clientv3.Cmp{
+		"greater":           clientv3.Compare(clientv3.Value("/d/k"), ">", "a"),
+		"over a range":      clientv3.Compare(clientv3.Value("/d/k"), "=", "v4").WithRange("/d/l"),
+		"not deterministic": clientv3.Compare(clientv3.Value("/r/k"), "=", "v4"),
+	} {
+		if _, err := txn(cmp, "x"); status.Code(err) != codes.InvalidArgument {
+			t.Errorf("%s: %v; want InvalidArgument", name, err)
+		}
+	}
+
+	// rewrap --deterministic leaves deterministic values as they are and makes the others so; without it,
+	// it makes them random again.
+	if _, err := direct.Put(ctx, "/d/plain", "p"); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"rewrap", "--upstream", c.Endpoint().URLs[0], "--prefix", "/d/", "--encryption-key-file", keyFile, "--encryption-read-plaintext"}
+	if code, out, errOut := runCLI(append(args, "--deterministic")...); code != 0 || !strings.Contains(out, "scanned 2, stale 1,") {
+		t.Errorf("rewrap --deterministic: %d %q %q", code, out, errOut)
+	}
+	if ok, err := txn(clientv3.Compare(clientv3.Value("/d/plain"), "=", "p"), "v5"); err != nil || !ok {
+		t.Errorf("a compare on a rewrapped value: %v, %v", ok, err)
+	}
+	if code, out, errOut := runCLI(append(args, "--dry-run")...); code != 0 || !strings.Contains(out, "scanned 2, stale 2,") {
+		t.Errorf("rewrap without --deterministic: %d %q %q; want both stale", code, out, errOut)
+	}
+
+	// v2: prevValue, the compare-and-swap of etcdctl v2 set --swap-with-value.
+	hc := &http.Client{Timeout: 10 * time.Second}
+	v2 := p.Endpoint.URLs[0] + "/v2/keys"
+	for _, step := range []struct {
+		method, path, body string
+		want               int
+	}{
+		{http.MethodPut, "/d/v2", "value=a", http.StatusCreated},
+		{http.MethodPut, "/d/v2?prevValue=a", "value=b", http.StatusOK},
+		{http.MethodPut, "/d/v2", "value=c&prevValue=a", http.StatusPreconditionFailed},
+		{http.MethodDelete, "/d/v2?prevValue=b", "", http.StatusOK},
+		{http.MethodPut, "/r/v2?prevValue=a", "value=b", http.StatusBadRequest},
+	} {
+		if code, b := do(ctx, hc, step.method, v2+step.path, step.body); code != step.want {
+			t.Errorf("%s %s %s: %d %s; want %d", step.method, step.path, step.body, code, b, step.want)
+		}
+	}
+}

@@ -405,8 +405,8 @@ func TestEncryptionConfigFile(t *testing.T) {
 		t.Errorf("a misspelt field: %v", err)
 	}
 	_, _, errs := loadEncryptionConfig(filepath.Join("..", "examples", "encryption", "encryption.yaml"), "")
-	if len(errs) != 4 {
-		t.Errorf("the example: %v; want the four missing key files alone", errs)
+	if len(errs) != 5 {
+		t.Errorf("the example: %v; want the five missing key files alone", errs)
 	}
 	for _, err := range errs {
 		if !strings.Contains(err.Error(), "no such file or directory") {

@@ -91,7 +91,10 @@ type encryptionConfigFile struct {
 		// OnDecryptError is what a read of a value that does not decrypt gets: fail (the default), or raw:
 		// the value as stored, for a migration.
 		OnDecryptError string `json:"on-decrypt-error,omitempty"`
-		Providers      []struct {
+		// Deterministic makes the first provider write deterministic values (AES-SIV), so that a compare on
+		// a value (v3 Compare EQUAL/NOT_EQUAL on one key, v2 prevValue) works on ciphertext.
+		Deterministic bool `json:"deterministic,omitempty"`
+		Providers     []struct {
 			KeyFile  string    `json:"keyFile,omitempty"`
 			Identity *struct{} `json:"identity,omitempty"`
 		} `json:"providers"`
@@ -162,7 +165,11 @@ func loadEncryptionConfig(file, etcvaultDir string) ([]rules.EncryptResource, []
 			if ev != nil {
 				keys = append(keys, ev.Fresh())
 			}
-			ring, err := crypt.NewKeyring(keys...)
+			newRing := crypt.NewKeyring
+			if r.Deterministic {
+				newRing = crypt.NewDeterministicKeyring
+			}
+			ring, err := newRing(keys...)
 			if err != nil {
 				add("resources[%d]: %v", i, err)
 				continue

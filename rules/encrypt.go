@@ -340,12 +340,15 @@ func (e *Encrypt) rangeRequest(r *pb.RangeRequest) error {
 
 // txn encrypts the puts and checks the compares and ranges of a Txn, and of the Txns in it, to any depth.
 func (e *Encrypt) txn(r *pb.TxnRequest) (bool, error) {
+	changed := false
 	for _, c := range r.Compare {
 		if c.Target == pb.Compare_VALUE && e.touches(c.Key, c.RangeEnd) {
-			return false, status.Error(codes.InvalidArgument, msgEncCompareValue)
+			if err := e.compareValue(c); err != nil {
+				return false, err
+			}
+			changed = true
 		}
 	}
-	changed := false
 	for _, ops := range [][]*pb.RequestOp{r.Success, r.Failure} {
 		for _, op := range ops {
 			var (
@@ -367,6 +370,24 @@ func (e *Encrypt) txn(r *pb.TxnRequest) (bool, error) {
 		}
 	}
 	return changed, nil
+}
+
+// compareValue turns a compare on the value of an encrypted key into one on its ciphertext, which works where
+// that key's keyring is deterministic, for EQUAL and NOT_EQUAL on one key: the value is encrypted as a write of
+// it would be. Anything else is refused.
+func (e *Encrypt) compareValue(c *pb.Compare) error {
+	keys := e.keysFor(c.Key)
+	if len(c.RangeEnd) > 0 || keys == nil || !keys.Deterministic() ||
+		(c.Result != pb.Compare_EQUAL && c.Result != pb.Compare_NOT_EQUAL) {
+		return status.Error(codes.InvalidArgument, msgEncCompareValue)
+	}
+	v, err := keys.Encrypt(c.Key, c.GetValue())
+	if err != nil {
+		e.log().Error("encryption failed", "key", string(c.Key), "err", err)
+		return status.Error(codes.Internal, msgEncFailed)
+	}
+	c.TargetUnion = &pb.Compare_Value{Value: v}
+	return nil
 }
 
 // errDecrypt is a read that failed: the status says why.

@@ -112,12 +112,25 @@ func (e *Encrypt) Request(req *http.Request) (*http.Response, error) {
 			req.ContentLength = int64(len(b))
 		}
 	}
+	// prevValue works on ciphertext where the keyring is deterministic: encrypted as a write of it would be.
 	if query.Has("prevValue") || form.Has("prevValue") {
-		return Reply(req, http.StatusBadRequest, msgEncPrevValue), nil
+		if inDir || !keys.Deterministic() {
+			return Reply(req, http.StatusBadRequest, msgEncPrevValue), nil
+		}
 	}
 	seal := func(vs url.Values) (bool, *http.Response) {
+		changed := false
+		if vs.Has("prevValue") {
+			v, err := keys.Encrypt([]byte(key), []byte(vs.Get("prevValue")))
+			if err != nil {
+				e.log().Error("encryption failed", "key", key, "err", err)
+				return false, Reply(req, http.StatusInternalServerError, msgEncFailed)
+			}
+			vs.Set("prevValue", string(v))
+			changed = true
+		}
 		if !vs.Has("value") {
-			return false, nil
+			return changed, nil
 		}
 		var (
 			v   []byte
