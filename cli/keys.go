@@ -68,6 +68,7 @@ func transform(decrypting bool, args []string, stdin io.Reader, stdout, stderr i
 	})
 	key := fs.String("key", "", "the etcd key the value is stored under (v3: the key; v2: the node's path): values are bound to it")
 	plaintext := fs.Bool("read-plaintext", false, "decrypt: a value that is not encrypted is printed as it is, not refused")
+	etcvault := fs.String("etcvault-keychain", "", "etcvault's keychain directory (NAME.pem): decrypt etcvault's values too, encrypt its ETCVAULT::plain: markers")
 	if err := fs.Parse(args); err != nil {
 		return usageStatus(err)
 	}
@@ -87,6 +88,14 @@ func transform(decrypting bool, args []string, stdin io.Reader, stdout, stderr i
 	}
 	if *plaintext {
 		keys = append(keys, crypt.IdentityKey())
+	}
+	if *etcvault != "" {
+		k, err := crypt.LoadEtcvaultKeychain(*etcvault)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("--etcvault-keychain: %w", err))
+		} else {
+			keys = append(keys, k)
+		}
 	}
 	ring, err := crypt.NewKeyring(keys...)
 	if err != nil || errs != nil {

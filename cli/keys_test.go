@@ -68,3 +68,31 @@ func TestKeygenEncryptDecrypt(t *testing.T) {
 		t.Errorf("encrypt without --key: exit %d, want 2", code)
 	}
 }
+
+// TestDecryptEtcvault: decrypt --etcvault-keychain reads a value etcvault stored (crypt/testdata/etcvault),
+// saying it is stale; without the keychain it is refused as plaintext.
+func TestDecryptEtcvault(t *testing.T) {
+	t.Parallel()
+	keyFile := filepath.Join(t.TempDir(), "k.key")
+	if code, _, stderr := run("keygen", "--out", keyFile, "--name", "k"); code != 0 {
+		t.Fatal(stderr)
+	}
+	keychain := filepath.Join("..", "crypt", "testdata", "etcvault", "keychain")
+	data, err := os.ReadFile(filepath.Join("..", "crypt", "testdata", "etcvault", "vectors.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The first vector is "short": hello.
+	stored := strings.SplitN(strings.SplitN(string(data), `"stored": "`, 2)[1], `"`, 2)[0]
+	code, out, stderr := run("decrypt", "--key-file", keyFile, "--etcvault-keychain", keychain, "--key", "/a", stored)
+	if code != 0 || out != "hello" || !strings.Contains(stderr, "read with etcvault, not the first key: stale") {
+		t.Errorf("decrypt of an etcvault value: exit %d, %q, %q", code, out, stderr)
+	}
+	if code, _, _ := run("decrypt", "--key-file", keyFile, "--key", "/a", stored); code != 1 {
+		t.Errorf("without the keychain: exit %d, want 1", code)
+	}
+	if code, _, stderr := run("decrypt", "--key-file", keyFile, "--etcvault-keychain", t.TempDir(), "--key", "/a", stored); code != 2 ||
+		!strings.Contains(stderr, "--etcvault-keychain") {
+		t.Errorf("an empty keychain: exit %d, %q", code, stderr)
+	}
+}

@@ -54,6 +54,8 @@ func rewrap(args []string, stdout, stderr io.Writer) int {
 		return nil
 	})
 	plaintext := fs.Bool("encryption-read-plaintext", false, "encrypt the values that are not encrypted too")
+	deterministic := fs.Bool("deterministic", false, "the prefix's resource has deterministic: true: write its values deterministic (AES-SIV); without it they are made random again")
+	etcvault := fs.String("etcvault-keychain", "", "etcvault's keychain directory (NAME.pem): encrypt etcvault's values too")
 	dryRun := fs.Bool("dry-run", false, "count what would be rewrapped, change nothing")
 	user := fs.String("user", "", "etcd user[:password] when the cluster has auth on")
 	var tlsInfo transport.TLSInfo
@@ -93,10 +95,22 @@ func rewrap(args []string, stdout, stderr io.Writer) int {
 	if *plaintext {
 		keys = append(keys, crypt.IdentityKey())
 	}
+	if *etcvault != "" {
+		k, err := crypt.LoadEtcvaultKeychain(*etcvault)
+		if err != nil {
+			problems = append(problems, fmt.Errorf("--etcvault-keychain: %w", err))
+		} else {
+			keys = append(keys, k)
+		}
+	}
 	var ring *crypt.Keyring
 	if len(keys) > 0 {
 		var err error
-		if ring, err = crypt.NewKeyring(keys...); err != nil {
+		newRing := crypt.NewKeyring
+		if *deterministic {
+			newRing = crypt.NewDeterministicKeyring
+		}
+		if ring, err = newRing(keys...); err != nil {
 			problems = append(problems, err)
 		}
 	}

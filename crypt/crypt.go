@@ -12,9 +12,12 @@ package crypt
 import (
 	"bytes"
 	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path"
 	"regexp"
@@ -22,7 +25,9 @@ import (
 	"strings"
 	"sync/atomic"
 
+	"github.com/tink-crypto/tink-go/v2/daead/subtle"
 	"golang.org/x/crypto/chacha20poly1305"
+	"golang.org/x/crypto/hkdf"
 )
 
 const (
@@ -34,12 +39,20 @@ const (
 	XChaCha = "xchacha20poly1305"
 	// ParentSuffix flags, after the provider, a value bound to the parent of its key (EncryptInDir).
 	ParentSuffix = "-parent"
+	// SIV is the deterministic provider (AES-SIV, RFC 5297, tink-go's): a value encrypts to the same bytes
+	// under the same etcd key, so a compare on a value can be made on its ciphertext. Every key has it, with a
+	// 512-bit secret derived from its own by HKDF-SHA256; a keyring made by NewDeterministicKeyring writes it.
+	SIV = "aes-siv"
+	// sivInfo is the HKDF info that derives a key's AES-SIV secret from its XChaCha20-Poly1305 one.
+	sivInfo = "etcd-proxy-proxy aes-siv v1"
 	// Identity is the provider that stores values as they are.
 	Identity = "identity"
 	// KeySize is the size of a key's secret.
 	KeySize = chacha20poly1305.KeySize
 	// Overhead is what encryption adds to a value before base64: the nonce and the tag.
 	Overhead = chacha20poly1305.NonceSizeX + chacha20poly1305.Overhead
+	// sivOverhead is what SIV adds: its synthetic IV.
+	sivOverhead = 16
 )
 
 // Errors of Decrypt. Each read that fails says which, wrapped.
@@ -68,7 +81,15 @@ type Key struct {
 	// header is Prefix + provider + ":" + name + ":", what every value it encrypts starts with; parentHeader
 	// the same with ParentSuffix.
 	header, parentHeader string
-	stats                keyStats
+	// siv is the key's deterministic AEAD (SIV), with sivHeader, what its values start with.
+	siv interface {
+		EncryptDeterministically(plaintext, ad []byte) ([]byte, error)
+		DecryptDeterministically(ciphertext, ad []byte) ([]byte, error)
+	}
+	sivHeader string
+	// etcvault holds the RSA keys of etcvault's keychain by name, for the Etcvault provider (etcvault.go).
+	etcvault map[string]*rsa.PrivateKey
+	stats    keyStats
 }
 
 // keyStats counts what a key did.
@@ -86,8 +107,17 @@ func NewKey(name string, secret []byte) (*Key, error) {
 	if err != nil {
 		return nil, fmt.Errorf("key %s: want %d bytes, got %d", name, KeySize, len(secret))
 	}
+	sivSecret := make([]byte, subtle.AESSIVKeySize)
+	if _, err := io.ReadFull(hkdf.New(sha256.New, secret, nil, []byte(sivInfo)), sivSecret); err != nil {
+		return nil, fmt.Errorf("key %s: %w", name, err)
+	}
+	siv, err := subtle.NewAESSIV(sivSecret)
+	if err != nil {
+		return nil, fmt.Errorf("key %s: %w", name, err)
+	}
 	return &Key{name: name, provider: XChaCha, aead: aead, header: Prefix + XChaCha + ":" + name + ":",
-		parentHeader: Prefix + XChaCha + ParentSuffix + ":" + name + ":"}, nil
+		parentHeader: Prefix + XChaCha + ParentSuffix + ":" + name + ":", siv: siv,
+		sivHeader: Prefix + SIV + ":" + name + ":"}, nil
 }
 
 // IdentityKey is the identity provider.
@@ -96,7 +126,7 @@ func IdentityKey() *Key { return &Key{name: Identity, provider: Identity} }
 // Name is the key's name ("identity" for the identity provider).
 func (k *Key) Name() string { return k.name }
 
-// Provider is the key's provider: XChaCha or Identity.
+// Provider is the key's provider: XChaCha, Identity or Etcvault.
 func (k *Key) Provider() string { return k.provider }
 
 // GenerateKeyFile returns the content of a key file holding a new random key called name.
@@ -144,6 +174,9 @@ type Keyring struct {
 	keys     []*Key
 	byHeader map[string]*Key // provider:name
 	identity *Key            // nil: plaintext does not read
+	etcvault *Key            // nil: etcvault's values are plaintext to this keyring
+	// deterministic: the first key writes SIV values (NewDeterministicKeyring).
+	deterministic bool
 	// unattributed counts the failed reads that name no key of the keyring (plaintext refused, unknown key or
 	// version, malformed header).
 	unattributed atomic.Uint64
@@ -161,12 +194,40 @@ func NewKeyring(keys ...*Key) (*Keyring, error) {
 			return nil, fmt.Errorf("key %s appears twice", k.name)
 		}
 		r.byHeader[id] = k
-		if k.provider == Identity {
+		if k.siv != nil {
+			r.byHeader[SIV+":"+k.name] = k
+		}
+		switch k.provider {
+		case Identity:
 			r.identity = k
+		case Etcvault:
+			if k == keys[0] {
+				return nil, errors.New("etcvault's keychain decrypts only: it cannot be the first provider")
+			}
+			r.etcvault = k
 		}
 	}
 	return r, nil
 }
+
+// NewDeterministicKeyring makes a keyring whose first key, which must be an XChaCha20-Poly1305 one, writes
+// deterministic values (SIV, bound to their etcd keys as the others): Encrypt gives the same value for the same
+// plaintext under the same etcd key, which a compare on a value needs. Values in the other format, or of another
+// key, read as stale.
+func NewDeterministicKeyring(keys ...*Key) (*Keyring, error) {
+	r, err := NewKeyring(keys...)
+	if err != nil {
+		return nil, err
+	}
+	if r.keys[0].siv == nil {
+		return nil, fmt.Errorf("the deterministic mode needs a key first, not %s", r.keys[0].provider)
+	}
+	r.deterministic = true
+	return r, nil
+}
+
+// Deterministic reports whether the keyring writes deterministic values (NewDeterministicKeyring).
+func (r *Keyring) Deterministic() bool { return r.deterministic }
 
 // Keys are the keyring's providers, the encrypting one first.
 func (r *Keyring) Keys() []*Key { return r.keys }
@@ -185,6 +246,11 @@ func (r *Keyring) EncryptInDir(dir, plaintext []byte) ([]byte, error) {
 }
 
 func (r *Keyring) seal(ad, plaintext []byte, parent bool) ([]byte, error) {
+	if r.etcvault != nil { // etcvault's clients write a plaintext to encrypt in a marker
+		if plain, ok := EtcvaultPlain(plaintext); ok {
+			plaintext = plain
+		}
+	}
 	k := r.keys[0]
 	k.stats.encryptions.Add(1)
 	if k.aead == nil {
@@ -193,6 +259,13 @@ func (r *Keyring) seal(ad, plaintext []byte, parent bool) ([]byte, error) {
 	header := k.header
 	if parent {
 		header = k.parentHeader
+	} else if r.deterministic {
+		raw, err := k.siv.EncryptDeterministically(plaintext, ad)
+		if err != nil {
+			k.stats.failures.Add(1)
+			return nil, err
+		}
+		return encode(k.sivHeader, raw), nil
 	}
 	raw := make([]byte, chacha20poly1305.NonceSizeX, Overhead+len(plaintext))
 	if _, err := rand.Read(raw); err != nil {
@@ -200,10 +273,15 @@ func (r *Keyring) seal(ad, plaintext []byte, parent bool) ([]byte, error) {
 		return nil, fmt.Errorf("nonce: %w", err)
 	}
 	raw = k.aead.Seal(raw, raw, plaintext, ad)
+	return encode(header, raw), nil
+}
+
+// encode is header‖base64(raw).
+func encode(header string, raw []byte) []byte {
 	out := make([]byte, len(header)+base64.StdEncoding.EncodedLen(len(raw)))
 	copy(out, header)
 	base64.StdEncoding.Encode(out[len(header):], raw)
-	return out, nil
+	return out
 }
 
 // EncryptedLen is the length of what Encrypt stores for a plaintext of n bytes.
@@ -211,6 +289,9 @@ func (r *Keyring) EncryptedLen(n int) int {
 	k := r.keys[0]
 	if k.aead == nil {
 		return n
+	}
+	if r.deterministic {
+		return len(k.sivHeader) + base64.StdEncoding.EncodedLen(sivOverhead+n)
 	}
 	return len(k.header) + base64.StdEncoding.EncodedLen(Overhead+n)
 }
@@ -225,15 +306,39 @@ type Read struct {
 
 // Decrypt returns the plaintext of a value stored under etcdKey. A value that does not decrypt is an error,
 // never the value as it is, unless it is plaintext and the keyring has the identity provider.
+//
+// With the etcvault provider, etcvault's encrypted values decrypt (stale, whatever the etcd key: etcvault bound
+// them to none), and its write markers stored as they are read as the plaintext they hold where plaintext reads.
 func (r *Keyring) Decrypt(etcdKey, stored []byte) ([]byte, Read, error) {
+	if r.etcvault != nil && isEtcvault(stored) {
+		k := r.etcvault
+		plain, err := k.openEtcvault(stored)
+		if err != nil {
+			k.stats.failures.Add(1)
+			return nil, Read{}, err
+		}
+		k.stats.decryptions.Add(1)
+		k.stats.stale.Add(1)
+		if plain == nil {
+			plain = []byte{}
+		}
+		return plain, Read{Key: k.name, Stale: true}, nil
+	}
 	if !bytes.HasPrefix(stored, []byte(family)) {
 		if r.identity == nil {
 			r.unattributed.Add(1)
 			return nil, Read{}, ErrNotEncrypted
 		}
 		k := r.identity
+		marker := false
+		if r.etcvault != nil {
+			var plain []byte
+			if plain, marker = EtcvaultPlain(stored); marker {
+				stored = plain
+			}
+		}
 		k.stats.decryptions.Add(1)
-		stale := k != r.keys[0]
+		stale := k != r.keys[0] || marker
 		if stale {
 			k.stats.stale.Add(1)
 		}
@@ -251,29 +356,42 @@ func (r *Keyring) Decrypt(etcdKey, stored []byte) ([]byte, Read, error) {
 		return nil, Read{}, fmt.Errorf("%w: want %s<provider>:<key>:<base64>", ErrMalformed, Prefix)
 	}
 	ad := etcdKey
+	parent := false
 	if p, ok := bytes.CutSuffix(provider, []byte(ParentSuffix)); ok {
-		provider, ad = p, []byte(path.Dir(string(etcdKey)))
+		provider, ad, parent = p, []byte(path.Dir(string(etcdKey))), true
 	}
 	k := r.byHeader[string(provider)+":"+string(name)]
-	if k == nil || k.aead == nil {
+	deterministic := string(provider) == SIV
+	if k == nil || k.aead == nil || (deterministic && parent) {
 		r.unattributed.Add(1)
 		return nil, Read{}, fmt.Errorf("%w: %q", ErrUnknownKey, string(provider)+":"+string(name))
 	}
+	min := Overhead
+	if deterministic {
+		min = sivOverhead
+	}
 	raw := make([]byte, base64.StdEncoding.DecodedLen(len(payload)))
 	n, err := base64.StdEncoding.Strict().Decode(raw, payload)
-	if err != nil || n < Overhead {
+	if err != nil || n < min {
 		k.stats.failures.Add(1)
 		return nil, Read{}, fmt.Errorf("%w: bad base64 or too short", ErrMalformed)
 	}
 	raw = raw[:n]
-	nonce, ct := raw[:chacha20poly1305.NonceSizeX], raw[chacha20poly1305.NonceSizeX:]
-	plain, err := k.aead.Open(ct[:0], nonce, ct, ad)
+	var plain []byte
+	if deterministic {
+		plain, err = k.siv.DecryptDeterministically(raw, ad)
+	} else {
+		nonce, ct := raw[:chacha20poly1305.NonceSizeX], raw[chacha20poly1305.NonceSizeX:]
+		plain, err = k.aead.Open(ct[:0], nonce, ct, ad)
+	}
 	if err != nil {
 		k.stats.failures.Add(1)
 		return nil, Read{}, ErrAuth
 	}
 	k.stats.decryptions.Add(1)
-	stale := k != r.keys[0]
+	// Stale: another key, or the other format than the keyring writes (a parent-bound value is what an
+	// in-order create writes in either mode).
+	stale := k != r.keys[0] || (deterministic != r.deterministic && !parent)
 	if stale {
 		k.stats.stale.Add(1)
 	}

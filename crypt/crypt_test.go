@@ -219,3 +219,51 @@ func TestEncryptInDir(t *testing.T) {
 		t.Errorf("a value bound to its key, flagged as bound to its directory: %v; want ErrAuth", err)
 	}
 }
+
+// TestDeterministic: a deterministic keyring writes the same SIV value for the same plaintext under the same
+// etcd key, another under another key or of another plaintext; it is bound to its etcd key and authenticated
+// like the other format. Each mode reads the other's values of the same key as stale (rewrap changes them).
+func TestDeterministic(t *testing.T) {
+	t.Parallel()
+	k1 := newKey(t, "k1", 1)
+	det, err := crypt.NewDeterministicKeyring(k1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	random := newRing(t, k1)
+	a1, _ := det.Encrypt([]byte("/a"), []byte("v"))
+	a2, _ := det.Encrypt([]byte("/a"), []byte("v"))
+	b, _ := det.Encrypt([]byte("/b"), []byte("v"))
+	w, _ := det.Encrypt([]byte("/a"), []byte("w"))
+	if !bytes.Equal(a1, a2) || bytes.Equal(a1, b) || bytes.Equal(a1, w) || !strings.HasPrefix(string(a1), "epp:enc:v1:aes-siv:k1:") {
+		t.Fatalf("deterministic values: %q %q %q %q", a1, a2, b, w)
+	}
+	if n := det.EncryptedLen(1); n != len(a1) {
+		t.Errorf("EncryptedLen(1) = %d; stored %d", n, len(a1))
+	}
+	if got, read, err := det.Decrypt([]byte("/a"), a1); err != nil || string(got) != "v" || read.Stale {
+		t.Fatalf("read back: %q %+v %v", got, read, err)
+	}
+	if _, _, err := det.Decrypt([]byte("/b"), a1); !errors.Is(err, crypt.ErrAuth) {
+		t.Errorf("moved: %v, want ErrAuth", err)
+	}
+	bad := bytes.Clone(a1)
+	bad[len(bad)-3] ^= 1
+	if _, _, err := det.Decrypt([]byte("/a"), bad); err == nil {
+		t.Error("a tampered SIV value read")
+	}
+	if got, read, err := random.Decrypt([]byte("/a"), a1); err != nil || string(got) != "v" || !read.Stale {
+		t.Errorf("a SIV value in a random keyring: %q %+v %v; want stale", got, read, err)
+	}
+	r1, _ := random.Encrypt([]byte("/a"), []byte("v"))
+	if got, read, err := det.Decrypt([]byte("/a"), r1); err != nil || string(got) != "v" || !read.Stale {
+		t.Errorf("a random value in a deterministic keyring: %q %+v %v; want stale", got, read, err)
+	}
+	inDir, _ := det.EncryptInDir([]byte("/d"), []byte("v"))
+	if got, read, err := det.Decrypt([]byte("/d/1"), inDir); err != nil || string(got) != "v" || read.Stale {
+		t.Errorf("an in-order value of a deterministic keyring: %q %+v %v", got, read, err)
+	}
+	if _, err := crypt.NewDeterministicKeyring(crypt.IdentityKey(), k1); err == nil {
+		t.Error("identity first in a deterministic keyring")
+	}
+}

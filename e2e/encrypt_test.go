@@ -851,7 +851,8 @@ func TestEncryptConfig(t *testing.T) {
 		}
 	}
 	write("resources:\n- prefixes: [/a/]\n  providers: [{keyFile: " + ka + "}]\n" +
-		"- prefixes: [/b/, /a/b/]\n  providers: [{keyFile: " + kb + "}, {identity: {}}]\n")
+		"- prefixes: [/b/, /a/b/]\n  providers: [{keyFile: " + kb + "}, {identity: {}}]\n" +
+		"- prefixes: [/raw/]\n  on-decrypt-error: raw\n  providers: [{keyFile: " + ka + "}]\n")
 	p, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
 		cfg.EncryptionConfig = conf
 		cfg.CertReloadInterval = 50 * time.Millisecond
@@ -908,6 +909,24 @@ func TestEncryptConfig(t *testing.T) {
 	if v, err := get("/b/plain"); err != nil || v != "p" {
 		t.Errorf("plaintext under an identity provider: %q, %v", v, err)
 	}
+	// on-decrypt-error: raw passes what does not decrypt as stored (a value of /a/ moved here, plaintext).
+	r, err := direct.Get(ctx, "/a/x")
+	if err != nil || len(r.Kvs) != 1 {
+		t.Fatal(err)
+	}
+	moved := string(r.Kvs[0].Value)
+	for k, v := range map[string]string{"/raw/moved": moved, "/raw/plain": "p"} {
+		if _, err := direct.Put(ctx, k, v); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := get(k); err != nil || got != v {
+			t.Errorf("%s under on-decrypt-error: raw: %.40q, %v; want it as stored", k, got, err)
+		}
+	}
+	put("/raw/good", "g")
+	if v, err := get("/raw/good"); err != nil || v != "g" || keyOf("/raw/good") != "a" {
+		t.Errorf("a good value under on-decrypt-error: raw: %q, %v", v, err)
+	}
 
 	// Rotation of /a/: c first, a behind it.
 	write("resources:\n- prefixes: [/a/]\n  providers: [{keyFile: " + kc + "}, {keyFile: " + ka + "}]\n")
@@ -930,5 +949,246 @@ func TestEncryptConfig(t *testing.T) {
 	put("/a/z", "5")
 	if k := keyOf("/a/z"); k != "c" {
 		t.Errorf("after a failed reload /a/z is stored with %s; want c, as before", k)
+	}
+}
+
+// TestEncryptEtcvault: values etcvault v0.3.1 stored (crypt/testdata/etcvault, made with etcvault itself, both
+// forms), in the v3 store and the v2 store, read as their plaintext through a proxy given etcvault's keychain,
+// v3 and v2 alike; etcvault's write markers written through it are stored in the new format; rewrap (v3 and
+// --api 2) turns every etcvault value into the new format, after which a proxy without the keychain reads them.
+func TestEncryptEtcvault(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 60*time.Second)
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx, harness.WithMembers(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	keychain := filepath.Join("..", "crypt", "testdata", "etcvault", "keychain")
+	data, err := os.ReadFile(filepath.Join("..", "crypt", "testdata", "etcvault", "vectors.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var vectors []struct{ Name, Plaintext, Stored string }
+	if err := json.Unmarshal(data, &vectors); err != nil {
+		t.Fatal(err)
+	}
+	keyFile := filepath.Join(t.TempDir(), "k1.key")
+	if code, out, errOut := runCLI("keygen", "--out", keyFile, "--name", "k1"); code != 0 {
+		t.Fatalf("keygen: %d %s %s", code, out, errOut)
+	}
+	start := func(etcvault string) (*clientv3.Client, string) {
+		t.Helper()
+		p, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
+			cfg.EncryptPrefixes, cfg.EncryptionKeyFiles, cfg.EtcvaultKeychain = []string{"/ev/"}, []string{keyFile}, etcvault
+		}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cl, err := clientv3.New(clientv3.Config{Endpoints: p.Endpoint.URLs, Logger: zap.NewNop()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = cl.Close() })
+		return cl, p.Endpoint.URLs[0] + "/v2/keys"
+	}
+	direct, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer direct.Close()
+	hc := &http.Client{Timeout: 10 * time.Second}
+	member := c.Members[0].ClientURL + "/v2/keys"
+	v2get := func(u string) (int, string) {
+		code, b := do(ctx, hc, http.MethodGet, u, "")
+		var ev struct {
+			Node struct{ Value string } `json:"node"`
+		}
+		if err := json.Unmarshal([]byte(b), &ev); err != nil || code != http.StatusOK {
+			return code, b
+		}
+		return code, ev.Node.Value
+	}
+	want := map[string]string{}
+	for _, v := range vectors {
+		want["/ev/"+v.Name] = v.Plaintext
+		if _, err := direct.Put(ctx, "/ev/"+v.Name, v.Stored); err != nil {
+			t.Fatal(err)
+		}
+		if code, b := do(ctx, hc, http.MethodPut, member+"/ev/"+v.Name, url.Values{"value": {v.Stored}}.Encode()); code != http.StatusCreated {
+			t.Fatalf("v2 PUT to the member: %d %s", code, b)
+		}
+	}
+
+	cl, v2 := start(keychain)
+	r, err := cl.Get(ctx, "/ev/", clientv3.WithPrefix())
+	if err != nil || len(r.Kvs) != len(vectors) {
+		t.Fatalf("v3 range through the proxy: %v, %v", err, r)
+	}
+	for _, kv := range r.Kvs {
+		if string(kv.Value) != want[string(kv.Key)] {
+			t.Errorf("v3 %s = %.40q; want %.40q", kv.Key, kv.Value, want[string(kv.Key)])
+		}
+	}
+	for k, w := range want {
+		if code, got := v2get(v2 + k); code != http.StatusOK || got != w {
+			t.Errorf("v2 %s: %d %.60q; want %.40q", k, code, got, w)
+		}
+	}
+	// etcvault's write markers: stored in the new format, read as the plaintext.
+	if _, err := cl.Put(ctx, "/ev/marker3", "ETCVAULT::plain:etcvault-test:hello::ETCVAULT"); err != nil {
+		t.Fatal(err)
+	}
+	if code, b := do(ctx, hc, http.MethodPut, v2+"/ev/marker2", url.Values{"value": {"ETCVAULT::plain:etcvault-test:hi::ETCVAULT"}}.Encode()); code != http.StatusCreated {
+		t.Fatalf("v2 PUT of a marker: %d %s", code, b)
+	}
+	want["/ev/marker3"] = "hello"
+	if code, got := v2get(v2 + "/ev/marker2"); code != http.StatusOK || got != "hi" {
+		t.Errorf("v2 marker read back: %d %q", code, got)
+	}
+	if code, got := v2get(member + "/ev/marker2"); code != http.StatusOK || !strings.HasPrefix(got, "epp:enc:v1:xchacha20poly1305:k1:") {
+		t.Errorf("the member stores the v2 marker as %d %.40q", code, got)
+	}
+
+	// Rewrap both stores; then a proxy without the keychain reads everything, and the member holds no
+	// etcvault value.
+	for _, api := range []string{"3", "2"} {
+		code, out, errOut := runCLI("rewrap", "--upstream", c.Endpoint().URLs[0], "--prefix", "/ev/", "--api", api,
+			"--encryption-key-file", keyFile, "--etcvault-keychain", keychain)
+		if code != 0 || !strings.Contains(out, fmt.Sprintf("stale %d,", len(vectors))) || !strings.Contains(out, "failed to decrypt 0") {
+			t.Fatalf("rewrap --api %s: exit %d, %q, %q", api, code, out, errOut)
+		}
+	}
+	plainCli, plainV2 := start("")
+	r, err = plainCli.Get(ctx, "/ev/", clientv3.WithPrefix())
+	if err != nil || len(r.Kvs) != len(want) {
+		t.Fatalf("v3 after rewrap: %v, %v", err, r)
+	}
+	for _, kv := range r.Kvs {
+		if string(kv.Value) != want[string(kv.Key)] {
+			t.Errorf("v3 %s after rewrap = %.40q; want %.40q", kv.Key, kv.Value, want[string(kv.Key)])
+		}
+	}
+	for _, v := range vectors {
+		if code, got := v2get(plainV2 + "/ev/" + v.Name); code != http.StatusOK || got != v.Plaintext {
+			t.Errorf("v2 %s after rewrap: %d %.60q", v.Name, code, got)
+		}
+		if _, got := v2get(member + "/ev/" + v.Name); !strings.HasPrefix(got, "epp:enc:v1:") {
+			t.Errorf("v2 %s is stored as %.40q after rewrap", v.Name, got)
+		}
+	}
+}
+
+// TestEncryptDeterministic: under a resource with deterministic: true, a member stores AES-SIV values and a
+// compare on a value works through the proxy against a real member, v3 (Compare EQUAL and NOT_EQUAL in a
+// txn) and v2 (prevValue); what still cannot work (GREATER, a compare over a range, a prefix that is not
+// deterministic) is refused.
+func TestEncryptDeterministic(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 60*time.Second)
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx, harness.WithMembers(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	keyFile := filepath.Join(dir, "a.key")
+	if code, out, errOut := runCLI("keygen", "--out", keyFile, "--name", "a"); code != 0 {
+		t.Fatalf("keygen: %d %s %s", code, out, errOut)
+	}
+	conf := filepath.Join(dir, "encryption.yaml")
+	if err := os.WriteFile(conf, []byte("resources:\n- prefixes: [/d/]\n  deterministic: true\n  providers: [{keyFile: "+keyFile+"}]\n"+
+		"- prefixes: [/r/]\n  providers: [{keyFile: "+keyFile+"}]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) { cfg.EncryptionConfig = conf }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl, err := clientv3.New(clientv3.Config{Endpoints: p.Endpoint.URLs, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	direct, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer direct.Close()
+
+	if _, err := cl.Put(ctx, "/d/k", "v1"); err != nil {
+		t.Fatal(err)
+	}
+	txn := func(cmp clientv3.Cmp, then string) (bool, error) {
+		r, err := cl.Txn(ctx).If(cmp).Then(clientv3.OpPut("/d/k", then)).Commit()
+		if err != nil {
+			return false, err
+		}
+		return r.Succeeded, nil
+	}
+	for _, step := range []struct {
+		name string
+		cmp  clientv3.Cmp
+		then string
+		want bool
+	}{
+		{"equal", clientv3.Compare(clientv3.Value("/d/k"), "=", "v1"), "v2", true},
+		{"equal, no longer", clientv3.Compare(clientv3.Value("/d/k"), "=", "v1"), "v3", false},
+		{"not equal", clientv3.Compare(clientv3.Value("/d/k"), "!=", "v1"), "v4", true},
+		{"not equal, the same", clientv3.Compare(clientv3.Value("/d/k"), "!=", "v4"), "v5", false},
+	} {
+		if ok, err := txn(step.cmp, step.then); err != nil || ok != step.want {
+			t.Errorf("%s: succeeded %v, %v; want %v", step.name, ok, err, step.want)
+		}
+	}
+	r, err := direct.Get(ctx, "/d/k")
+	if err != nil || len(r.Kvs) != 1 || !strings.HasPrefix(string(r.Kvs[0].Value), "epp:enc:v1:aes-siv:a:") {
+		t.Fatalf("the member stores %v, %v", r, err)
+	}
+	if g, err := cl.Get(ctx, "/d/k"); err != nil || string(g.Kvs[0].Value) != "v4" {
+		t.Fatalf("read through the proxy: %v, %v; want v4", g, err)
+	}
+	for name, cmp := range map[string]clientv3.Cmp{
+		"greater":           clientv3.Compare(clientv3.Value("/d/k"), ">", "a"),
+		"over a range":      clientv3.Compare(clientv3.Value("/d/k"), "=", "v4").WithRange("/d/l"),
+		"not deterministic": clientv3.Compare(clientv3.Value("/r/k"), "=", "v4"),
+	} {
+		if _, err := txn(cmp, "x"); status.Code(err) != codes.InvalidArgument {
+			t.Errorf("%s: %v; want InvalidArgument", name, err)
+		}
+	}
+
+	// rewrap --deterministic leaves deterministic values as they are and makes the others so; without it,
+	// it makes them random again.
+	if _, err := direct.Put(ctx, "/d/plain", "p"); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"rewrap", "--upstream", c.Endpoint().URLs[0], "--prefix", "/d/", "--encryption-key-file", keyFile, "--encryption-read-plaintext"}
+	if code, out, errOut := runCLI(append(args, "--deterministic")...); code != 0 || !strings.Contains(out, "scanned 2, stale 1,") {
+		t.Errorf("rewrap --deterministic: %d %q %q", code, out, errOut)
+	}
+	if ok, err := txn(clientv3.Compare(clientv3.Value("/d/plain"), "=", "p"), "v5"); err != nil || !ok {
+		t.Errorf("a compare on a rewrapped value: %v, %v", ok, err)
+	}
+	if code, out, errOut := runCLI(append(args, "--dry-run")...); code != 0 || !strings.Contains(out, "scanned 2, stale 2,") {
+		t.Errorf("rewrap without --deterministic: %d %q %q; want both stale", code, out, errOut)
+	}
+
+	// v2: prevValue, the compare-and-swap of etcdctl v2 set --swap-with-value.
+	hc := &http.Client{Timeout: 10 * time.Second}
+	v2 := p.Endpoint.URLs[0] + "/v2/keys"
+	for _, step := range []struct {
+		method, path, body string
+		want               int
+	}{
+		{http.MethodPut, "/d/v2", "value=a", http.StatusCreated},
+		{http.MethodPut, "/d/v2?prevValue=a", "value=b", http.StatusOK},
+		{http.MethodPut, "/d/v2", "value=c&prevValue=a", http.StatusPreconditionFailed},
+		{http.MethodDelete, "/d/v2?prevValue=b", "", http.StatusOK},
+		{http.MethodPut, "/r/v2?prevValue=a", "value=b", http.StatusBadRequest},
+	} {
+		if code, b := do(ctx, hc, step.method, v2+step.path, step.body); code != step.want {
+			t.Errorf("%s %s %s: %d %s; want %d", step.method, step.path, step.body, code, b, step.want)
+		}
 	}
 }

@@ -184,6 +184,10 @@ type Config struct {
 	// EncryptionMaxRequestBytes is the members' --max-request-bytes: a write that encryption would make larger
 	// is refused. Zero means rules.DefaultEncryptMaxRequestBytes (etcd's default, 1.5 MiB).
 	EncryptionMaxRequestBytes int64
+	// EtcvaultKeychain is etcvault's keychain directory (its <name>.pem RSA keys): under the encrypted prefixes,
+	// etcvault's values read as their plaintext (stale: rewrap them) and its ETCVAULT::plain: write markers are
+	// encrypted as the plaintext they hold. Empty means none.
+	EtcvaultKeychain string
 	// OpsConfig holds the metrics/health listeners, the upstream probe, certificate reload and the access log
 	// (ops.go); its fields are promoted.
 	OpsConfig
@@ -360,6 +364,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.EncryptionConfig, "encryption-config", "", "file (YAML or JSON) of key prefixes, each with its ordered providers (keyFile, identity); instead of --encrypt-prefix and --encryption-key-file; reloaded on SIGHUP and when it or its key files change")
 	fs.BoolVar(&c.EncryptionReadPlaintext, "encryption-read-plaintext", false, "read a value under --encrypt-prefix that is not encrypted as it is (to turn encryption on over existing data); otherwise it is an error")
 	fs.Var(bytesFlag{&c.EncryptionMaxRequestBytes}, "encryption-max-request-bytes", "the members' --max-request-bytes: a write that encryption would make larger is refused, in bytes")
+	fs.StringVar(&c.EtcvaultKeychain, "etcvault-keychain", "", "etcvault's keychain directory (NAME.pem): under the encrypted prefixes, etcvault's values read as their plaintext (to migrate: rewrap them)")
 	c.OpsConfig.addFlags(fs) // metrics, health, reload, access log (ops.go)
 }
 
@@ -516,13 +521,16 @@ func (c *Config) validateEncryption(add func(format string, args ...any)) {
 		if len(c.EncryptPrefixes) > 0 || len(c.EncryptionKeyFiles) > 0 || c.EncryptionReadPlaintext {
 			add("--encryption-config excludes --encrypt-prefix, --encryption-key-file and --encryption-read-plaintext")
 		}
-		_, _, errs := loadEncryptionConfig(c.EncryptionConfig)
+		_, _, errs := loadEncryptionConfig(c.EncryptionConfig, c.EtcvaultKeychain)
 		for _, err := range errs {
 			add("%v", err)
 		}
 		return
 	}
 	if len(c.EncryptPrefixes) == 0 {
+		if c.EtcvaultKeychain != "" {
+			add("--etcvault-keychain needs --encrypt-prefix or --encryption-config")
+		}
 		if len(c.EncryptionKeyFiles) > 0 {
 			add("--encryption-key-file needs --encrypt-prefix")
 		}
@@ -572,6 +580,13 @@ func (c *Config) encryptionKeyring() (*crypt.Keyring, []error) {
 	}
 	if c.EncryptionReadPlaintext {
 		keys = append(keys, crypt.IdentityKey())
+	}
+	ev, err := loadEtcvaultKeychain(c.EtcvaultKeychain)
+	if err != nil {
+		return nil, []error{err}
+	}
+	if ev != nil {
+		keys = append(keys, ev)
 	}
 	r, err := crypt.NewKeyring(keys...)
 	if err != nil {

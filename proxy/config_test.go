@@ -332,6 +332,37 @@ func TestEncryptionFlags(t *testing.T) {
 		!strings.Contains(err.Error(), "--encrypt-prefix needs --encryption-key-file") {
 		t.Errorf("a prefix without a key: %v", err)
 	}
+	// --etcvault-keychain: with either way of naming prefixes, from the environment too; its problems.
+	keychain := filepath.Join("..", "crypt", "testdata", "etcvault", "keychain")
+	c = parse([]string{"--encrypt-prefix", "/s/", "--encryption-key-file", good}, map[string]string{"ETCD_PROXY_PROXY_ETCVAULT_KEYCHAIN": keychain})
+	if err := c.Validate(); err != nil || c.EtcvaultKeychain != keychain {
+		t.Errorf("--etcvault-keychain from the environment: %v, %q", err, c.EtcvaultKeychain)
+	}
+	if ring, errs := c.encryptionKeyring(); errs != nil || len(ring.Keys()) != 2 || ring.Keys()[1].Provider() != crypt.Etcvault {
+		t.Errorf("the keyring of --etcvault-keychain: %v", errs)
+	}
+	conf := filepath.Join(dir, "enc.yaml")
+	if err := os.WriteFile(conf, []byte("resources:\n- prefixes: [/a/]\n  providers: [{keyFile: "+good+"}]\n"+
+		"- prefixes: [/b/]\n  on-decrypt-error: raw\n  providers: [{keyFile: "+good+"}]\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rs, _, errs := loadEncryptionConfig(conf, keychain)
+	if errs != nil || len(rs) != 2 || rs[0].Keys.Keys()[1] == rs[1].Keys.Keys()[1] || rs[1].Keys.Keys()[1].Provider() != crypt.Etcvault {
+		t.Fatalf("--encryption-config with --etcvault-keychain: %v; want each resource its own etcvault provider", errs)
+	}
+	if rs[0].RawOnDecryptError || !rs[1].RawOnDecryptError {
+		t.Errorf("on-decrypt-error: raw read as %v, %v; want false, true", rs[0].RawOnDecryptError, rs[1].RawOnDecryptError)
+	}
+	err = parse([]string{"--etcvault-keychain", keychain}, nil).Validate()
+	if err == nil || !strings.Contains(err.Error(), "--etcvault-keychain needs --encrypt-prefix or --encryption-config") {
+		t.Errorf("a keychain alone: %v", err)
+	}
+	for _, args := range [][]string{{"--encrypt-prefix", "/s/", "--encryption-key-file", good}, {"--encryption-config", conf}} {
+		err = parse(append(args, "--etcvault-keychain", dir), nil).Validate()
+		if err == nil || !strings.Contains(err.Error(), "--etcvault-keychain: "+dir+": no <name>.pem key in the keychain") {
+			t.Errorf("%q with an empty keychain: %v", args, err)
+		}
+	}
 }
 
 // TestEncryptionConfigFile: --encryption-config's problems, all in one message; the example in the repository
@@ -351,6 +382,7 @@ func TestEncryptionConfigFile(t *testing.T) {
 - prefixes: [/a/, /b/]
   providers: [{identity: {}, keyFile: `+key+`}, {}]
 - prefixes: []
+  on-decrypt-error: maybe
   providers: [{keyFile: `+filepath.Join(dir, "missing.key")+`}]
 `), 0o600); err != nil {
 		t.Fatal(err)
@@ -360,7 +392,7 @@ func TestEncryptionConfigFile(t *testing.T) {
 	for _, w := range []string{"--encryption-config excludes --encrypt-prefix",
 		"resources[0]: key k appears twice", `resources[1]: prefix "/a/" is also in resources[0]`,
 		"resources[1].providers[0]: want one of keyFile, identity", "resources[1].providers[1]: want one of keyFile, identity",
-		"resources[2]: no prefixes", "resources[2].providers[0]: open " + filepath.Join(dir, "missing.key")} {
+		"resources[2]: no prefixes", `resources[2]: on-decrypt-error "maybe": want fail or raw`, "resources[2].providers[0]: open " + filepath.Join(dir, "missing.key")} {
 		if err == nil || !strings.Contains(err.Error(), w) {
 			t.Errorf("missing %q in:\n%v", w, err)
 		}
@@ -372,9 +404,9 @@ func TestEncryptionConfigFile(t *testing.T) {
 		!strings.Contains(err.Error(), `unknown field "provider"`) {
 		t.Errorf("a misspelt field: %v", err)
 	}
-	_, _, errs := loadEncryptionConfig(filepath.Join("..", "examples", "encryption", "encryption.yaml"))
-	if len(errs) != 3 {
-		t.Errorf("the example: %v; want the three missing key files alone", errs)
+	_, _, errs := loadEncryptionConfig(filepath.Join("..", "examples", "encryption", "encryption.yaml"), "")
+	if len(errs) != 5 {
+		t.Errorf("the example: %v; want the five missing key files alone", errs)
 	}
 	for _, err := range errs {
 		if !strings.Contains(err.Error(), "no such file or directory") {

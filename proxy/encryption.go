@@ -87,19 +87,30 @@ func encryptRuleOf(rs []rules.Rule) *rules.Encrypt {
 // providers in order — the first encrypts, all decrypt.
 type encryptionConfigFile struct {
 	Resources []struct {
-		Prefixes  []string `json:"prefixes"`
-		Providers []struct {
+		Prefixes []string `json:"prefixes"`
+		// OnDecryptError is what a read of a value that does not decrypt gets: fail (the default), or raw:
+		// the value as stored, for a migration.
+		OnDecryptError string `json:"on-decrypt-error,omitempty"`
+		// Deterministic makes the first provider write deterministic values (AES-SIV), so that a compare on
+		// a value (v3 Compare EQUAL/NOT_EQUAL on one key, v2 prevValue) works on ciphertext.
+		Deterministic bool `json:"deterministic,omitempty"`
+		Providers     []struct {
 			KeyFile  string    `json:"keyFile,omitempty"`
 			Identity *struct{} `json:"identity,omitempty"`
 		} `json:"providers"`
 	} `json:"resources"`
 }
 
-// loadEncryptionConfig reads --encryption-config and the key files it names, reporting every problem.
-func loadEncryptionConfig(file string) ([]rules.EncryptResource, []string, []error) {
+// loadEncryptionConfig reads --encryption-config and the key files it names, reporting every problem; with
+// etcvaultDir (--etcvault-keychain), every resource also reads etcvault's values.
+func loadEncryptionConfig(file, etcvaultDir string) ([]rules.EncryptResource, []string, []error) {
 	data, err := os.ReadFile(file)
 	if err != nil {
 		return nil, nil, []error{fmt.Errorf("--encryption-config: %w", err)}
+	}
+	ev, err := loadEtcvaultKeychain(etcvaultDir)
+	if err != nil {
+		return nil, nil, []error{err}
 	}
 	var cf encryptionConfigFile
 	if err := yaml.UnmarshalStrict(data, &cf); err != nil {
@@ -130,6 +141,9 @@ func loadEncryptionConfig(file string) ([]rules.EncryptResource, []string, []err
 		if len(r.Providers) == 0 {
 			add("resources[%d]: no providers", i)
 		}
+		if r.OnDecryptError != "" && r.OnDecryptError != "fail" && r.OnDecryptError != "raw" {
+			add("resources[%d]: on-decrypt-error %q: want fail or raw", i, r.OnDecryptError)
+		}
 		var keys []*crypt.Key
 		for j, p := range r.Providers {
 			switch {
@@ -148,12 +162,19 @@ func loadEncryptionConfig(file string) ([]rules.EncryptResource, []string, []err
 			}
 		}
 		if len(keys) == len(r.Providers) && len(keys) > 0 {
-			ring, err := crypt.NewKeyring(keys...)
+			if ev != nil {
+				keys = append(keys, ev.Fresh())
+			}
+			newRing := crypt.NewKeyring
+			if r.Deterministic {
+				newRing = crypt.NewDeterministicKeyring
+			}
+			ring, err := newRing(keys...)
 			if err != nil {
 				add("resources[%d]: %v", i, err)
 				continue
 			}
-			out = append(out, rules.EncryptResource{Prefixes: r.Prefixes, Keys: ring})
+			out = append(out, rules.EncryptResource{Prefixes: r.Prefixes, Keys: ring, RawOnDecryptError: r.OnDecryptError == "raw"})
 		}
 	}
 	if errs != nil {
@@ -162,12 +183,25 @@ func loadEncryptionConfig(file string) ([]rules.EncryptResource, []string, []err
 	return out, files, nil
 }
 
+// loadEtcvaultKeychain reads --etcvault-keychain; nil without one.
+func loadEtcvaultKeychain(dir string) (*crypt.Key, error) {
+	if dir == "" {
+		return nil, nil
+	}
+	k, err := crypt.LoadEtcvaultKeychain(dir)
+	if err != nil {
+		return nil, fmt.Errorf("--etcvault-keychain: %w", err)
+	}
+	return k, nil
+}
+
 // encryptionReloader re-reads --encryption-config and its key files on SIGHUP and when they change; a reload
 // that fails keeps what was loaded before, and logs why.
 type encryptionReloader struct {
-	file string
-	rule *rules.Encrypt
-	log  *slog.Logger
+	file        string
+	etcvaultDir string // --etcvault-keychain, read again with the file
+	rule        *rules.Encrypt
+	log         *slog.Logger
 
 	mu     sync.Mutex
 	files  []string // the config and the key files it named when last read
@@ -197,7 +231,7 @@ func (r *encryptionReloader) reload(onlyIfChanged bool) error {
 		return nil
 	}
 	r.stamps = stamps
-	rs, files, errs := loadEncryptionConfig(r.file)
+	rs, files, errs := loadEncryptionConfig(r.file, r.etcvaultDir)
 	if errs != nil {
 		err := errors.Join(errs...)
 		r.log.Error("encryption configuration reload failed; keeping the previous keys", "err", err)

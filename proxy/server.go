@@ -91,7 +91,7 @@ func New(cfg Config, opts ...Option) (*Server, error) {
 	)
 	switch {
 	case cfg.EncryptionConfig != "":
-		resources, _, errs = loadEncryptionConfig(cfg.EncryptionConfig)
+		resources, _, errs = loadEncryptionConfig(cfg.EncryptionConfig, cfg.EtcvaultKeychain)
 	case len(cfg.EncryptPrefixes) > 0:
 		keys, errs = cfg.encryptionKeyring()
 	}
@@ -110,7 +110,7 @@ func New(cfg Config, opts ...Option) (*Server, error) {
 	if e := encryptRuleOf(rs); e != nil {
 		s.ops.m.reg.MustRegister(encryptionCollector{rule: e})
 		if cfg.EncryptionConfig != "" {
-			s.encryption = &encryptionReloader{file: cfg.EncryptionConfig, rule: e, log: s.log}
+			s.encryption = &encryptionReloader{file: cfg.EncryptionConfig, etcvaultDir: cfg.EtcvaultKeychain, rule: e, log: s.log}
 			_ = s.encryption.reload(false) // read just above: this takes the stamps of its files
 		}
 	}

@@ -77,12 +77,17 @@ type Encrypt struct {
 type EncryptResource struct {
 	Prefixes []string
 	Keys     *crypt.Keyring
+	// RawOnDecryptError passes a value that does not decrypt as it is stored instead of failing the read (for
+	// a migration; the keyring counts it as failed all the same). False fails closed.
+	RawOnDecryptError bool
 }
 
-// encryptState is what the rule encrypts with: every prefix with its keyring, longest first.
+// encryptState is what the rule encrypts with: every prefix with its keyring and RawOnDecryptError, longest
+// first.
 type encryptState struct {
 	prefixes []string
 	keys     []*crypt.Keyring
+	raw      []bool
 }
 
 // current is the state in use: Resources (or Prefixes and Keys) until SetResources replaces them.
@@ -104,6 +109,7 @@ func newEncryptState(rs []EncryptResource) *encryptState {
 		for _, p := range r.Prefixes {
 			st.prefixes = append(st.prefixes, p)
 			st.keys = append(st.keys, r.Keys)
+			st.raw = append(st.raw, r.RawOnDecryptError)
 		}
 	}
 	idx := make([]int, len(st.prefixes))
@@ -115,6 +121,7 @@ func newEncryptState(rs []EncryptResource) *encryptState {
 	for _, i := range idx {
 		sorted.prefixes = append(sorted.prefixes, st.prefixes[i])
 		sorted.keys = append(sorted.keys, st.keys[i])
+		sorted.raw = append(sorted.raw, st.raw[i])
 	}
 	return sorted
 }
@@ -210,13 +217,36 @@ func (e *Encrypt) Serve(s Stream, next Handler) error {
 
 // keysFor is the keyring of key's value, nil when it is not encrypted.
 func (e *Encrypt) keysFor(key []byte) *crypt.Keyring {
+	keys, _ := e.resourceFor(key)
+	return keys
+}
+
+// resourceFor is the keyring of key's value (nil when it is not encrypted) and whether a value of it that does
+// not decrypt passes as it is stored.
+func (e *Encrypt) resourceFor(key []byte) (*crypt.Keyring, bool) {
 	st := e.current()
 	for i, p := range st.prefixes {
 		if bytes.HasPrefix(key, []byte(p)) {
-			return st.keys[i]
+			return st.keys[i], st.raw[i]
 		}
 	}
-	return nil
+	return nil, false
+}
+
+// open decrypts a value stored under key: its plaintext; or, when it does not decrypt, an error, or the value
+// as stored where its resource says RawOnDecryptError (counted as failed by the keyring all the same). keys is
+// the keyring of key, raw its resource's RawOnDecryptError.
+func (e *Encrypt) open(keys *crypt.Keyring, raw bool, key, stored []byte) ([]byte, error) {
+	plain, _, err := keys.Decrypt(key, stored)
+	if err == nil {
+		return plain, nil
+	}
+	if raw {
+		e.log().Warn("value does not decrypt; passed as stored (on-decrypt-error: raw)", "key", string(key), "err", err)
+		return stored, nil
+	}
+	e.log().Warn("value does not decrypt", "key", string(key), "err", err)
+	return nil, errDecrypt{plaintext: errors.Is(err, crypt.ErrNotEncrypted)}
 }
 
 // under reports whether key's value is encrypted.
@@ -310,12 +340,15 @@ func (e *Encrypt) rangeRequest(r *pb.RangeRequest) error {
 
 // txn encrypts the puts and checks the compares and ranges of a Txn, and of the Txns in it, to any depth.
 func (e *Encrypt) txn(r *pb.TxnRequest) (bool, error) {
+	changed := false
 	for _, c := range r.Compare {
 		if c.Target == pb.Compare_VALUE && e.touches(c.Key, c.RangeEnd) {
-			return false, status.Error(codes.InvalidArgument, msgEncCompareValue)
+			if err := e.compareValue(c); err != nil {
+				return false, err
+			}
+			changed = true
 		}
 	}
-	changed := false
 	for _, ops := range [][]*pb.RequestOp{r.Success, r.Failure} {
 		for _, op := range ops {
 			var (
@@ -339,6 +372,24 @@ func (e *Encrypt) txn(r *pb.TxnRequest) (bool, error) {
 	return changed, nil
 }
 
+// compareValue turns a compare on the value of an encrypted key into one on its ciphertext, which works where
+// that key's keyring is deterministic, for EQUAL and NOT_EQUAL on one key: the value is encrypted as a write of
+// it would be. Anything else is refused.
+func (e *Encrypt) compareValue(c *pb.Compare) error {
+	keys := e.keysFor(c.Key)
+	if len(c.RangeEnd) > 0 || keys == nil || !keys.Deterministic() ||
+		(c.Result != pb.Compare_EQUAL && c.Result != pb.Compare_NOT_EQUAL) {
+		return status.Error(codes.InvalidArgument, msgEncCompareValue)
+	}
+	v, err := keys.Encrypt(c.Key, c.GetValue())
+	if err != nil {
+		e.log().Error("encryption failed", "key", string(c.Key), "err", err)
+		return status.Error(codes.Internal, msgEncFailed)
+	}
+	c.TargetUnion = &pb.Compare_Value{Value: v}
+	return nil
+}
+
 // errDecrypt is a read that failed: the status says why.
 type errDecrypt struct{ plaintext bool }
 
@@ -356,14 +407,13 @@ func (e *Encrypt) decrypt(kv *mvccpb.KeyValue) error {
 	if kv == nil {
 		return nil
 	}
-	keys := e.keysFor(kv.Key)
+	keys, raw := e.resourceFor(kv.Key)
 	if keys == nil {
 		return nil
 	}
-	plain, _, err := keys.Decrypt(kv.Key, kv.Value)
+	plain, err := e.open(keys, raw, kv.Key, kv.Value)
 	if err != nil {
-		e.log().Warn("value does not decrypt", "key", string(kv.Key), "err", err)
-		return errDecrypt{plaintext: errors.Is(err, crypt.ErrNotEncrypted)}
+		return err
 	}
 	kv.Value = plain
 	return nil

@@ -13,6 +13,7 @@ import (
 
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/mvccpb"
+	"go.etcd.io/etcd/server/v3/etcdserver/api/v2store"
 	"go.etcd.io/etcd/server/v3/etcdserver/api/v3election/v3electionpb"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -323,4 +324,62 @@ func TestEncryptV2Requests(t *testing.T) {
 		r.ContentLength != int64(len(b)) {
 		t.Errorf("POSTed value %q: %q, %v; want it bound to the directory", vs.Get("value"), v, err)
 	}
+}
+
+// TestEncryptRawOnDecryptError: under a resource with RawOnDecryptError a value that does not decrypt (tampered
+// with, plaintext) reads as it is stored, v3 and v2, and is counted as failed; under one without, the same
+// read fails; values that decrypt read as their plaintext in both.
+func TestEncryptRawOnDecryptError(t *testing.T) {
+	t.Parallel()
+	_, ring := testEncrypt(t)
+	e := &Encrypt{Resources: []EncryptResource{{Prefixes: []string{"/raw/"}, Keys: ring, RawOnDecryptError: true},
+		{Prefixes: []string{"/s/"}, Keys: ring}}}
+	tampered := func(k string) []byte {
+		b := enc(t, ring, k, "secret")
+		b[len(b)-3] ^= 1
+		return b
+	}
+	for _, prefix := range []string{"/raw/", "/s/"} {
+		bad, moved := tampered(prefix+"a"), enc(t, ring, "/elsewhere", "moved")
+		kvs := []*mvccpb.KeyValue{{Key: []byte(prefix + "a"), Value: bad}, {Key: []byte(prefix + "b"), Value: []byte("plain")},
+			{Key: []byte(prefix + "c"), Value: moved}, {Key: []byte(prefix + "d"), Value: enc(t, ring, prefix+"d", "good")}}
+		before := failures(ring)
+		c, err := serve(t, e, methodRange, &testUpstream{Answers: []Message{&pb.RangeResponse{Kvs: kvs}}},
+			&pb.RangeRequest{Key: []byte(prefix), RangeEnd: []byte(prefix[:len(prefix)-1] + "0")})
+		if prefix == "/s/" {
+			if st, _ := status.FromError(err); st.Code() != codes.DataLoss {
+				t.Errorf("without raw: %v; want DataLoss", err)
+			}
+			continue
+		}
+		if err != nil {
+			t.Fatalf("raw: %v", err)
+		}
+		got := c.answer().(*pb.RangeResponse).Kvs
+		for i, want := range [][]byte{bad, []byte("plain"), moved, []byte("good")} {
+			if !bytes.Equal(got[i].Value, want) {
+				t.Errorf("raw: %s = %.40q; want %.40q", got[i].Key, got[i].Value, want)
+			}
+		}
+		if n := failures(ring) - before; n != 3 {
+			t.Errorf("raw: %d failures counted; want 3", n)
+		}
+	}
+	// v2: a node's value, the same way.
+	for prefix, wantErr := range map[string]bool{"/raw/": false, "/s/": true} {
+		v := string(tampered(prefix + "a"))
+		n := &v2store.NodeExtern{Key: prefix + "a", Value: &v}
+		err := e.v2Node(n)
+		if (err != nil) != wantErr || (!wantErr && *n.Value != v) {
+			t.Errorf("v2 %s: %v, %.40q", prefix, err, *n.Value)
+		}
+	}
+}
+
+func failures(r *crypt.Keyring) uint64 {
+	n := r.UnattributedFailures()
+	for _, s := range r.Stats() {
+		n += s.Failures
+	}
+	return n
 }

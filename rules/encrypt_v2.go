@@ -112,12 +112,25 @@ func (e *Encrypt) Request(req *http.Request) (*http.Response, error) {
 			req.ContentLength = int64(len(b))
 		}
 	}
+	// prevValue works on ciphertext where the keyring is deterministic: encrypted as a write of it would be.
 	if query.Has("prevValue") || form.Has("prevValue") {
-		return Reply(req, http.StatusBadRequest, msgEncPrevValue), nil
+		if inDir || !keys.Deterministic() {
+			return Reply(req, http.StatusBadRequest, msgEncPrevValue), nil
+		}
 	}
 	seal := func(vs url.Values) (bool, *http.Response) {
+		changed := false
+		if vs.Has("prevValue") {
+			v, err := keys.Encrypt([]byte(key), []byte(vs.Get("prevValue")))
+			if err != nil {
+				e.log().Error("encryption failed", "key", key, "err", err)
+				return false, Reply(req, http.StatusInternalServerError, msgEncFailed)
+			}
+			vs.Set("prevValue", string(v))
+			changed = true
+		}
 		if !vs.Has("value") {
-			return false, nil
+			return changed, nil
 		}
 		var (
 			v   []byte
@@ -232,11 +245,10 @@ func (e *Encrypt) v2Node(n *v2store.NodeExtern) error {
 	if n == nil {
 		return nil
 	}
-	if keys := e.keysFor([]byte(n.Key)); n.Value != nil && !n.Dir && keys != nil {
-		plain, _, err := keys.Decrypt([]byte(n.Key), []byte(*n.Value))
+	if keys, raw := e.resourceFor([]byte(n.Key)); n.Value != nil && !n.Dir && keys != nil {
+		plain, err := e.open(keys, raw, []byte(n.Key), []byte(*n.Value))
 		if err != nil {
-			e.log().Warn("value does not decrypt", "key", n.Key, "err", err)
-			return errDecrypt{plaintext: errors.Is(err, crypt.ErrNotEncrypted)}
+			return err
 		}
 		s := string(plain)
 		n.Value = &s
