@@ -159,6 +159,9 @@ type Config struct {
 	// OpsConfig holds the metrics/health listeners, the upstream probe, certificate reload and the access log
 	// (ops.go); its fields are promoted.
 	OpsConfig
+	// TunnelConfig is how upstreams that cannot be dialled directly are reached (tunnel.go); its fields are
+	// promoted.
+	TunnelConfig
 }
 
 // listFlag is a comma-separated list flag.
@@ -303,7 +306,8 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.Var(durationFlag{&c.ReadHeaderTimeout}, "listen-read-header-timeout", "how long a client may take to send a request header, e.g. 10s; 0 for no limit")
 	fs.Var(durationFlag{&c.IdleTimeout}, "listen-idle-timeout", "how long an idle client connection is kept, e.g. 5m; 0 for ever")
 	fs.Var(durationFlag{&c.ShutdownTimeout}, "shutdown-timeout", "how long in-flight requests may take to finish on SIGTERM (streams end at once), e.g. 10s; 0 closes at once")
-	c.OpsConfig.addFlags(fs) // metrics, health, reload, access log (ops.go)
+	c.OpsConfig.addFlags(fs)    // metrics, health, reload, access log (ops.go)
+	c.TunnelConfig.addFlags(fs) // --upstream-via, --tunnel-* (tunnel.go)
 }
 
 // SetFlagsFromEnv sets every flag that the command line left unset from its ETCD_PROXY_PROXY_ variable, as etcd's
@@ -443,6 +447,7 @@ func (c *Config) Validate() error {
 		add("--upstream-keepalive-timeout: must be greater than 0")
 	}
 	c.OpsConfig.validate(c, add) // ops.go
+	c.TunnelConfig.validate(add) // tunnel.go
 	return sortErrors(errs)
 }
 

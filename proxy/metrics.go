@@ -42,6 +42,7 @@ const (
 	reasonShutdown       = "shutdown"        // a stream ended by a graceful shutdown
 	reasonBadRequest     = "bad_request"     // the client's request body was malformed (400)
 	reasonStreamLost     = "stream_lost"     // a stream ended because its upstream connection was lost
+	reasonTunnel         = "tunnel"          // the tunnel of --upstream-via refused or failed the connection (502)
 )
 
 func init() {
@@ -157,7 +158,7 @@ func newMetrics(ready func() float64) *metrics {
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, r := range []string{reasonNoEndpoint, reasonTimeout, reasonTLS, reasonSendFailed, reasonRule,
 		reasonResponseFailed, reasonClientGone, reasonTooLarge, reasonShutdown, reasonBadRequest,
-		reasonStreamLost} {
+		reasonStreamLost, reasonTunnel} {
 		m.errs[r] = m.errors.WithLabelValues(r) // present at 0 from the start, so rate() sees the first error
 	}
 	return m

@@ -1,0 +1,199 @@
+package e2e
+
+import (
+	"crypto/tls"
+	"encoding/base64"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
+)
+
+// tunnelHost is the members' name behind the tunnel: only the CONNECT proxy resolves it (.invalid never
+// resolves), so an upstream connection that does not go through the tunnel cannot be made at all.
+const tunnelHost = "member.tunnel.invalid"
+
+// connectProxy stands for any HTTP CONNECT proxy: it checks Proxy-Authorization, resolves only the names it
+// knows, and counts the connections it carries by target.
+type connectProxy struct {
+	auth  string            // the Proxy-Authorization it wants; "" for none
+	hosts map[string]string // name → IP
+	mu    sync.Mutex
+	dials map[string]int // target host:port → CONNECTs carried
+	other []string       // CONNECT targets it did not know
+}
+
+func (p *connectProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodConnect {
+		http.Error(w, "CONNECT only", http.StatusMethodNotAllowed)
+		return
+	}
+	if p.auth != "" && r.Header.Get("Proxy-Authorization") != p.auth {
+		w.Header().Set("Proxy-Authenticate", `Basic realm="test"`)
+		http.Error(w, "who are you", http.StatusProxyAuthRequired)
+		return
+	}
+	host, port, err := net.SplitHostPort(r.Host)
+	ip, ok := p.hosts[host]
+	if err != nil || !ok {
+		p.mu.Lock()
+		p.other = append(p.other, r.Host)
+		p.mu.Unlock()
+		http.Error(w, "unknown host", http.StatusBadGateway)
+		return
+	}
+	up, err := net.DialTimeout("tcp", net.JoinHostPort(ip, port), 5*time.Second)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadGateway)
+		return
+	}
+	p.mu.Lock()
+	p.dials[r.Host]++
+	p.mu.Unlock()
+	c, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		_ = up.Close()
+		return
+	}
+	_, _ = c.Write([]byte("HTTP/1.1 200 Connection established\r\n\r\n"))
+	go func() {
+		_, _ = io.Copy(up, brw) // what the client sent after its CONNECT may already be buffered
+		_ = up.Close()
+	}()
+	_, _ = io.Copy(c, up)
+	_ = c.Close()
+}
+
+func (p *connectProxy) seen() (map[string]int, []string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	dials := map[string]int{}
+	for k, v := range p.dials {
+		dials[k] = v
+	}
+	return dials, append([]string(nil), p.other...)
+}
+
+func basicAuth(user, pass string) string {
+	return "Basic " + base64.StdEncoding.EncodeToString([]byte(user+":"+pass))
+}
+
+// Every upstream connection goes through --upstream-via: the members are named by a host only the CONNECT proxy
+// resolves, yet v3 and v2 commands work, the probes (HTTP, and TCP) find the member healthy, and TLS toward the
+// member is verified end to end against that name inside the tunnel. mTLS and basic auth toward the CONNECT
+// proxy (https-connect); a wrong password is a 502 that names nothing behind the proxy.
+func TestUpstreamViaHTTPConnect(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 90*time.Second)
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx, harness.WithMembers(1), harness.WithTLS(),
+		harness.WithMemberCertOptions(harness.Hosts(tunnelHost, "localhost", "127.0.0.1")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	member, _ := url.Parse(c.Members[0].ClientURL)
+	target := net.JoinHostPort(tunnelHost, member.Port())
+	upstream := "https://" + target
+
+	// The CONNECT proxy on TLS, requiring a client certificate of its own CA (not the cluster's or the clients').
+	tunnelCA, err := harness.NewCA(filepath.Join(e.Dir, "tunnel-ca"), "tunnel-ca")
+	if err != nil {
+		t.Fatal(err)
+	}
+	serverFiles := issueCert(t, tunnelCA, "connect-proxy", harness.ServerAuth())
+	clientFiles := issueCert(t, tunnelCA, "connect-client", harness.ClientAuth())
+	serverCert, err := tls.LoadX509KeyPair(serverFiles.CertFile, serverFiles.KeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cp := &connectProxy{auth: basicAuth("epp", "s3cret"), hosts: map[string]string{tunnelHost: member.Hostname()}, dials: map[string]int{}}
+	srv := httptest.NewUnstartedServer(cp)
+	srv.TLS = &tls.Config{Certificates: []tls.Certificate{serverCert}, ClientCAs: tunnelCA.Pool(),
+		ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS12}
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	proxyAddr := srv.Listener.Addr().String()
+
+	via := func(check string) func(*proxy.Config) {
+		return func(cfg *proxy.Config) {
+			cfg.Upstreams = []string{upstream}
+			cfg.UpstreamVia = "https-connect://epp:s3cret@" + proxyAddr
+			cfg.TunnelTLS = proxy.TLSInfo{CAFile: tunnelCA.CertFile, CertFile: clientFiles.CertFile, KeyFile: clientFiles.KeyFile}
+			cfg.UpstreamHealthInterval = 20 * time.Millisecond
+			cfg.UpstreamHealthCheck = check
+		}
+	}
+	pp, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: via(proxy.HealthCheckHTTP)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, ctx, "ready through the tunnel", func() (bool, string) { return pp.Server.Ready() })
+	v3 := e.Etcdctl(3, pp.Endpoint)
+	if r := v3.Run(ctx, "put", "tk", "v3-through-connect"); r.Check() != nil || strings.TrimSpace(r.Stdout) != "OK" {
+		t.Fatalf("v3 put: %v: %s%s", r.Check(), r.Stdout, r.Stderr)
+	}
+	if r := v3.Run(ctx, "get", "tk", "--print-value-only"); r.Check() != nil || strings.TrimSpace(r.Stdout) != "v3-through-connect" {
+		t.Fatalf("v3 get: %v: %q %s", r.Check(), r.Stdout, r.Stderr)
+	}
+	v2 := e.Etcdctl(2, pp.Endpoint)
+	if r := v2.Run(ctx, "set", "/tk2", "v2-through-connect"); r.Check() != nil {
+		t.Fatalf("v2 set: %v: %s%s", r.Check(), r.Stdout, r.Stderr)
+	}
+	if r := v2.Run(ctx, "get", "/tk2"); r.Check() != nil || strings.TrimSpace(r.Stdout) != "v2-through-connect" {
+		t.Fatalf("v2 get: %v: %q %s", r.Check(), r.Stdout, r.Stderr)
+	}
+
+	// The TCP probe dials through the tunnel too: a direct dial of the name cannot be made, so it would find the
+	// only member unhealthy and /readyz would never answer ready.
+	ppTCP, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: via(proxy.HealthCheckTCP)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, ctx, "ready with TCP probes through the tunnel", func() (bool, string) { return ppTCP.Server.Ready() })
+
+	dials, other := cp.seen()
+	if dials[target] < 3 || len(dials) != 1 || len(other) != 0 {
+		t.Errorf("the CONNECT proxy carried %v (unknown targets %v); want several connections to %s and nothing else",
+			dials, other, target)
+	}
+
+	// A wrong password: the CONNECT proxy answers 407; the client gets the proxy's 502 naming nothing behind it.
+	authFile := filepath.Join(t.TempDir(), "via-auth")
+	if err := os.WriteFile(authFile, []byte("epp:wrong\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ppBad, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
+		via(proxy.HealthCheckHTTP)(cfg)
+		cfg.UpstreamVia = "https-connect://" + proxyAddr
+		cfg.UpstreamViaAuthFile = authFile
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	status, body := httpGet(t, http.DefaultClient, ppBad.Endpoint.URLs[0]+"/v2/keys/tk2")
+	if status != http.StatusBadGateway || !strings.Contains(body, "tunnel") {
+		t.Errorf("GET through a tunnel that refuses our password: %d %s; want 502 naming the tunnel", status, body)
+	}
+	r := e.Etcdctl(3, ppBad.Endpoint).Run(ctx, "get", "tk", "--command-timeout=3s")
+	if r.Exit == 0 {
+		t.Errorf("v3 get through a tunnel that refuses our password succeeded: %s", r.Stdout)
+	}
+	for _, leak := range []string{tunnelHost, member.Port(), proxyAddr, member.Host} {
+		if strings.Contains(body, leak) || strings.Contains(r.Stdout+r.Stderr, leak) {
+			t.Errorf("an answer names %q: %s | %s", leak, body, r.Stdout+r.Stderr)
+		}
+	}
+	if ok, why := ppBad.Server.Ready(); ok {
+		t.Errorf("ready although the tunnel refuses every connection (%s)", why)
+	}
+}
