@@ -23,27 +23,31 @@ const (
 	// ViaHTTPSConnect is HTTP CONNECT through a proxy spoken to over TLS (the tunnel TLS files): konnectivity's
 	// http-connect mode, or any CONNECT proxy on TLS.
 	ViaHTTPSConnect = "https-connect"
+	// ViaKonnectivity is a konnectivity server's gRPC mode (apiserver-network-proxy), TLS (mTLS) with the tunnel
+	// files: an agent on the far side dials the upstream.
+	ViaKonnectivity = "konnectivity"
 )
 
 // TunnelConfig is how upstream connections are made when the upstream cannot be dialled directly: every one of
 // them (v2, gRPC, probes, discovery) goes through the same tunnel; TLS toward etcd runs end to end inside it.
 type TunnelConfig struct {
 	// UpstreamVia is the tunnel: http-connect://HOST:PORT, https-connect://HOST:PORT (optionally with
-	// USER:PASSWORD@ for Proxy-Authorization). Empty means upstreams are dialled directly.
+	// USER:PASSWORD@ for Proxy-Authorization) or konnectivity://HOST:PORT. Empty means upstreams are dialled
+	// directly.
 	UpstreamVia string
 	// UpstreamViaAuthFile holds USER:PASSWORD for the CONNECT proxy's Proxy-Authorization (basic), kept off the
 	// command line. Empty means the URL's user info, if any.
 	UpstreamViaAuthFile string
-	// TunnelTLS is the TLS toward the tunnel (https-connect): the CA that verifies it (empty: the
+	// TunnelTLS is the TLS toward the tunnel (https-connect, konnectivity): the CA that verifies it (empty: the
 	// system roots) and our client certificate (empty: none). InsecureSkipVerify is not offered.
 	TunnelTLS TLSInfo
 }
 
 func (t *TunnelConfig) addFlags(fs *flag.FlagSet) {
-	fs.StringVar(&t.UpstreamVia, "upstream-via", "", "reach every upstream through this tunnel: http-connect://[USER:PASSWORD@]HOST:PORT, https-connect://[USER:PASSWORD@]HOST:PORT (HTTP CONNECT); TLS toward etcd still runs end to end")
+	fs.StringVar(&t.UpstreamVia, "upstream-via", "", "reach every upstream through this tunnel: http-connect://[USER:PASSWORD@]HOST:PORT, https-connect://[USER:PASSWORD@]HOST:PORT (HTTP CONNECT), konnectivity://HOST:PORT (a konnectivity server's gRPC mode); TLS toward etcd still runs end to end")
 	fs.StringVar(&t.UpstreamViaAuthFile, "upstream-via-auth-file", "", "file holding USER:PASSWORD for the CONNECT proxy's Proxy-Authorization (instead of the URL's)")
-	fs.StringVar(&t.TunnelTLS.CAFile, "tunnel-ca-file", "", "verify the tunnel's certificate (https-connect) with this CA bundle (default: the system roots)")
-	fs.StringVar(&t.TunnelTLS.CertFile, "tunnel-cert-file", "", "client certificate presented to the tunnel (https-connect)")
+	fs.StringVar(&t.TunnelTLS.CAFile, "tunnel-ca-file", "", "verify the tunnel's certificate (https-connect, konnectivity) with this CA bundle (default: the system roots)")
+	fs.StringVar(&t.TunnelTLS.CertFile, "tunnel-cert-file", "", "client certificate presented to the tunnel (https-connect, konnectivity)")
 	fs.StringVar(&t.TunnelTLS.KeyFile, "tunnel-key-file", "", "key of --tunnel-cert-file")
 }
 
@@ -79,11 +83,15 @@ func (t *TunnelConfig) validate(add func(format string, args ...any)) {
 	switch u.Scheme {
 	case ViaHTTPConnect:
 		if tlsFiles {
-			add("--upstream-via %s:// speaks plain HTTP to the proxy: the --tunnel-* files need https-connect://", u.Scheme)
+			add("--upstream-via %s:// speaks plain HTTP to the proxy: the --tunnel-* files need https-connect:// or konnectivity://", u.Scheme)
 		}
 	case ViaHTTPSConnect:
+	case ViaKonnectivity:
+		if u.User != nil || t.UpstreamViaAuthFile != "" {
+			add("--upstream-via %s:// authenticates with --tunnel-cert-file: no user, no --upstream-via-auth-file", u.Scheme)
+		}
 	default:
-		add("--upstream-via: scheme must be %s or %s", ViaHTTPConnect, ViaHTTPSConnect)
+		add("--upstream-via: scheme must be %s, %s or %s", ViaHTTPConnect, ViaHTTPSConnect, ViaKonnectivity)
 	}
 	if _, _, err := net.SplitHostPort(u.Host); err != nil {
 		add("--upstream-via: want %s://HOST:PORT", u.Scheme)
@@ -91,12 +99,13 @@ func (t *TunnelConfig) validate(add func(format string, args ...any)) {
 	if u.Path != "" && u.Path != "/" || u.RawQuery != "" {
 		add("--upstream-via: must not have a path or query")
 	}
-	if u.User != nil && t.UpstreamViaAuthFile != "" {
+	if u.User != nil && t.UpstreamViaAuthFile != "" && u.Scheme != ViaKonnectivity {
 		add("--upstream-via has a user and --upstream-via-auth-file is set: give one")
 	}
 }
 
-// tunnelError marks a failure of the tunnel itself (the CONNECT proxy refused, or could not reach the upstream): nothing of a request was sent. Its text names no upstream.
+// tunnelError marks a failure of the tunnel itself (the CONNECT proxy or the konnectivity server refused, or could
+// not reach the upstream): nothing of a request was sent. Its text names no upstream.
 type tunnelError struct{ err error }
 
 func (e *tunnelError) Error() string { return "upstream tunnel: " + e.err.Error() }
@@ -145,6 +154,10 @@ func newTunnelDialer(cfg *TunnelConfig, base *net.Dialer, timeout time.Duration)
 			return nil, err
 		}
 		d = &tunnelDialer{dial: c.dial, close: func() {}}
+	case ViaKonnectivity:
+		if d, err = newKonnectivityDialer(u.Host, base, tc); err != nil {
+			return nil, fmt.Errorf("--upstream-via: %w", err)
+		}
 	default:
 		return nil, fmt.Errorf("--upstream-via: unknown scheme %q", u.Scheme)
 	}

@@ -39,9 +39,12 @@ func TestTunnelValidate(t *testing.T) {
 		"--tunnel-ca-file, --tunnel-cert-file and --tunnel-key-file need --upstream-via",
 		"--upstream-via-auth-file needs --upstream-via")
 	bad(TunnelConfig{UpstreamVia: "https-connect://u:p@h:1", UpstreamViaAuthFile: missing}, "give one")
-	ok := Config{Upstreams: []string{"https://m1:2379"}, TunnelConfig: TunnelConfig{UpstreamVia: "https-connect://u:p@h:3128"}}
-	if err := ok.Validate(); err != nil {
-		t.Errorf("valid tunnel: %v", err)
+	bad(TunnelConfig{UpstreamVia: "konnectivity://u:p@h:1"}, "konnectivity:// authenticates with --tunnel-cert-file")
+	for _, via := range []string{"https-connect://u:p@h:3128", "http-connect://h:3128", "konnectivity://h:8090"} {
+		ok := Config{Upstreams: []string{"https://m1:2379"}, TunnelConfig: TunnelConfig{UpstreamVia: via}}
+		if err := ok.Validate(); err != nil {
+			t.Errorf("valid tunnel %s: %v", via, err)
+		}
 	}
 }
 
