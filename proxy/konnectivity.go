@@ -5,6 +5,8 @@ import (
 	"crypto/tls"
 	"io"
 	"net"
+	"sync"
+	"time"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
@@ -24,29 +26,47 @@ func newKonnectivityDialer(server string, base *net.Dialer, tc *tls.Config) (*tu
 	if err != nil {
 		return nil, err
 	}
+	var open sync.WaitGroup // the tunnelled connections' copying goroutines
 	return &tunnelDialer{
 		dial: func(ctx context.Context, addr string) (net.Conn, error) {
 			c, err := t.DialContext(ctx, "tcp", addr)
 			if err != nil {
 				return nil, err
 			}
-			return pipeConn(c, addr), nil
+			return pipeConn(c, addr, &open), nil
 		},
-		close: func() { _ = t.Close() },
+		close: func() {
+			// Connections closed just before (the forwarder's pools) finish their close handshake with the
+			// server first, for a while: the tunnel's Close cuts their streams, which konnectivity-client logs
+			// as errors.
+			done := make(chan struct{})
+			go func() { open.Wait(); close(done) }()
+			select {
+			case <-done:
+			case <-time.After(closeGrace):
+			}
+			_ = t.Close()
+		},
 	}, nil
 }
+
+// closeGrace is how long the tunnel's close waits for connections still closing.
+const closeGrace = 2 * time.Second
 
 // pipeConn gives a tunnelled connection what net.Conn promises and konnectivity-client's lacks: deadlines (the
 // HTTP/1.1 path bounds reads with them and ends a cancelled request by one) and addresses. Our end of a net.Pipe
 // is the connection; two goroutines copy between its other end and the tunnel. A close of either side ends both
 // (the tunnel's Close waits for the server's CLOSE_RSP: it runs in the copying goroutine, never in the caller).
-func pipeConn(tunnelled net.Conn, addr string) net.Conn {
+func pipeConn(tunnelled net.Conn, addr string, open *sync.WaitGroup) net.Conn {
 	ours, theirs := net.Pipe()
+	open.Add(2)
 	go func() {
+		defer open.Done()
 		_, _ = io.Copy(tunnelled, theirs)
 		_ = tunnelled.Close()
 	}()
 	go func() {
+		defer open.Done()
 		_, _ = io.Copy(theirs, tunnelled)
 		_ = theirs.Close()
 	}()
