@@ -45,6 +45,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		case "version":
 			printVersion(stdout)
 			return exitOK
+		case "agent":
+			return runAgent(args[2:], stderr) // agent.go
 		}
 	}
 	return serve(args, stdout, stderr)
@@ -164,10 +166,10 @@ func splitUnknown(fs *flag.FlagSet, args []string) (known, unknown []string) {
 }
 
 func usage(w io.Writer, fs *flag.FlagSet) {
-	fmt.Fprintf(w, "Usage: %s --upstream URL [flags]\n       %s version\n\n"+
+	fmt.Fprintf(w, "Usage: %s --upstream URL [flags]\n       %s agent --tunnel-server URL --allow HOST:PORT[,...] [flags]\n       %s version\n\n"+
 		"Every flag can also be set from the environment: --listen-client-urls is %sLISTEN_CLIENT_URLS.\n"+
 		"The reference TLS deployment is a command of its own: go run ./cmd/demo, in the source tree.\n\nFlags:\n",
-		fs.Name(), fs.Name(), proxy.EnvPrefix)
+		fs.Name(), fs.Name(), fs.Name(), proxy.EnvPrefix)
 	fs.SetOutput(w)
 	fs.PrintDefaults()
 	fs.SetOutput(io.Discard)

@@ -175,6 +175,13 @@ func (k *Konnectivity) StartStockAgent(ctx context.Context, id string) error {
 	return fmt.Errorf("harness: %s: %w", name, lastErr)
 }
 
+// WaitAgent waits until the server is ready: an agent is connected (an agent that is not a stock one).
+func (k *Konnectivity) WaitAgent(ctx context.Context) error {
+	ctx, cancel := withDefaultTimeout(ctx, DefaultStartTimeout)
+	defer cancel()
+	return waitProc(ctx, nil, k.health+"/readyz")
+}
+
 // ClientConfig is the TLS configuration of a frontend client (tests that dial the server themselves).
 func (k *Konnectivity) ClientConfig() (*tls.Config, error) { return k.ClientTLS.ClientConfig() }
 
@@ -230,7 +237,7 @@ func (p *proc) logHas(s string) bool {
 	return err == nil && strings.Contains(string(b), s)
 }
 
-// waitProc polls url until it answers 200, the process exits or ctx ends.
+// waitProc polls url until it answers 200, the process (if any) exits or ctx ends.
 func waitProc(ctx context.Context, p *proc, url string) error {
 	c := &http.Client{Timeout: time.Second}
 	last := ""
@@ -245,11 +252,15 @@ func waitProc(ctx context.Context, p *proc, url string) error {
 		} else {
 			last = err.Error()
 		}
+		var exited chan struct{} // nil without a process: never ready
+		if p != nil {
+			exited = p.exited
+		}
 		select {
-		case <-p.exited:
+		case <-exited:
 			return fmt.Errorf("%s exited: %v (log %s)", p.name, p.err, p.log)
 		case <-ctx.Done():
-			return fmt.Errorf("%s not ready: %w (last: %s; log %s)", p.name, ctx.Err(), last, p.log)
+			return fmt.Errorf("%s not ready: %w (last: %s)", url, ctx.Err(), last)
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
