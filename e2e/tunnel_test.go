@@ -131,6 +131,7 @@ func TestUpstreamViaHTTPConnect(t *testing.T) {
 			cfg.TunnelTLS = proxy.TLSInfo{CAFile: tunnelCA.CertFile, CertFile: clientFiles.CertFile, KeyFile: clientFiles.KeyFile}
 			cfg.UpstreamHealthInterval = 20 * time.Millisecond
 			cfg.UpstreamHealthCheck = check
+			cfg.ListenMetricsURLs = []string{"http://127.0.0.1:0"}
 		}
 	}
 	pp, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: via(proxy.HealthCheckHTTP)})
@@ -161,6 +162,10 @@ func TestUpstreamViaHTTPConnect(t *testing.T) {
 	}
 	eventually(t, ctx, "ready with TCP probes through the tunnel", func() (bool, string) { return ppTCP.Server.Ready() })
 
+	if n, _ := metricValue(scrape(t, pp.Server.MetricsURLs()[0]), "etcd_proxy_proxy_tunnel_dials_total",
+		map[string]string{"result": "ok"}); n < 2 {
+		t.Errorf("tunnel_dials_total{result=ok} = %v, want the proxy's connections", n)
+	}
 	dials, other := cp.seen()
 	if dials[target] < 3 || len(dials) != 1 || len(other) != 0 {
 		t.Errorf("the CONNECT proxy carried %v (unknown targets %v); want several connections to %s and nothing else",
@@ -192,6 +197,13 @@ func TestUpstreamViaHTTPConnect(t *testing.T) {
 		if strings.Contains(body, leak) || strings.Contains(r.Stdout+r.Stderr, leak) {
 			t.Errorf("an answer names %q: %s | %s", leak, body, r.Stdout+r.Stderr)
 		}
+	}
+	mf := scrape(t, ppBad.Server.MetricsURLs()[0])
+	if n, _ := metricValue(mf, "etcd_proxy_proxy_tunnel_dials_total", map[string]string{"result": "failed"}); n < 1 {
+		t.Errorf("tunnel_dials_total{result=failed} = %v, want the refused dials", n)
+	}
+	if n, _ := metricValue(mf, "etcd_proxy_proxy_errors_total", map[string]string{"reason": "tunnel"}); n < 1 {
+		t.Errorf("errors_total{reason=tunnel} = %v, want the refused requests", n)
 	}
 	if ok, why := ppBad.Server.Ready(); ok {
 		t.Errorf("ready although the tunnel refuses every connection (%s)", why)

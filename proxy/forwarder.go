@@ -134,7 +134,21 @@ func newForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger, ops forwarderO
 		return nil, err
 	}
 	if f.tunnel != nil {
-		dialRaw = func(ctx context.Context, _, addr string) (net.Conn, error) { return f.tunnel.dial(ctx, addr) }
+		var ok, failed func() // the tunnel's dials by result (metrics)
+		if ops.m != nil {
+			ok, failed = ops.m.tunnelDials.WithLabelValues("ok").Inc, ops.m.tunnelDials.WithLabelValues("failed").Inc
+		}
+		dialRaw = func(ctx context.Context, _, addr string) (net.Conn, error) {
+			c, err := f.tunnel.dial(ctx, addr)
+			switch {
+			case ops.m == nil:
+			case err != nil:
+				failed()
+			default:
+				ok()
+			}
+			return c, err
+		}
 	}
 	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
 		c, err := dialRaw(ctx, network, addr)
