@@ -210,18 +210,35 @@ func TestUpstreamViaHTTPConnect(t *testing.T) {
 	}
 }
 
-// Interop with the stock konnectivity server and agent: our proxy → konnectivity server (gRPC mode, mTLS) ←
-// stock agent → a TLS member. etcdctl v3 and v2 work through it, with the member's certificate verified end to
-// end inside the tunnel, and the server counts the dials it carried.
+// Interop with the stock konnectivity server and agent: our proxy → konnectivity server (gRPC mode, and
+// http-connect mode through --upstream-via https-connect://; mTLS) ← stock agent → a TLS member. etcdctl v3 and
+// v2 work through it, with the member's certificate verified end to end inside the tunnel, and the server counts
+// the dials it carried.
 func TestUpstreamViaKonnectivity(t *testing.T) {
 	t.Parallel()
+	for _, mode := range []struct {
+		name   string
+		scheme string
+		opts   []harness.KonnectivityOption
+	}{
+		{"grpc", "konnectivity://", nil},
+		{"http-connect", "https-connect://", []harness.KonnectivityOption{harness.KonnectivityHTTPConnect()}},
+	} {
+		t.Run(mode.name, func(t *testing.T) {
+			t.Parallel()
+			testViaKonnectivity(t, mode.scheme, mode.opts...)
+		})
+	}
+}
+
+func testViaKonnectivity(t *testing.T, scheme string, opts ...harness.KonnectivityOption) {
 	ctx := testContext(t, 90*time.Second)
 	e := harness.NewTestEnv(t)
 	c, err := e.StartCluster(ctx, harness.WithMembers(1), harness.WithTLS())
 	if err != nil {
 		t.Fatal(err)
 	}
-	k, err := e.StartKonnectivity(ctx)
+	k, err := e.StartKonnectivity(ctx, opts...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -229,7 +246,7 @@ func TestUpstreamViaKonnectivity(t *testing.T) {
 		t.Fatal(err)
 	}
 	pp, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
-		cfg.UpstreamVia = "konnectivity://" + k.Addr
+		cfg.UpstreamVia = scheme + k.Addr
 		cfg.TunnelTLS = proxy.TLSInfo{CAFile: k.ClientTLS.CAFile, CertFile: k.ClientTLS.CertFile, KeyFile: k.ClientTLS.KeyFile}
 		cfg.UpstreamHealthInterval = 50 * time.Millisecond
 	}})

@@ -18,7 +18,7 @@ import (
 )
 
 // Konnectivity is a stock konnectivity server (apiserver-network-proxy, the version tools/konnectivity pins) in
-// gRPC mode, mTLS on both of its sides with certificates of its own CA: clients (a proxy-proxy's
+// gRPC or http-connect mode, mTLS on both of its sides with certificates of its own CA: clients (a proxy-proxy's
 // --upstream-via konnectivity://) on Addr, agents on AgentAddr.
 type Konnectivity struct {
 	Name string
@@ -74,9 +74,24 @@ func contains(l []int, v int) bool {
 	return false
 }
 
-// StartKonnectivity starts the stock konnectivity server and waits until it answers its health check. Agents are
-// started with StartStockAgent (or are a test's own).
-func (e *Env) StartKonnectivity(ctx context.Context) (*Konnectivity, error) {
+// KonnectivityOption configures StartKonnectivity.
+type KonnectivityOption func(*konnectivityConfig)
+
+type konnectivityConfig struct{ mode string }
+
+// KonnectivityHTTPConnect runs the server's frontend in http-connect mode (HTTP CONNECT over mTLS) instead of
+// gRPC.
+func KonnectivityHTTPConnect() KonnectivityOption {
+	return func(c *konnectivityConfig) { c.mode = "http-connect" }
+}
+
+// StartKonnectivity starts the stock konnectivity server (gRPC mode unless an option says otherwise) and waits
+// until it answers its health check. Agents are started with StartStockAgent (or are a test's own).
+func (e *Env) StartKonnectivity(ctx context.Context, opts ...KonnectivityOption) (*Konnectivity, error) {
+	cfg := konnectivityConfig{mode: "grpc"}
+	for _, o := range opts {
+		o(&cfg)
+	}
 	ctx, cancel := withDefaultTimeout(ctx, DefaultStartTimeout)
 	defer cancel()
 	bin, err := Tool(ctx, "konnectivity-server")
@@ -107,7 +122,7 @@ func (e *Env) StartKonnectivity(ctx context.Context) (*Konnectivity, error) {
 		k.Addr = fmt.Sprintf("127.0.0.1:%d", ports[0])
 		k.AgentAddr = fmt.Sprintf("127.0.0.1:%d", ports[1])
 		k.health = fmt.Sprintf("http://127.0.0.1:%d", ports[3])
-		args := []string{"--mode=grpc", "--server-count=1", "--server-id=" + name,
+		args := []string{"--mode=" + cfg.mode, "--server-count=1", "--server-id=" + name,
 			"--server-bind-address=127.0.0.1", "--server-port=" + strconv.Itoa(ports[0]),
 			"--server-cert=" + server.CertFile, "--server-key=" + server.KeyFile, "--server-ca-cert=" + k.CA.CertFile,
 			"--agent-bind-address=127.0.0.1", "--agent-port=" + strconv.Itoa(ports[1]),
