@@ -1,8 +1,10 @@
 package e2e
 
 import (
+	"context"
 	"crypto/tls"
 	"encoding/base64"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -10,10 +12,15 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
@@ -242,7 +249,7 @@ func testViaKonnectivity(t *testing.T, scheme string, opts ...harness.Konnectivi
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := k.StartStockAgent(ctx, "agent-1"); err != nil {
+	if _, err := k.StartStockAgent(ctx, "agent-1"); err != nil {
 		t.Fatal(err)
 	}
 	pp, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
@@ -271,4 +278,122 @@ func testViaKonnectivity(t *testing.T, scheme string, opts ...harness.Konnectivi
 	if n := k.Metric(ctx, "konnectivity_network_proxy_server_dial_duration_seconds_count"); n < 2 {
 		t.Errorf("the konnectivity server carried %v dials, want the proxy's connections (at least 2: gRPC, HTTP)", n)
 	}
+}
+
+// The stock agent killed under load and started again: reads fail while no agent is connected (every connection
+// goes through the tunnel) and recover once one is; no write is applied twice (each put's value appears at most
+// once in the key's history) and every acknowledged one is there.
+func TestKonnectivityAgentRestart(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 90*time.Second)
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx, harness.WithMembers(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := e.StartKonnectivity(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kill, err := k.StartStockAgent(ctx, "agent-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pp, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
+		cfg.UpstreamVia = "konnectivity://" + k.Addr
+		cfg.TunnelTLS = proxy.TLSInfo{CAFile: k.ClientTLS.CAFile, CertFile: k.ClientTLS.CertFile, KeyFile: k.ClientTLS.KeyFile}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: pp.Endpoint.URLs, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+
+	var (
+		mu      sync.Mutex
+		acked   []string
+		readOK  atomic.Int64
+		readErr atomic.Int64
+	)
+	lctx, stopLoad := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Go(func() { // writes, one at a time, each with a value of its own
+		for i := 0; lctx.Err() == nil; i++ {
+			v := strconv.Itoa(i)
+			cctx, cancel := context.WithTimeout(lctx, time.Second)
+			_, err := cli.Put(cctx, "w", v)
+			cancel()
+			if err == nil {
+				mu.Lock()
+				acked = append(acked, v)
+				mu.Unlock()
+			}
+		}
+	})
+	wg.Go(func() {
+		for lctx.Err() == nil {
+			cctx, cancel := context.WithTimeout(lctx, 500*time.Millisecond)
+			_, err := cli.Get(cctx, "w")
+			cancel()
+			if err == nil {
+				readOK.Add(1)
+			} else if lctx.Err() == nil {
+				readErr.Add(1)
+			}
+		}
+	})
+	defer func() { stopLoad(); wg.Wait() }()
+	eventually(t, ctx, "reads through the agent", func() (bool, string) { return readOK.Load() >= 5, "" })
+	if err := kill(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, ctx, "reads fail without an agent", func() (bool, string) { return readErr.Load() > 0, "" })
+	if _, err := k.StartStockAgent(ctx, "agent-2"); err != nil {
+		t.Fatal(err)
+	}
+	okBefore := readOK.Load()
+	eventually(t, ctx, "reads recover with a new agent", func() (bool, string) {
+		return readOK.Load() >= okBefore+5, fmt.Sprintf("%d reads failed", readErr.Load())
+	})
+	stopLoad()
+	wg.Wait()
+
+	// The key's whole history, from the member itself.
+	direct, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer direct.Close()
+	cur, err := direct.Get(ctx, "w")
+	if err != nil {
+		t.Fatal(err)
+	}
+	applied := map[string]int{}
+	wctx, cancelWatch := context.WithCancel(ctx)
+	defer cancelWatch()
+	for wr := range direct.Watch(wctx, "w", clientv3.WithRev(1)) {
+		for _, ev := range wr.Events {
+			applied[string(ev.Kv.Value)]++
+		}
+		if wr.Header.Revision >= cur.Header.Revision && len(wr.Events) > 0 &&
+			wr.Events[len(wr.Events)-1].Kv.ModRevision >= cur.Header.Revision {
+			break
+		}
+	}
+	for v, n := range applied {
+		if n > 1 {
+			t.Errorf("put %q applied %d times", v, n)
+		}
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for _, v := range acked {
+		if applied[v] != 1 {
+			t.Errorf("acknowledged put %q applied %d times", v, applied[v])
+		}
+	}
+	t.Logf("%d puts acknowledged, %d applied; reads: %d ok, %d failed", len(acked), len(applied), readOK.Load(), readErr.Load())
 }

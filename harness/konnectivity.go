@@ -150,13 +150,14 @@ func (e *Env) StartKonnectivity(ctx context.Context, opts ...KonnectivityOption)
 }
 
 // StartStockAgent starts a stock konnectivity agent connected to the server, with id as its agent ID, and waits
-// until the server is ready (an agent is connected). The agent dials whatever the server asks of it.
-func (k *Konnectivity) StartStockAgent(ctx context.Context, id string) error {
+// until the server is ready (an agent is connected). The agent dials whatever the server asks of it. kill kills
+// it (the Env's Close does too).
+func (k *Konnectivity) StartStockAgent(ctx context.Context, id string) (kill func() error, err error) {
 	ctx, cancel := withDefaultTimeout(ctx, DefaultStartTimeout)
 	defer cancel()
 	bin, err := Tool(ctx, "konnectivity-agent")
 	if err != nil {
-		return err
+		return nil, err
 	}
 	k.agents++
 	name := fmt.Sprintf("%s-agent-%d", k.Name, k.agents)
@@ -165,7 +166,7 @@ func (k *Konnectivity) StartStockAgent(ctx context.Context, id string) error {
 	for attempt := 1; attempt <= 3; attempt++ {
 		ports, err := konnectivityPorts(2)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		args := []string{"--agent-id=" + id, "--proxy-server-host=" + host, "--proxy-server-port=" + port,
 			"--agent-cert=" + k.AgentTLS.CertFile, "--agent-key=" + k.AgentTLS.KeyFile, "--ca-cert=" + k.CA.CertFile,
@@ -175,19 +176,19 @@ func (k *Konnectivity) StartStockAgent(ctx context.Context, id string) error {
 		}
 		p, err := k.env.startProc(name, bin, args)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		lastErr = waitProc(ctx, p, k.health+"/readyz")
 		if lastErr == nil {
 			k.env.logf("harness: %s connected to %s", name, k.Name)
-			return nil
+			return p.stop, nil
 		}
 		_ = p.stop()
 		if !p.logHas("address already in use") || ctx.Err() != nil {
 			break
 		}
 	}
-	return fmt.Errorf("harness: %s: %w", name, lastErr)
+	return nil, fmt.Errorf("harness: %s: %w", name, lastErr)
 }
 
 // WaitAgent waits until the server is ready: an agent is connected (an agent that is not a stock one).

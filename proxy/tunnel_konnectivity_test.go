@@ -7,12 +7,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
-	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
 )
 
 // Through the stock konnectivity server and agent to a member (a process, so that only the proxy runs here):
@@ -31,7 +32,7 @@ func TestKonnectivityNoLeak(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := k.StartStockAgent(ctx, "agent-1"); err != nil {
+	if _, err := k.StartStockAgent(ctx, "agent-1"); err != nil {
 		t.Fatal(err)
 	}
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
