@@ -51,7 +51,9 @@ func (p *connectProxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	host, port, err := net.SplitHostPort(r.Host)
+	p.mu.Lock()
 	ip, ok := p.hosts[host]
+	p.mu.Unlock()
 	if err != nil || !ok {
 		p.mu.Lock()
 		p.other = append(p.other, r.Host)
@@ -177,6 +179,26 @@ func TestUpstreamViaHTTPConnect(t *testing.T) {
 	if dials[target] < 3 || len(dials) != 1 || len(other) != 0 {
 		t.Errorf("the CONNECT proxy carried %v (unknown targets %v); want several connections to %s and nothing else",
 			dials, other, target)
+	}
+
+	// Endpoints found by discovery are dialled through the tunnel too: the member list names the member by its
+	// address, which the CONNECT proxy is now told to reach as well.
+	cp.mu.Lock()
+	cp.hosts[member.Hostname()] = member.Hostname()
+	cp.mu.Unlock()
+	ppDisc, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
+		via(proxy.HealthCheckHTTP)(cfg)
+		cfg.DiscoverMembers = true
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := e.Etcdctl(3, ppDisc.Endpoint).Run(ctx, "get", "tk", "--print-value-only"); r.Check() != nil ||
+		strings.TrimSpace(r.Stdout) != "v3-through-connect" {
+		t.Fatalf("v3 get through discovered endpoints: %v: %q %s", r.Check(), r.Stdout, r.Stderr)
+	}
+	if dials, _ := cp.seen(); dials[member.Host] == 0 {
+		t.Errorf("the discovered endpoint %s was not dialled through the tunnel: %v", member.Host, dials)
 	}
 
 	// A wrong password: the CONNECT proxy answers 407; the client gets the proxy's 502 naming nothing behind it.
