@@ -35,7 +35,7 @@ test-e2e: tools
 
 # Go's native fuzzing of every Fuzz target in FUZZ_PKGS, FUZZTIME each (go test takes one target per run). Their
 # seeds also run in test; an input that fails is written to the package's testdata/fuzz and stays a test case.
-FUZZ_PKGS ?= ./rules
+FUZZ_PKGS ?= ./rules ./crypt
 FUZZTIME  ?= 30s
 fuzz:
 	@set -e; for pkg in $(FUZZ_PKGS); do \

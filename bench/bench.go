@@ -206,10 +206,13 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		if o.Smoke {
 			settle = 200 * time.Millisecond
 		}
-		for _, kind := range []string{"v3", "v2"} {
+		for _, kind := range []string{"v3", "v2", "v3-coalesced"} {
 			n := o.Watchers
-			if kind == "v2" {
+			switch kind {
+			case "v2":
 				n = v2Watchers
+			case "v3-coalesced": // issue 14: 100,000 coalesced watchers
+				n = 10 * o.Watchers
 			}
 			w, err := t.watchers(ctx, kind, n, settle)
 			if err != nil {
@@ -294,7 +297,10 @@ func (t *topology) watchers(ctx context.Context, kind string, n int, settle time
 		return nil, err
 	}
 	defer p.kill()
-	if kind == "v3" {
+	switch kind {
+	case "v3-coalesced":
+		return watchCoalesced(ctx, p, strings.TrimPrefix(u, "http://"), strings.TrimPrefix(t.target.clientURL, "http://"), n, settle)
+	case "v3":
 		return watchV3(ctx, p, strings.TrimPrefix(u, "http://"), strings.TrimPrefix(t.target.clientURL, "http://"), n, settle)
 	}
 	return watchV2(ctx, p, u, t.target.clientURL, n, settle)

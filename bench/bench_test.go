@@ -53,8 +53,8 @@ func TestSmoke(t *testing.T) {
 	if want := len(scenarios()) * len(paths); len(rep.Rows) != want {
 		t.Errorf("%d rows, want %d", len(rep.Rows), want)
 	}
-	if len(rep.Watchers) != 2 {
-		t.Errorf("%d watcher rows, want 2", len(rep.Watchers))
+	if len(rep.Watchers) != 3 {
+		t.Errorf("%d watcher rows, want 3", len(rep.Watchers))
 	}
 	// CPU comes from /proc in clock ticks (10 ms): a smoke segment of 150 ms through a slow path may take less
 	// than one, so each path must show CPU in some row, not in every one.

@@ -9,6 +9,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"text/tabwriter"
@@ -51,6 +52,11 @@ type WatchRow struct {
 	PeakRSSMiB    float64  `json:"peak_rss_mib"`
 	KiBPerWatcher float64  `json:"kib_per_watcher"`
 	Errors        []string `json:"errors,omitempty"`
+	// Coalesced watchers only: from a write to its delivery to the last watcher of its key, and the member's
+	// count of watchers while they were open.
+	DeliveryP50ms    float64 `json:"delivery_p50_ms,omitempty"`
+	DeliveryP99ms    float64 `json:"delivery_p99_ms,omitempty"`
+	UpstreamWatchers int     `json:"upstream_watchers,omitempty"`
 }
 
 // Target is one bar of the issue, met or missed in this run.
@@ -118,9 +124,16 @@ func newRow(sc scenario, path string, s *sample) Row {
 func us(d time.Duration) float64 { return float64(d) / float64(time.Microsecond) }
 
 func watchRow(w *watchResult) WatchRow {
-	return WatchRow{Kind: w.kind, Watchers: w.n, Opened: w.opened, Delivered: w.delivered,
+	row := WatchRow{Kind: w.kind, Watchers: w.n, Opened: w.opened, Delivered: w.delivered,
 		OpenSeconds: w.openTime.Seconds(), BaseRSSMiB: float64(w.baseKiB) / 1024, HeldRSSMiB: float64(w.heldKiB) / 1024,
-		PeakRSSMiB: float64(w.peakKiB) / 1024, KiBPerWatcher: w.perWatcherKiB(), Errors: w.errs}
+		PeakRSSMiB: float64(w.peakKiB) / 1024, KiBPerWatcher: w.perWatcherKiB(), Errors: w.errs,
+		UpstreamWatchers: w.upstreamWatchers}
+	if d := slices.Clone(w.deliveries); len(d) > 0 {
+		slices.Sort(d)
+		ms := func(q float64) float64 { return float64(d[int(q*float64(len(d)-1))]) / float64(time.Millisecond) }
+		row.DeliveryP50ms, row.DeliveryP99ms = ms(0.5), ms(0.99)
+	}
+	return row
 }
 
 func (rep *Report) row(scenario, path string) *Row {
@@ -218,7 +231,7 @@ func (rep *Report) evaluate() {
 	for _, w := range []struct {
 		kind  string
 		bound float64
-	}{{"v3 watch streams", 12}, {"v2 long polls", 40}} {
+	}{{"v3 watch streams", 12}, {"v2 long polls", 40}, {"v3 coalesced watchers", 2}} {
 		t := Target{Name: fmt.Sprintf("%s: ≤ %.0f KiB proxy RSS each", w.kind, w.bound), Bound: w.bound, Unit: "KiB",
 			AtMost: true, NA: true}
 		for _, r := range rep.Watchers {
@@ -229,6 +242,16 @@ func (rep *Report) evaluate() {
 		}
 		rep.Targets = append(rep.Targets, t)
 	}
+	// Watch fan-out (issue 14): one upstream watch per key watched.
+	t := Target{Name: fmt.Sprintf("coalesced watchers: ≤ %d upstream watches (one per key)", coalescedKeys),
+		Bound: coalescedKeys, AtMost: true, NA: true}
+	for _, r := range rep.Watchers {
+		if r.Kind == "v3 coalesced watchers" && r.UpstreamWatchers >= 0 {
+			t.Value, t.NA, t.Where = float64(r.UpstreamWatchers), false, fmt.Sprintf("%d watchers", r.Watchers)
+			t.Met = met(t.Value, coalescedKeys, true)
+		}
+	}
+	rep.Targets = append(rep.Targets, t)
 }
 
 func met(v, bound float64, atMost bool) bool {
@@ -276,10 +299,14 @@ func (rep *Report) WriteTable(w io.Writer) {
 	if len(rep.Watchers) > 0 {
 		fmt.Fprintln(w)
 		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-		fmt.Fprintln(tw, "watchers (one fresh proxy-proxy each)\tN\topen\tevent delivered\topen s\tRSS before MiB\tRSS held MiB\tKiB/watcher\t")
+		fmt.Fprintln(tw, "watchers (one fresh proxy-proxy each)\tN\topen\tevent delivered\topen s\tRSS before MiB\tRSS held MiB\tKiB/watcher\tdelivery p50 ms\tp99 ms\tupstream watchers\t")
 		for _, r := range rep.Watchers {
-			fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%.1f\t%.1f\t%.1f\t%.1f\t\n", r.Kind, r.Watchers, r.Opened, r.Delivered,
-				r.OpenSeconds, r.BaseRSSMiB, r.HeldRSSMiB, r.KiBPerWatcher)
+			up := "-"
+			if r.UpstreamWatchers > 0 {
+				up = strconv.Itoa(r.UpstreamWatchers)
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%.1f\t%.1f\t%.1f\t%.1f\t%s\t%s\t%s\t\n", r.Kind, r.Watchers, r.Opened, r.Delivered,
+				r.OpenSeconds, r.BaseRSSMiB, r.HeldRSSMiB, r.KiBPerWatcher, f(r.DeliveryP50ms, 1), f(r.DeliveryP99ms, 1), up)
 		}
 		tw.Flush()
 	}

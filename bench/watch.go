@@ -30,6 +30,9 @@ type watchResult struct {
 	peakKiB   int64
 	openTime  time.Duration
 	errs      []string
+	// coalesced watchers only
+	deliveries       []time.Duration // from each write to its delivery to the last watcher of its key
+	upstreamWatchers int             // the member's count of watchers while they were open
 }
 
 func (w *watchResult) perWatcherKiB() float64 {
@@ -258,4 +261,185 @@ func watchV2(ctx context.Context, pp *proc, ppURL, memberURL string, n int, sett
 	}
 	r.delivered = int(delivered.Load())
 	return r, nil
+}
+
+// Coalesced watchers: watch IDs over coalescedStreams streams on coalescedConns connections, on coalescedKeys
+// keys (issue 14's target row).
+const (
+	coalescedConns   = 10
+	coalescedStreams = 100
+	coalescedKeys    = 10
+	coalescedWrites  = 2 * coalescedKeys
+)
+
+// watchCoalesced opens n watches of coalescedKeys keys through pp, measures its RSS and the member's count of
+// watchers, then writes each key twice on the member, one write at a time, and times each write to its
+// delivery to the last of the watchers of its key.
+func watchCoalesced(ctx context.Context, pp *proc, ppAddr, memberAddr string, n int, settle time.Duration) (*watchResult, error) {
+	r := &watchResult{kind: "v3 coalesced watchers", n: n}
+	for _, a := range []string{ppAddr, memberAddr} {
+		if err := checkLoopback(a); err != nil {
+			return nil, err
+		}
+	}
+	var err error
+	if r.baseKiB, _, err = measureRSS(pp.pid(), settle); err != nil {
+		return nil, err
+	}
+	before := memberWatchers(ctx, "http://"+memberAddr) // watches of earlier rows may still be going away
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	defer cancel() // ends every stream
+	var conns []*grpc.ClientConn
+	for range coalescedConns {
+		c, err := grpc.NewClient(ppAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+		if err != nil {
+			return nil, err
+		}
+		defer c.Close()
+		conns = append(conns, c)
+	}
+	key := func(i int) []byte { return fmt.Appendf(nil, "epp-bench/coalesced/%d", i%coalescedKeys) }
+	streams := make([]pb.Watch_WatchClient, coalescedStreams)
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	t0 := time.Now()
+	for i := range coalescedStreams {
+		wg.Go(func() {
+			per := n/coalescedStreams + min(1, max(0, n%coalescedStreams-i))
+			s, err := pb.NewWatchClient(conns[i%coalescedConns]).Watch(ctx)
+			for j := 0; j < per && err == nil; j++ {
+				err = s.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{
+					CreateRequest: &pb.WatchCreateRequest{Key: key(i + j*coalescedStreams)}}})
+			}
+			opened := 0
+			for ; opened < per && err == nil; opened++ {
+				var resp *pb.WatchResponse
+				if resp, err = s.Recv(); err == nil && !resp.Created {
+					err = fmt.Errorf("not created: %v", resp)
+				}
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			r.opened += opened
+			if err != nil {
+				r.addErr("stream %d: %v", i, err)
+				return
+			}
+			streams[i] = s
+		})
+	}
+	wg.Wait()
+	r.openTime = time.Since(t0)
+	if err := ctx.Err(); err != nil {
+		return r, err
+	}
+	if r.heldKiB, r.peakKiB, err = measureRSS(pp.pid(), settle); err != nil {
+		return nil, err
+	}
+	if after := memberWatchers(ctx, "http://"+memberAddr); after >= 0 && before >= 0 {
+		r.upstreamWatchers = after - before
+	}
+
+	// Deliveries per revision; each stream's reader counts its watchers' events.
+	var (
+		dmu      sync.Mutex
+		count    = map[int64]int{}
+		lastAt   = map[int64]time.Time{}
+		received = make([]int, coalescedStreams) // events per stream
+		arrived  = make(chan int64, coalescedWrites)
+	)
+	perKey := n / coalescedKeys
+	for i, s := range streams {
+		if s == nil {
+			continue
+		}
+		wg.Go(func() {
+			for {
+				resp, err := s.Recv()
+				if err != nil {
+					return
+				}
+				now := time.Now()
+				dmu.Lock()
+				for _, ev := range resp.Events {
+					rev := ev.Kv.ModRevision
+					received[i]++
+					count[rev]++
+					lastAt[rev] = now
+					if count[rev] == perKey {
+						arrived <- rev
+					}
+				}
+				dmu.Unlock()
+			}
+		})
+	}
+	mconn, err := grpc.NewClient(memberAddr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, err
+	}
+	defer mconn.Close()
+	kv := pb.NewKVClient(mconn)
+	for w := range coalescedWrites {
+		began := time.Now()
+		resp, err := kv.Put(ctx, &pb.PutRequest{Key: key(w), Value: []byte("changed")})
+		if err != nil {
+			return nil, fmt.Errorf("coalesced watchers: writing a watched key: %w", err)
+		}
+		timeout := time.NewTimer(30 * time.Second)
+	wait:
+		for {
+			select {
+			case rev := <-arrived:
+				if rev == resp.Header.Revision {
+					break wait
+				}
+			case <-timeout.C:
+				dmu.Lock()
+				got := count[resp.Header.Revision]
+				dmu.Unlock()
+				r.addErr("write %d: delivered to %d of %d watchers within 30s", w, got, perKey)
+				break wait
+			}
+		}
+		timeout.Stop()
+		dmu.Lock()
+		if at, ok := lastAt[resp.Header.Revision]; ok {
+			r.deliveries = append(r.deliveries, at.Sub(began))
+		}
+		dmu.Unlock()
+	}
+	cancel()
+	wg.Wait()
+	// A watcher got every event when its stream got all of its watchers' events.
+	for i := range streams {
+		per := n/coalescedStreams + min(1, max(0, n%coalescedStreams-i))
+		if received[i] >= per*coalescedWrites/coalescedKeys {
+			r.delivered += per
+		}
+	}
+	return r, nil
+}
+
+// memberWatchers is the member's own count of watchers (etcd_debugging_mvcc_watcher_total); -1 when unknown.
+func memberWatchers(ctx context.Context, memberURL string) int {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, memberURL+"/metrics", nil)
+	if err != nil {
+		return -1
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return -1
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	for _, l := range strings.Split(string(body), "\n") {
+		if v, ok := strings.CutPrefix(l, "etcd_debugging_mvcc_watcher_total "); ok {
+			var n float64
+			if _, err := fmt.Sscan(v, &n); err == nil {
+				return int(n)
+			}
+		}
+	}
+	return -1
 }

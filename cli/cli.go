@@ -47,6 +47,12 @@ func Main(args []string, stdout, stderr io.Writer) int {
 			return exitOK
 		case "agent":
 			return runAgent(args[2:], stderr) // agent.go
+		case "keygen":
+			return keygen(args[2:], stdout, stderr)
+		case "encrypt", "decrypt":
+			return transform(args[1] == "decrypt", args[2:], os.Stdin, stdout, stderr)
+		case "rewrap":
+			return rewrap(args[2:], stdout, stderr)
 		}
 	}
 	return serve(args, stdout, stderr)
@@ -166,10 +172,14 @@ func splitUnknown(fs *flag.FlagSet, args []string) (known, unknown []string) {
 }
 
 func usage(w io.Writer, fs *flag.FlagSet) {
-	fmt.Fprintf(w, "Usage: %s --upstream URL [flags]\n       %s agent --tunnel-server URL --allow HOST:PORT[,...] [flags]\n       %s version\n\n"+
-		"Every flag can also be set from the environment: --listen-client-urls is %sLISTEN_CLIENT_URLS.\n"+
+	fmt.Fprintf(w, "Usage: %s --upstream URL [flags]\n       %s version\n"+
+		"       %[1]s agent --tunnel-server URL --allow HOST:PORT[,...] [flags]\n"+
+		"       %[1]s keygen --out FILE [--name NAME]\n"+
+		"       %[1]s encrypt|decrypt --key-file FILE... --key ETCD_KEY [VALUE]\n"+
+		"       %[1]s rewrap --upstream URL --prefix P --encryption-key-file FILE... [--dry-run]\n\n"+
+		"Every flag can also be set from the environment: --listen-client-urls is %[3]sLISTEN_CLIENT_URLS.\n"+
 		"The reference TLS deployment is a command of its own: go run ./cmd/demo, in the source tree.\n\nFlags:\n",
-		fs.Name(), fs.Name(), fs.Name(), proxy.EnvPrefix)
+		fs.Name(), fs.Name(), proxy.EnvPrefix)
 	fs.SetOutput(w)
 	fs.PrintDefaults()
 	fs.SetOutput(io.Discard)

@@ -16,6 +16,7 @@ import (
 
 	"github.com/hashicorp/go-multierror"
 
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/crypt"
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
 )
 
@@ -44,6 +45,8 @@ const (
 	// DefaultMaxSnapshotBytes bounds a snapshot spooled from the upstream (rules.DefaultMaxSnapshotBytes: etcd's
 	// largest recommended --quota-backend-bytes).
 	DefaultMaxSnapshotBytes = rules.DefaultMaxSnapshotBytes
+	// DefaultWatchHistory is --watch-history.
+	DefaultWatchHistory = 1000
 	// DefaultMaxHeaderBytes bounds a request header, as net/http does by default.
 	DefaultMaxHeaderBytes = 1 << 20
 	// DefaultMaxUpstreamHeaderBytes bounds an upstream's status line and response headers, as http.Transport
@@ -147,6 +150,11 @@ type Config struct {
 	SnapshotSpoolDir string
 	// MaxSnapshotBytes bounds a snapshot received from the upstream; zero means DefaultMaxSnapshotBytes.
 	MaxSnapshotBytes int64
+	// NoWatchFanOut gives every client watch its own upstream watch, as without the fan-out (watchhub.go).
+	NoWatchFanOut bool
+	// WatchHistory is how many upstream responses a shared watch keeps for watches that start at an earlier
+	// revision and for slow clients; zero means DefaultWatchHistory.
+	WatchHistory int
 	// ReadHeaderTimeout bounds reading a request header on the listeners. Zero means
 	// DefaultReadHeaderTimeout; negative means none.
 	ReadHeaderTimeout time.Duration
@@ -156,6 +164,21 @@ type Config struct {
 	// ShutdownTimeout is how long a graceful shutdown lets in-flight requests finish (open streams are ended
 	// at once). Zero means DefaultShutdownTimeout; negative means none: everything is closed at once.
 	ShutdownTimeout time.Duration
+	// EncryptPrefixes are the key prefixes whose values are stored encrypted (rules.Encrypt); empty means none.
+	EncryptPrefixes []string
+	// EncryptionKeyFiles are the encryption keys' files (<name>:<base64 of 32 bytes>, as `keygen` writes them):
+	// the first encrypts, all decrypt. Required with EncryptPrefixes.
+	EncryptionKeyFiles []string
+	// EncryptionReadPlaintext reads a value under EncryptPrefixes that is not encrypted as it is (counted as
+	// stale), to turn encryption on over existing data; false makes it an error.
+	EncryptionReadPlaintext bool
+	// EncryptionConfig is a file (YAML or JSON) of key prefixes each with its ordered providers (key files,
+	// identity), the general case of EncryptPrefixes and EncryptionKeyFiles, which it excludes; reloaded on
+	// SIGHUP and when it or its key files change. Empty means none.
+	EncryptionConfig string
+	// EncryptionMaxRequestBytes is the members' --max-request-bytes: a write that encryption would make larger
+	// is refused. Zero means rules.DefaultEncryptMaxRequestBytes (etcd's default, 1.5 MiB).
+	EncryptionMaxRequestBytes int64
 	// OpsConfig holds the metrics/health listeners, the upstream probe, certificate reload and the access log
 	// (ops.go); its fields are promoted.
 	OpsConfig
@@ -181,6 +204,22 @@ func (l listFlag) Set(s string) error {
 			*l.p = append(*l.p, v)
 		}
 	}
+	return nil
+}
+
+// repeatFlag is a flag given once per value, taken as it is (a key prefix may hold commas, or be empty). From
+// the environment it takes one value.
+type repeatFlag struct{ p *[]string }
+
+func (r repeatFlag) String() string {
+	if r.p == nil {
+		return ""
+	}
+	return strings.Join(*r.p, " ")
+}
+
+func (r repeatFlag) Set(s string) error {
+	*r.p = append(*r.p, s)
 	return nil
 }
 
@@ -267,6 +306,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	c.MaxRuleBody, c.MaxRequestBytes, c.MaxHeaderBytes = c.maxRuleBody(), c.maxRequestBytes(), c.maxHeaderBytes()
 	c.MaxUpstreamHeaderBytes = c.maxUpstreamHeaderBytes()
 	c.MaxSnapshotBytes = orDefault(c.MaxSnapshotBytes, DefaultMaxSnapshotBytes)
+	c.WatchHistory = orDefault(c.WatchHistory, DefaultWatchHistory)
 	fs.Var(listFlag{&c.Upstreams}, "upstream", "upstream client URL(s), comma-separated: an etcd member, a stock etcd proxy or another etcd-proxy-proxy (required)")
 	fs.StringVar(&c.UpstreamTLS.CAFile, "upstream-ca-file", "", "verify the upstream's certificate with this CA bundle (default: the system roots)")
 	fs.StringVar(&c.UpstreamTLS.CertFile, "upstream-cert-file", "", "client certificate presented to the upstream")
@@ -303,9 +343,19 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.Var(bytesFlag{&c.MaxUpstreamHeaderBytes}, "max-upstream-header-bytes", "largest status line and header of an upstream's answer, in bytes; more is answered 502")
 	fs.StringVar(&c.SnapshotSpoolDir, "snapshot-spool-dir", "", "directory where snapshots are spooled to hide the membership in them, up to twice a snapshot's size each (default: the system's temporary directory)")
 	fs.Var(bytesFlag{&c.MaxSnapshotBytes}, "max-snapshot-bytes", "largest snapshot (database and hash) accepted from the upstream, in bytes; a larger one fails with ResourceExhausted")
+	fs.Var(notFlag{&c.NoWatchFanOut}, "watch-fan-out", "identical client watches share one upstream watch, resumed on another endpoint when its member fails (default true; false: one upstream watch per client watch)")
+	fs.IntVar(&c.WatchHistory, "watch-history", c.WatchHistory, "upstream responses a shared watch keeps, for watches that start at an earlier revision and for slow clients (default 1000)")
 	fs.Var(durationFlag{&c.ReadHeaderTimeout}, "listen-read-header-timeout", "how long a client may take to send a request header, e.g. 10s; 0 for no limit")
 	fs.Var(durationFlag{&c.IdleTimeout}, "listen-idle-timeout", "how long an idle client connection is kept, e.g. 5m; 0 for ever")
 	fs.Var(durationFlag{&c.ShutdownTimeout}, "shutdown-timeout", "how long in-flight requests may take to finish on SIGTERM (streams end at once), e.g. 10s; 0 closes at once")
+	if c.EncryptionMaxRequestBytes == 0 {
+		c.EncryptionMaxRequestBytes = rules.DefaultEncryptMaxRequestBytes
+	}
+	fs.Var(repeatFlag{&c.EncryptPrefixes}, "encrypt-prefix", "store the values of the keys under this prefix encrypted (repeatable; needs --encryption-key-file)")
+	fs.Var(repeatFlag{&c.EncryptionKeyFiles}, "encryption-key-file", "file of an encryption key, <name>:<base64 of 32 bytes> as keygen writes it (repeatable: the first encrypts, all decrypt)")
+	fs.StringVar(&c.EncryptionConfig, "encryption-config", "", "file (YAML or JSON) of key prefixes, each with its ordered providers (keyFile, identity); instead of --encrypt-prefix and --encryption-key-file; reloaded on SIGHUP and when it or its key files change")
+	fs.BoolVar(&c.EncryptionReadPlaintext, "encryption-read-plaintext", false, "read a value under --encrypt-prefix that is not encrypted as it is (to turn encryption on over existing data); otherwise it is an error")
+	fs.Var(bytesFlag{&c.EncryptionMaxRequestBytes}, "encryption-max-request-bytes", "the members' --max-request-bytes: a write that encryption would make larger is refused, in bytes")
 	c.OpsConfig.addFlags(fs)    // metrics, health, reload, access log (ops.go)
 	c.TunnelConfig.addFlags(fs) // --upstream-via, --tunnel-* (tunnel.go)
 }
@@ -434,8 +484,11 @@ func (c *Config) Validate() error {
 		}
 	}
 	if c.MaxRuleBody < 0 || c.MaxRequestBytes < 0 || c.MaxHeaderBytes < 0 || c.MaxSnapshotBytes < 0 ||
-		c.MaxUpstreamHeaderBytes < 0 {
+		c.MaxUpstreamHeaderBytes < 0 || c.EncryptionMaxRequestBytes < 0 {
 		add("byte limits must not be negative")
+	}
+	if c.WatchHistory < 0 {
+		add("--watch-history: must not be negative")
 	}
 	if c.MaxHeaderBytes > math.MaxInt32 {
 		add("--max-header-bytes: at most %d", math.MaxInt32)
@@ -446,9 +499,80 @@ func (c *Config) Validate() error {
 	if c.UpstreamKeepAliveTimeout < 0 {
 		add("--upstream-keepalive-timeout: must be greater than 0")
 	}
+	c.validateEncryption(add)
 	c.OpsConfig.validate(c, add) // ops.go
 	c.TunnelConfig.validate(add) // tunnel.go
 	return sortErrors(errs)
+}
+
+// validateEncryption checks the encryption flags, and reads every key file.
+func (c *Config) validateEncryption(add func(format string, args ...any)) {
+	if c.EncryptionConfig != "" {
+		if len(c.EncryptPrefixes) > 0 || len(c.EncryptionKeyFiles) > 0 || c.EncryptionReadPlaintext {
+			add("--encryption-config excludes --encrypt-prefix, --encryption-key-file and --encryption-read-plaintext")
+		}
+		_, _, errs := loadEncryptionConfig(c.EncryptionConfig)
+		for _, err := range errs {
+			add("%v", err)
+		}
+		return
+	}
+	if len(c.EncryptPrefixes) == 0 {
+		if len(c.EncryptionKeyFiles) > 0 {
+			add("--encryption-key-file needs --encrypt-prefix")
+		}
+		if c.EncryptionReadPlaintext {
+			add("--encryption-read-plaintext needs --encrypt-prefix")
+		}
+		return
+	}
+	if len(c.EncryptionKeyFiles) == 0 {
+		add("--encrypt-prefix needs --encryption-key-file")
+		return
+	}
+	if _, errs := c.encryptionKeyring(); errs != nil {
+		for _, err := range errs {
+			add("%v", err)
+		}
+	}
+}
+
+// encryptionKeyring reads the key files into a keyring, with the identity provider last when plaintext reads.
+func (c *Config) encryptionKeyring() (*crypt.Keyring, []error) {
+	var (
+		keys []*crypt.Key
+		errs []error
+		seen = map[string]string{}
+	)
+	for _, f := range c.EncryptionKeyFiles {
+		k, err := crypt.LoadKeyFile(f)
+		var pe *os.PathError
+		switch {
+		case errors.As(err, &pe):
+			errs = append(errs, fmt.Errorf("--encryption-key-file %s: %v", f, pe.Err))
+			continue
+		case err != nil:
+			errs = append(errs, fmt.Errorf("--encryption-key-file %v", err))
+			continue
+		}
+		if other, dup := seen[k.Name()]; dup {
+			errs = append(errs, fmt.Errorf("--encryption-key-file %s: key %s is also in %s", f, k.Name(), other))
+			continue
+		}
+		seen[k.Name()] = f
+		keys = append(keys, k)
+	}
+	if errs != nil {
+		return nil, errs
+	}
+	if c.EncryptionReadPlaintext {
+		keys = append(keys, crypt.IdentityKey())
+	}
+	r, err := crypt.NewKeyring(keys...)
+	if err != nil {
+		return nil, []error{err}
+	}
+	return r, nil
 }
 
 // sortErrors keeps the message stable: map iteration above is random.
@@ -525,7 +649,7 @@ func (c *Config) maxUpstreamHeaderBytes() int64 {
 }
 
 // orDefault is v with zero meaning def and a negative value meaning off (returned as zero).
-func orDefault[T int64 | time.Duration](v, def T) T {
+func orDefault[T int | int64 | time.Duration](v, def T) T {
 	switch {
 	case v == 0:
 		return def
@@ -534,3 +658,24 @@ func orDefault[T int64 | time.Duration](v, def T) T {
 	}
 	return v
 }
+
+// notFlag is a boolean flag that sets the negation of its field, so the field's zero value is the default.
+type notFlag struct{ p *bool }
+
+func (f notFlag) String() string {
+	if f.p == nil {
+		return "true"
+	}
+	return strconv.FormatBool(!*f.p)
+}
+
+func (f notFlag) Set(v string) error {
+	b, err := strconv.ParseBool(v)
+	if err != nil {
+		return err
+	}
+	*f.p = !b
+	return nil
+}
+
+func (notFlag) IsBoolFlag() bool { return true }

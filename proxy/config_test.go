@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/crypt"
 )
 
 func TestValidateReportsEverything(t *testing.T) {
@@ -268,5 +270,115 @@ func TestClientCertAuthNeedsHTTPS(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "http://127.0.0.1:2 would serve without any authentication") ||
 		strings.Contains(err.Error(), "https://127.0.0.1:1") {
 		t.Errorf("Validate = %v, want the http listener refused", err)
+	}
+}
+
+// TestEncryptionFlags: the encryption flags, from the command line and the environment, and every problem with
+// them in one message.
+func TestEncryptionFlags(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	good, bad, dup := filepath.Join(dir, "good.key"), filepath.Join(dir, "bad.key"), filepath.Join(dir, "dup.key")
+	data, err := crypt.GenerateKeyFile("k1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for f, d := range map[string][]byte{good: data, bad: []byte("k2:c2hvcnQ="), dup: data} {
+		if err := os.WriteFile(f, d, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	parse := func(args []string, env map[string]string) *Config {
+		t.Helper()
+		c := &Config{}
+		fs := flag.NewFlagSet("test", flag.ContinueOnError)
+		fs.SetOutput(io.Discard)
+		c.AddFlags(fs)
+		if err := fs.Parse(append([]string{"--upstream", "http://127.0.0.1:1"}, args...)); err != nil {
+			t.Fatal(err)
+		}
+		if err := SetFlagsFromEnv(fs, func(k string) (string, bool) { v, ok := env[k]; return v, ok }); err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+	c := parse([]string{"--encrypt-prefix", "/a,b/", "--encrypt-prefix", "/c/", "--encryption-key-file", good},
+		map[string]string{"ETCD_PROXY_PROXY_ENCRYPTION_READ_PLAINTEXT": "true", "ETCD_PROXY_PROXY_ENCRYPT_PREFIX": "/ignored/"})
+	if err := c.Validate(); err != nil || !slices.Equal(c.EncryptPrefixes, []string{"/a,b/", "/c/"}) || !c.EncryptionReadPlaintext ||
+		c.EncryptionMaxRequestBytes != 3<<19 {
+		t.Errorf("flags: %v, %+v", err, c)
+	}
+	if c := parse(nil, map[string]string{"ETCD_PROXY_PROXY_ENCRYPT_PREFIX": "/env/",
+		"ETCD_PROXY_PROXY_ENCRYPTION_KEY_FILE": good}); c.Validate() != nil || !slices.Equal(c.EncryptPrefixes, []string{"/env/"}) {
+		t.Errorf("from the environment: %v, %q", c.Validate(), c.EncryptPrefixes)
+	}
+	err = parse([]string{"--encrypt-prefix", "/s/", "--encryption-key-file", filepath.Join(dir, "missing.key"),
+		"--encryption-key-file", bad, "--encryption-key-file", good, "--encryption-key-file", dup}, nil).Validate()
+	want := []string{"--encryption-key-file " + filepath.Join(dir, "missing.key") + ": no such file or directory",
+		"--encryption-key-file " + bad + ": key k2: want 32 bytes, got 5",
+		"--encryption-key-file " + dup + ": key k1 is also in " + good}
+	for _, w := range want {
+		if err == nil || !strings.Contains(err.Error(), w) {
+			t.Errorf("missing %q in:\n%v", w, err)
+		}
+	}
+	err = parse([]string{"--encryption-key-file", good, "--encryption-read-plaintext"}, nil).Validate()
+	for _, w := range []string{"--encryption-key-file needs --encrypt-prefix", "--encryption-read-plaintext needs --encrypt-prefix"} {
+		if err == nil || !strings.Contains(err.Error(), w) {
+			t.Errorf("missing %q in:\n%v", w, err)
+		}
+	}
+	if err := parse([]string{"--encrypt-prefix", "/s/"}, nil).Validate(); err == nil ||
+		!strings.Contains(err.Error(), "--encrypt-prefix needs --encryption-key-file") {
+		t.Errorf("a prefix without a key: %v", err)
+	}
+}
+
+// TestEncryptionConfigFile: --encryption-config's problems, all in one message; the example in the repository
+// has the schema the loader reads (only its key files are missing here).
+func TestEncryptionConfigFile(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	key := filepath.Join(dir, "k.key")
+	data, _ := crypt.GenerateKeyFile("k")
+	if err := os.WriteFile(key, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	conf := filepath.Join(dir, "enc.yaml")
+	if err := os.WriteFile(conf, []byte(`resources:
+- prefixes: [/a/]
+  providers: [{keyFile: `+key+`}, {keyFile: `+key+`}]
+- prefixes: [/a/, /b/]
+  providers: [{identity: {}, keyFile: `+key+`}, {}]
+- prefixes: []
+  providers: [{keyFile: `+filepath.Join(dir, "missing.key")+`}]
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	cfg := Config{Upstreams: []string{"http://127.0.0.1:1"}, EncryptionConfig: conf, EncryptPrefixes: []string{"/x/"}}
+	err := cfg.Validate()
+	for _, w := range []string{"--encryption-config excludes --encrypt-prefix",
+		"resources[0]: key k appears twice", `resources[1]: prefix "/a/" is also in resources[0]`,
+		"resources[1].providers[0]: want one of keyFile, identity", "resources[1].providers[1]: want one of keyFile, identity",
+		"resources[2]: no prefixes", "resources[2].providers[0]: open " + filepath.Join(dir, "missing.key")} {
+		if err == nil || !strings.Contains(err.Error(), w) {
+			t.Errorf("missing %q in:\n%v", w, err)
+		}
+	}
+	if err := os.WriteFile(conf, []byte("resources:\n- prefixes: [/a/]\n  provider: []\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := (&Config{Upstreams: []string{"http://127.0.0.1:1"}, EncryptionConfig: conf}).Validate(); err == nil ||
+		!strings.Contains(err.Error(), `unknown field "provider"`) {
+		t.Errorf("a misspelt field: %v", err)
+	}
+	_, _, errs := loadEncryptionConfig(filepath.Join("..", "examples", "encryption", "encryption.yaml"))
+	if len(errs) != 3 {
+		t.Errorf("the example: %v; want the three missing key files alone", errs)
+	}
+	for _, err := range errs {
+		if !strings.Contains(err.Error(), "no such file or directory") {
+			t.Errorf("the example: %v", err)
+		}
 	}
 }

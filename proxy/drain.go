@@ -31,10 +31,7 @@ type streamState struct {
 // drainable reports the v2 requests that last as long as the client wants — long polls and stream watches —
 // which a graceful shutdown ends at once instead of waiting for them. gRPC calls (and the JSON gateway's, which
 // are gRPC calls inside) are ended by the gRPC core (rules.Method.Long).
-func drainable(r *http.Request) bool {
-	api, _, stream := classifyRequest(r)
-	return api == apiV2 && stream
-}
+func (c requestClass) drainable() bool { return c.api == apiV2 && c.stream }
 
 // drainStream ties r to the forwarder's drain: when Shutdown starts, the request toward the upstream is
 // cancelled with errShuttingDown, and the client gets a clean end (drainedBody, handleError).

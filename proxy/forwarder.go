@@ -210,6 +210,15 @@ func newForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger, ops forwarderO
 
 // ServeHTTP implements http.Handler.
 func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	var c requestClass
+	if !rules.IsGRPC(r) {
+		c = classifyRequest(r)
+	}
+	f.serve(w, r, c)
+}
+
+// serve serves a client request whose class is c (classifyRequest; zero for a gRPC call).
+func (f *Forwarder) serve(w http.ResponseWriter, r *http.Request, c requestClass) {
 	if rules.IsGRPC(r) {
 		f.core.srv.ServeHTTP(w, r) // a gRPC call that came to the HTTP server (a connection that began with another request)
 		return
@@ -218,16 +227,16 @@ func (f *Forwarder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	if drainable(r) { // drain.go; streams.go ends them when their upstream goes
+	if c.drainable() { // drain.go; streams.go ends them when their upstream goes
 		var done func()
 		r, done = f.drainStream(w, r)
 		defer done()
 	}
 	switch {
-	case isGatewayPath(r.URL.Path):
+	case c.api == apiV3JSON:
 		f.gateway.handler.ServeHTTP(w, r)
 		return
-	case isWatch(r):
+	case c.watch:
 		w = &headerFlusher{ResponseWriter: w}
 	}
 	f.rp.ServeHTTP(w, r)

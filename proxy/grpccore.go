@@ -30,6 +30,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
+	"go.etcd.io/etcd/api/v3/v3rpc/rpctypes"
 )
 
 // grpcCore serves v3 gRPC on grpc-go's own transport, both sides: a grpc.Server whose unknown-service handler
@@ -50,7 +51,8 @@ type grpcCore struct {
 	// observe, if set, is told of every call as it starts and returns what is told how it ended (metrics and
 	// the access log).
 	observe func(c *serverCall) func(code codes.Code)
-	m       *metrics // nil: no metrics
+	m       *metrics  // nil: no metrics
+	hub     *watchHub // the watch fan-out; nil: off (--watch-fan-out=false)
 }
 
 // Server-side keep-alive enforcement as etcd's (--grpc-keepalive-min-time): grpc-go's default (5 minutes) would
@@ -64,6 +66,10 @@ func newGRPCCore(f *Forwarder, cfg *Config, rs []rules.Rule, ops forwarderOps) *
 			c.rules = append(c.rules, mr)
 		}
 	}
+	if !cfg.NoWatchFanOut {
+		c.hub = newWatchHub(c, orDefault(cfg.WatchHistory, DefaultWatchHistory),
+			max(cfg.failureWait(), 2*f.dialTimeout), newWatchMetrics(ops.m))
+	}
 	for _, m := range rules.Methods() {
 		c.chains[m.Name] = c.chainOf(m)
 	}
@@ -72,7 +78,9 @@ func newGRPCCore(f *Forwarder, cfg *Config, rs []rules.Rule, ops forwarderOps) *
 		grpc.ForceServerCodecV2(frameCodec{}),
 		grpc.Creds(grpcServerCreds()), // TLS is terminated by the split (listen.go)
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: grpcMinPingInterval, PermitWithoutStream: true}),
-		grpc.MaxRecvMsgSize(int(min(f.maxRequestBytes, math.MaxInt32))),
+		// As etcd: requests up to --max-request-bytes and gRPC's overhead are read, and RecvMsg answers those
+		// over the limit as etcd does; grpc-go refuses a larger one from its length prefix, before reading it.
+		grpc.MaxRecvMsgSize(int(min(f.maxRequestBytes+grpcOverheadBytes, math.MaxInt32))),
 		grpc.MaxSendMsgSize(math.MaxInt32),
 		grpc.MaxConcurrentStreams(math.MaxUint32),
 		grpc.StatsHandler(connTagger{}),
@@ -101,15 +109,32 @@ func newGRPCCore(f *Forwarder, cfg *Config, rs []rules.Rule, ops forwarderOps) *
 	return c
 }
 
+// grpcOverheadBytes is what etcd's gRPC server reads beyond --max-request-bytes (v3rpc grpcOverheadBytes): a
+// request is checked against the limit once it is read, and the slack lets that answer be etcd's.
+const grpcOverheadBytes = 512 << 10
+
 // methodChain is what runs for one method: the rules that claim it, and whether its messages are decoded.
 type methodChain struct {
 	m      *rules.Method
 	rules  []rules.MessageRule
 	decode bool
+	// opts are the call options toward the upstream: the bound of a method's answers when they are small
+	// (rules.Method.SmallAnswers); grpc-go checks it against each message's length prefix before reading it.
+	opts []grpc.CallOption
+	// maxRequest bounds each request message (--max-request-bytes); zero: only grpc-go's server limit.
+	maxRequest int
 }
 
 func (c *grpcCore) chainOf(m *rules.Method) *methodChain {
-	mc := &methodChain{m: m}
+	mc := &methodChain{m: m, decode: c.hub != nil && m.Name == watchMethod} // the fan-out reads watch requests
+	if !m.ReadOnly {
+		// etcd checks the size of the requests it proposes to raft (the writes), and reads only at its gRPC
+		// limit: a read's message is answered by grpc-go's limit alone here too.
+		mc.maxRequest = int(c.f.maxRequestBytes)
+	}
+	if m.SmallAnswers {
+		mc.opts = []grpc.CallOption{grpc.MaxCallRecvMsgSize(rules.SmallAnswerBytes)}
+	}
 	for _, r := range c.rules {
 		switch r.Claim(m) {
 		case rules.ClaimMessages:
@@ -151,10 +176,37 @@ func (s *serverCall) RecvMsg() (any, error) {
 		m = s.chain.m.NewRequest()
 	}
 	if err := s.ss.RecvMsg(m); err != nil {
+		if status.Code(err) == codes.ResourceExhausted { // over the server's limit: grpc-go's own answer
+			return nil, &requestTooLargeError{status.Convert(err)}
+		}
 		return nil, err
+	}
+	if limit := s.chain.maxRequest; limit > 0 && msgSize(m) > limit {
+		freeMsg(m)
+		return nil, &requestTooLargeError{status.Convert(rpctypes.ErrGRPCRequestTooLarge)}
 	}
 	return m, nil
 }
+
+// msgSize is the encoded size of a request: a frame's length, or a decoded message's.
+func msgSize(m any) int {
+	switch m := m.(type) {
+	case *frame:
+		return m.data.Len()
+	case rules.Message:
+		return m.Size()
+	}
+	return 0
+}
+
+// requestTooLargeError: a request message was over --max-request-bytes. A write's is answered as etcd answers
+// it ("etcdserver: request is too large", which clientv3 turns into rpctypes.ErrRequestTooLarge); one past the
+// gRPC server's limit with grpc-go's ResourceExhausted, as by etcd's.
+type requestTooLargeError struct{ st *status.Status }
+
+func (e *requestTooLargeError) Error() string              { return e.st.Message() }
+func (e *requestTooLargeError) GRPCStatus() *status.Status { return e.st }
+func (e *requestTooLargeError) Is(target error) bool       { return target == errRequestTooLarge }
 
 func (s *serverCall) SendMsg(m any) error {
 	err := s.ss.SendMsg(m)
@@ -214,6 +266,9 @@ func (c *grpcCore) serve(call *serverCall, s rules.Stream, i int) error {
 // that may have been delivered is never sent again.
 func (c *grpcCore) forward(call *serverCall, s rules.Stream) error {
 	m := call.chain.m
+	if c.hub != nil && m.Name == watchMethod {
+		return c.hub.serve(call, s)
+	}
 	ctx := call.ctx
 	eps := c.f.endpoints.order(affinityOf(ctx))
 	if len(eps) == 0 {
@@ -252,6 +307,9 @@ func (c *grpcCore) forward(call *serverCall, s rules.Stream) error {
 					aff.ep.Store(e) // the connection follows the endpoint that answered
 				}
 			}
+			return err
+		case errors.As(err, new(*answerTooLargeError)):
+			c.f.log.Warn("upstream answer over the method's bound: refused", "method", m.Name, "err", errors.Unwrap(err))
 			return err
 		case at.ended.Load(): // the upstream's own status: the rules before see it scrubbed
 			return scrubbed(err)
@@ -443,11 +501,12 @@ func (e *localError) GRPCStatus() *status.Status {
 func (c *grpcCore) unary(call *serverCall, s rules.Stream, cc *grpc.ClientConn, ctx context.Context, req any) error {
 	resp := call.newResponse()
 	var hdr, tr metadata.MD
-	err := cc.Invoke(ctx, call.chain.m.Name, req, resp, grpc.Header(&hdr), grpc.Trailer(&tr))
+	err := cc.Invoke(ctx, call.chain.m.Name, req, resp, append(call.chain.opts[:len(call.chain.opts):len(call.chain.opts)],
+		grpc.Header(&hdr), grpc.Trailer(&tr))...)
 	at, _ := ctx.Value(attemptKey{}).(*attempt)
 	if err != nil && !at.ended.Load() {
 		freeMsg(resp)
-		return err
+		return answerTooLarge(call, err)
 	}
 	c.passHeader(call, hdr)
 	call.ss.SetTrailer(c.scrubMetadata(tr))
@@ -468,7 +527,7 @@ func (c *grpcCore) stream(call *serverCall, s rules.Stream, e *endpoint, cc *grp
 	ctx, cancelCause := context.WithCancelCause(ctx)
 	cancel := func() { cancelCause(nil) }
 	defer cancel()
-	cs, err := cc.NewStream(ctx, streamDesc, call.chain.m.Name)
+	cs, err := cc.NewStream(ctx, streamDesc, call.chain.m.Name, call.chain.opts...)
 	if err != nil {
 		return err
 	}
@@ -518,13 +577,40 @@ func (c *grpcCore) stream(call *serverCall, s rules.Stream, e *endpoint, cc *grp
 			}
 			if at.ended.Load() {
 				call.ss.SetTrailer(c.scrubMetadata(cs.Trailer()))
+				return err
 			}
-			return err
+			return answerTooLarge(call, err)
 		}
 		if err := s.SendMsg(msg); err != nil {
 			return &localError{err}
 		}
 	}
+}
+
+// answerTooLargeError: an answer of the upstream was over its method's bound (rules.SmallAnswerBytes). grpc-go
+// refused it from its 5-byte length prefix, before reading (or allocating) the message; the call to the upstream
+// is reset, its connection stays.
+type answerTooLargeError struct{ err error }
+
+// msgAnswerTooLarge is what a client whose call got an upstream answer over the method's bound reads.
+const msgAnswerTooLarge = "etcd-proxy-proxy: upstream answer larger than the method allows"
+
+// Error is the client's text (a status wrapped in another error gets its message from Error); err is for the log.
+func (e *answerTooLargeError) Error() string {
+	return fmt.Sprintf("%s (%d bytes)", msgAnswerTooLarge, rules.SmallAnswerBytes)
+}
+func (e *answerTooLargeError) Unwrap() error { return e.err }
+func (e *answerTooLargeError) GRPCStatus() *status.Status {
+	return status.New(codes.ResourceExhausted, e.Error())
+}
+
+// answerTooLarge is err, an error of a call to the upstream that is not the upstream's own status, as an
+// answerTooLargeError when it is grpc-go's refusal of a message over the call's receive bound.
+func answerTooLarge(call *serverCall, err error) error {
+	if call.chain.m.SmallAnswers && status.Code(err) == codes.ResourceExhausted {
+		return &answerTooLargeError{err}
+	}
+	return err
 }
 
 // passHeader passes the upstream's response header on, once.
@@ -555,8 +641,16 @@ func (c *grpcCore) finish(call *serverCall, err error) *status.Status {
 	var (
 		re *ruleError
 		ne *noEndpointError
+		ae *answerTooLargeError
+		qe *requestTooLargeError
 	)
 	switch {
+	case errors.As(err, &qe):
+		count(reasonTooLarge)
+		return qe.st
+	case errors.As(err, &ae):
+		count(reasonAnswerTooLarge)
+		return status.Convert(ae)
 	case errors.As(err, &re):
 		count(reasonRule)
 		c.f.log.Warn("rule failed", "method", call.chain.m.Name, "rule", re.Rule, "err", re.Err)
@@ -578,9 +672,6 @@ func (c *grpcCore) finish(call *serverCall, err error) *status.Status {
 		return status.New(codes.Unavailable, "etcd-proxy-proxy: unable to get a response from the upstream")
 	}
 	if errors.Is(err, errLocal) { // grpc-go's own statuses on the client's side
-		if st.Code() == codes.ResourceExhausted {
-			count(reasonTooLarge)
-		}
 		return status.Convert(scrubbed(err))
 	}
 	return st // a rule's own, or the upstream's, scrubbed where it came in (forward)

@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"io"
 	"math"
 	"net"
@@ -12,13 +13,16 @@ import (
 	"testing"
 	"time"
 
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	"go.etcd.io/etcd/api/v3/mvccpb"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/encoding/gzip"
+	"google.golang.org/grpc/status"
 )
 
 // dialProxy is a grpc-go client of the proxy at u (http://host:port).
@@ -216,5 +220,66 @@ func TestGRPCUpstreamBackAtOnce(t *testing.T) {
 	t.Cleanup(func() { _ = up2.Close() })
 	if err := call(); err != nil {
 		t.Errorf("the first call after the upstream came back: %v", err)
+	}
+}
+
+// A hostile upstream cannot make the proxy hold one large message of a method whose answers are small
+// (rules.Method.SmallAnswers): a Snapshot message that announces 5 MiB and a Status answer of 5 MiB are refused
+// with ResourceExhausted and the proxy's own text. The Snapshot message's body never comes: the answer arrives at
+// once, so the proxy refused it from its 5-byte length prefix, without waiting for (or allocating) the message.
+// Range answers stay unbounded, on the same connections.
+func TestGRPCSmallAnswersBounded(t *testing.T) {
+	t.Parallel()
+	const announced = 5 << 20
+	big := bytes.Repeat([]byte("v"), announced)
+	up := h2cUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		w.Header().Set("Content-Type", "application/grpc")
+		w.Header().Set("Trailer", "Grpc-Status")
+		w.WriteHeader(http.StatusOK)
+		switch r.URL.Path {
+		case "/etcdserverpb.Maintenance/Snapshot": // a length prefix, then nothing until the proxy gives up
+			_, _ = w.Write(rawFrame(nil)[:1])
+			_, _ = w.Write(binary.BigEndian.AppendUint32(nil, announced))
+			w.(http.Flusher).Flush()
+			<-r.Context().Done()
+			return
+		case "/etcdserverpb.Maintenance/Status":
+			_, _ = w.Write(rawFrame(grpcFrame(t, &pb.StatusResponse{Version: string(big)})[grpcFrameHeader:]))
+		case "/etcdserverpb.KV/Range":
+			_, _ = w.Write(rawFrame(grpcFrame(t, &pb.RangeResponse{Kvs: []*mvccpb.KeyValue{{Key: []byte("k"), Value: big}}, Count: 1})[grpcFrameHeader:]))
+		}
+		w.Header().Set("Grpc-Status", "0")
+	})
+	_, u := startProxy(t, Config{Upstreams: []string{up}})
+	cc := dialProxy(t, u)
+	callCtx := func() context.Context {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		t.Cleanup(cancel)
+		return ctx
+	}
+	refused := func(what string, err error) {
+		t.Helper()
+		st := status.Convert(err)
+		if st.Code() != codes.ResourceExhausted || !strings.HasPrefix(st.Message(), msgAnswerTooLarge) {
+			t.Errorf("%s: %v, want ResourceExhausted %q", what, err, msgAnswerTooLarge)
+		}
+		if strings.Contains(st.Message(), strings.TrimPrefix(up, "http://")) {
+			t.Errorf("%s: the upstream's address in %q", what, st.Message())
+		}
+		if !rules.KnownGRPCMessage(st.Message()) {
+			t.Errorf("%s: %q is not in the rules' ownPatterns: a proxy-proxy above would replace it", what, st.Message())
+		}
+	}
+	snap, err := pb.NewMaintenanceClient(cc).Snapshot(callCtx(), &pb.SnapshotRequest{})
+	if err == nil {
+		_, err = snap.Recv()
+	}
+	refused("Snapshot", err)
+	_, err = pb.NewMaintenanceClient(cc).Status(callCtx(), &pb.StatusRequest{})
+	refused("Status", err)
+	resp, err := pb.NewKVClient(cc).Range(callCtx(), &pb.RangeRequest{Key: []byte("k")})
+	if err != nil || len(resp.Kvs) != 1 || len(resp.Kvs[0].Value) != announced {
+		t.Errorf("a Range answer of 5 MiB after the refusals: %v", err)
 	}
 }

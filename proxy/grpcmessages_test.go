@@ -33,6 +33,7 @@ func TestGRPCAnswersKnown(t *testing.T) {
 		"transport":     scrubbed(status.Error(codes.Unavailable, "connection error: desc = \"transport: Error while dialing: dial tcp 10.0.0.1:2379\"")),
 		"too large":     &localError{status.Error(codes.ResourceExhausted, "grpc: received message larger than max (2000 vs. 1000)")},
 		"lost":          status.Error(codes.Unavailable, msgUpstreamLost),
+		"answer large":  &answerTooLargeError{status.Error(codes.ResourceExhausted, "grpc: received message larger than max (5000000 vs. 4194304)")},
 		"no response":   status.Error(codes.Unavailable, msgNoResponse),
 		"shutting down": context.Canceled,
 	}

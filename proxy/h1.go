@@ -20,6 +20,12 @@ import (
 // are a large part of the cost of a request (bench/: the profile of v2 GET at c=64).
 //
 // What it does not do, it leaves to http.Transport (see usable): TLS, HTTP/2, protocol upgrades.
+//
+// Measured against http.Transport alone once the v3 core was on grpc-go (2026-11-28, 2 cores, loaded machine,
+// load average 7–18; epp-bench -only "v2 GET c=64", 3 alternating pairs of runs, 2 rounds of 2 s each): proxy
+// CPU per request 67/75/68 µs with it, 89/83/79 µs without; 1.08/0.90/1.33× the stock v2 proxy with it,
+// 0.88/0.97/1.01× without; a chain of two 151/167/157 µs against 190/192/184 µs. About 14 µs (16 %) per
+// request: it stays.
 type h1Transport struct {
 	dial         func(ctx context.Context, network, addr string) (net.Conn, error)
 	writeTimeout time.Duration // per request write; 0 means none

@@ -67,7 +67,7 @@ func (s *Server) attachOps(f *Forwarder) {
 
 // handler is the client API handler with metrics and the access log around it.
 func (s *Server) handler() http.Handler {
-	return &instrumented{next: s.forwarder, m: s.ops.m, accessLog: s.ops.access}
+	return &instrumented{next: s.forwarder.serve, m: s.ops.m, accessLog: s.ops.access}
 }
 
 // countBytes counts the client bytes of a listener's connections.
@@ -132,6 +132,10 @@ func (s *Server) startOps() error {
 		o.wg.Add(1)
 		go func() { defer o.wg.Done(); o.certs.poll(ctx, iv) }()
 	}
+	if iv := s.cfg.reloadInterval(); iv > 0 && s.encryption != nil {
+		o.wg.Add(1)
+		go func() { defer o.wg.Done(); s.encryption.poll(ctx, iv) }()
+	}
 	o.listening.Store(true)
 	return nil
 }
@@ -181,8 +185,15 @@ func (s *Server) MetricsURLs() []string { return s.ops.urls }
 
 // ReloadCertificates re-reads the certificate, key and CA files of both TLS sides now, as SIGHUP does. New
 // connections get the new certificates; open ones keep theirs. A side that fails to load keeps its previous
-// certificates; the error says why.
-func (s *Server) ReloadCertificates() error { return s.ops.certs.Reload() }
+// certificates; the error says why. --encryption-config and its key files are read again too (a failure keeps
+// the keys loaded before).
+func (s *Server) ReloadCertificates() error {
+	err := s.ops.certs.Reload()
+	if s.encryption != nil { // --encryption-config and its key files, on the same signal (encryption.go)
+		err = errors.Join(err, s.encryption.reload(false))
+	}
+	return err
+}
 
 func writeJSON(w http.ResponseWriter, status int, v any) {
 	b, _ := json.Marshal(v)

@@ -31,18 +31,19 @@ const (
 
 // Values of the reason label of etcd_proxy_proxy_errors_total.
 const (
-	reasonNoEndpoint     = "no_endpoint"     // no upstream endpoint could be connected to (503)
-	reasonTimeout        = "timeout"         // the upstream did not answer in time (504)
-	reasonTLS            = "tls"             // the TLS handshake with the upstream failed (502)
-	reasonSendFailed     = "send_failed"     // the request could not be sent or no response came back (502)
-	reasonRule           = "rule"            // a rule failed on the request or on the response (502)
-	reasonResponseFailed = "response_failed" // the response broke off while it was being copied to the client
-	reasonClientGone     = "client_gone"     // the client went away before the answer (nothing is sent)
-	reasonTooLarge       = "too_large"       // the request was over --max-request-bytes (413)
-	reasonShutdown       = "shutdown"        // a stream ended by a graceful shutdown
-	reasonBadRequest     = "bad_request"     // the client's request body was malformed (400)
-	reasonStreamLost     = "stream_lost"     // a stream ended because its upstream connection was lost
-	reasonTunnel         = "tunnel"          // the tunnel of --upstream-via refused or failed the connection (502)
+	reasonNoEndpoint     = "no_endpoint"      // no upstream endpoint could be connected to (503)
+	reasonTimeout        = "timeout"          // the upstream did not answer in time (504)
+	reasonTLS            = "tls"              // the TLS handshake with the upstream failed (502)
+	reasonSendFailed     = "send_failed"      // the request could not be sent or no response came back (502)
+	reasonRule           = "rule"             // a rule failed on the request or on the response (502)
+	reasonResponseFailed = "response_failed"  // the response broke off while it was being copied to the client
+	reasonClientGone     = "client_gone"      // the client went away before the answer (nothing is sent)
+	reasonTooLarge       = "too_large"        // the request was over --max-request-bytes (413)
+	reasonShutdown       = "shutdown"         // a stream ended by a graceful shutdown
+	reasonBadRequest     = "bad_request"      // the client's request body was malformed (400)
+	reasonStreamLost     = "stream_lost"      // a stream ended because its upstream connection was lost
+	reasonAnswerTooLarge = "answer_too_large" // an upstream answer was over its method's bound (rules.SmallAnswerBytes)
+	reasonTunnel         = "tunnel"           // the tunnel of --upstream-via refused or failed the connection (502)
 )
 
 func init() {
@@ -161,7 +162,7 @@ func newMetrics(ready func() float64) *metrics {
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, r := range []string{reasonNoEndpoint, reasonTimeout, reasonTLS, reasonSendFailed, reasonRule,
 		reasonResponseFailed, reasonClientGone, reasonTooLarge, reasonShutdown, reasonBadRequest,
-		reasonStreamLost, reasonTunnel} {
+		reasonStreamLost, reasonAnswerTooLarge, reasonTunnel} {
 		m.errs[r] = m.errors.WithLabelValues(r) // present at 0 from the start, so rate() sees the first error
 	}
 	return m
@@ -205,29 +206,41 @@ func (m *metrics) gauge(api, method string) prometheus.Gauge {
 	return g
 }
 
-// classify names a request for the labels: its API, its method label and whether it is a stream.
-func classifyRequest(r *http.Request) (api, method string, stream bool) {
+// requestClass is what the proxy knows of a client request from its method, path and query: decided once per
+// request (classifyRequest), for the metrics' labels and for the forwarder's choices.
+type requestClass struct {
+	api, method string // the api and method labels
+	// stream: the request lasts as long as the client wants (a v2 long poll or stream watch, a gateway watch or
+	// keep-alive).
+	stream bool
+	// watch: a long poll (wait=true, on any path): its headers go out at once.
+	watch bool
+}
+
+// classifyRequest classifies r.
+func classifyRequest(r *http.Request) requestClass {
 	path := r.URL.Path
+	c := requestClass{watch: isWatch(r)}
 	switch {
 	case isGatewayPath(path):
+		c.api, c.method = apiV3JSON, apiOther
 		if s, ok := gatewayPaths[path]; ok {
-			return apiV3JSON, path, s
+			c.method, c.stream = path, s
 		}
-		return apiV3JSON, apiOther, false
+		return c
 	case strings.HasPrefix(path, "/v2/"):
-		api = apiV2
-		stream = isWatch(r)
+		c.api, c.stream = apiV2, c.watch
 	default:
-		api = apiOther
+		c.api = apiOther
 	}
-	method = apiOther
+	c.method = apiOther
 	for _, m := range httpMethods {
 		if r.Method == m {
-			method = m
+			c.method = m
 			break
 		}
 	}
-	return api, method, stream
+	return c
 }
 
 // code is the label value of a finished HTTP request: its status.
@@ -454,20 +467,22 @@ func (r *statusRecorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 
 func (r *statusRecorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
 
-// instrumented counts, times and (with the access log on) logs every client request around next.
+// instrumented counts, times and (with the access log on) logs every client request around next, which gets
+// the request's class with it (the forwarder's serve).
 type instrumented struct {
-	next      http.Handler
+	next      func(w http.ResponseWriter, r *http.Request, c requestClass)
 	m         *metrics
 	accessLog *accessLogger // nil: off
 }
 
 func (h *instrumented) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if rules.IsGRPC(r) {
-		h.next.ServeHTTP(w, r) // the gRPC core counts its calls (observeGRPC)
+		h.next(w, r, requestClass{}) // the gRPC core counts its calls (observeGRPC)
 		return
 	}
 	start := time.Now()
-	api, method, stream := classifyRequest(r)
+	class := classifyRequest(r)
+	api, method, stream := class.api, class.method, class.stream
 	rec := statusRecorders.Get().(*statusRecorder)
 	*rec = statusRecorder{ResponseWriter: w}
 	var gauge prometheus.Gauge
@@ -499,5 +514,5 @@ func (h *instrumented) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			panic(v)
 		}
 	}()
-	h.next.ServeHTTP(rec, r)
+	h.next(rec, r, class)
 }

@@ -69,7 +69,8 @@ func TestClassifyRequest(t *testing.T) {
 		{httptest.NewRequest(http.MethodGet, "/version", nil), apiOther, "GET", false},
 	}
 	for _, tt := range tests {
-		api, method, stream := classifyRequest(tt.r)
+		c := classifyRequest(tt.r)
+		api, method, stream := c.api, c.method, c.stream
 		if api != tt.api || method != tt.method || stream != tt.stream {
 			t.Errorf("%s %s: (%q, %q, %v), want (%q, %q, %v)", tt.r.Method, tt.r.URL, api, method, stream, tt.api, tt.method, tt.stream)
 		}
@@ -111,7 +112,7 @@ func TestOpsFlags(t *testing.T) {
 // request are resolved (go test -run '^$' -bench Instrumented ./proxy).
 func BenchmarkInstrumented(b *testing.B) {
 	m := newMetrics(func() float64 { return 1 })
-	h := &instrumented{next: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(200) }), m: m}
+	h := &instrumented{next: func(w http.ResponseWriter, _ *http.Request, _ requestClass) { w.WriteHeader(200) }, m: m}
 	r := httptest.NewRequest(http.MethodPost, "/etcdserverpb.KV/Range", nil)
 	r.ProtoMajor, r.Header = 2, http.Header{"Content-Type": {"application/grpc"}}
 	w := httptest.NewRecorder()

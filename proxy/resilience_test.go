@@ -18,6 +18,9 @@ import (
 	"time"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
+	"google.golang.org/grpc/codes"
+
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 )
 
 // startProxy starts a Server on a free loopback port with cfg (probe off unless cfg sets it) and returns it
@@ -263,7 +266,8 @@ func TestProbeBringsEndpointBack(t *testing.T) {
 	}
 }
 
-// A gRPC stream whose client sends a message over the limit ends with ResourceExhausted.
+// A gRPC stream whose client sends a message over the limit and gRPC's overhead (as etcd's server reads) ends
+// with ResourceExhausted.
 func TestStreamMessageTooLarge(t *testing.T) {
 	t.Parallel()
 	up := h2cUpstream(t, func(w http.ResponseWriter, r *http.Request) {
@@ -275,13 +279,13 @@ func TestStreamMessageTooLarge(t *testing.T) {
 	_, u := startProxy(t, Config{Upstreams: []string{up}, MaxRequestBytes: 1000})
 	pr, pw := io.Pipe()
 	go pw.Write(rawFrame([]byte("create")))
-	resp := grpcStream(t, u+"/etcdserverpb.Watch/Watch", pr)
+	resp := grpcStream(t, u+"/etcdserverpb.Lease/LeaseKeepAlive", pr)
 	defer resp.Body.Close()
 	first := make([]byte, len(rawFrame([]byte("created"))))
 	if _, err := io.ReadFull(resp.Body, first); err != nil {
 		t.Fatal(err)
 	}
-	go pw.Write(rawFrame(make([]byte, 2000)))
+	go pw.Write(rawFrame(make([]byte, 1000+grpcOverheadBytes+1)))
 	if _, err := io.ReadAll(resp.Body); err != nil {
 		t.Errorf("the stream broke off (%v), want a clean end", err)
 	}
@@ -342,7 +346,9 @@ func TestMaxRequestBytes(t *testing.T) {
 	}
 }
 
-// A gRPC message over the limit is answered ResourceExhausted; the upstream never gets it whole.
+// A write's gRPC message over the limit is answered as etcd answers it (InvalidArgument "etcdserver: request is
+// too large"), one past the limit and gRPC's overhead ResourceExhausted; the upstream never gets either. A read's
+// message is bounded by the gRPC limit alone, as by etcd.
 func TestMaxRequestBytesGRPC(t *testing.T) {
 	t.Parallel()
 	var whole atomic.Int64
@@ -353,18 +359,35 @@ func TestMaxRequestBytesGRPC(t *testing.T) {
 		grpcOK(w)
 	})
 	_, u := startProxy(t, Config{Upstreams: []string{up}, MaxRequestBytes: 1000})
-	resp := grpcCall(t, u+"/etcdserverpb.KV/Put", rawFrame(make([]byte, 2000)))
-	_, _ = io.ReadAll(resp.Body)
-	if got := grpcStatus(resp); got != fmt.Sprint(rules.CodeResourceExhausted) {
-		t.Errorf("grpc-status = %q, want %d (headers %v, trailers %v)", got, rules.CodeResourceExhausted, resp.Header, resp.Trailer)
+	for _, c := range []struct {
+		method string
+		size   int
+		status string
+		msg    string
+	}{
+		{"/etcdserverpb.KV/Put", 1001, fmt.Sprint(int(codes.InvalidArgument)), "etcdserver: request is too large"},
+		{"/etcdserverpb.KV/Put", 1000 + grpcOverheadBytes + 1, fmt.Sprint(rules.CodeResourceExhausted), "grpc: received message larger than max"},
+		{"/etcdserverpb.KV/Range", 1000 + grpcOverheadBytes + 1, fmt.Sprint(rules.CodeResourceExhausted), "grpc: received message larger than max"},
+	} {
+		resp := grpcCall(t, u+c.method, rawFrame(make([]byte, c.size)))
+		_, _ = io.ReadAll(resp.Body)
+		msg, _ := url.PathUnescape(resp.Trailer.Get("Grpc-Message") + resp.Header.Get("Grpc-Message"))
+		if got := grpcStatus(resp); got != c.status || !strings.HasPrefix(msg, c.msg) {
+			t.Errorf("%s of %d bytes: grpc-status %q %q, want %s %q", c.method, c.size, got, msg, c.status, c.msg)
+		}
 	}
 	if whole.Load() != 0 {
 		t.Errorf("the upstream read %d whole requests over the limit", whole.Load())
 	}
-	resp = grpcCall(t, u+"/etcdserverpb.KV/Put", rawFrame(make([]byte, 900)))
-	_, _ = io.ReadAll(resp.Body)
-	if got := grpcStatus(resp); got != "0" {
-		t.Errorf("a message under the limit: grpc-status %q", got)
+	for _, c := range []struct {
+		method string
+		size   int
+	}{{"/etcdserverpb.KV/Put", 1000}, {"/etcdserverpb.KV/Range", 1001}} {
+		resp := grpcCall(t, u+c.method, rawFrame(make([]byte, c.size)))
+		_, _ = io.ReadAll(resp.Body)
+		if got := grpcStatus(resp); got != "0" {
+			t.Errorf("%s of %d bytes: grpc-status %q, want 0", c.method, c.size, got)
+		}
 	}
 }
 
@@ -450,7 +473,7 @@ func TestGracefulShutdown(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer stream.Body.Close()
-	watch := grpcCall(t, u+"/etcdserverpb.Watch/Watch", rawFrame([]byte("create")))
+	watch := grpcCall(t, u+"/etcdserverpb.Lease/LeaseKeepAlive", rawFrame([]byte("create")))
 	defer watch.Body.Close()
 	first := make([]byte, len(rawFrame([]byte("event"))))
 	if _, err := io.ReadFull(watch.Body, first); err != nil {
@@ -621,5 +644,31 @@ func TestMalformedBody(t *testing.T) {
 		if msg := etcdError(t, resp, body, http.StatusBadRequest); msg != msgMalformed {
 			t.Errorf("upstream %s: message %q", up, msg)
 		}
+	}
+}
+
+// An upstream that ends a shared watch's stream with a status of its own other than Unavailable (a proxy below
+// refusing the client, say) gives that status to the watch's clients at once; the fan-out does not take it for
+// a lost member and try every endpoint until it gives up.
+func TestWatchUpstreamStatusPassed(t *testing.T) {
+	t.Parallel()
+	up := h2cUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", rules.GRPCContentType)
+		w.Header().Set("Grpc-Status", "7")
+		w.Header().Set("Grpc-Message", "etcdserver: permission denied")
+		w.WriteHeader(http.StatusOK)
+	})
+	_, u := startProxy(t, Config{Upstreams: []string{up}})
+	create, _ := (&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{
+		CreateRequest: &pb.WatchCreateRequest{Key: []byte("k")}}}).Marshal()
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	go pw.Write(rawFrame(create))
+	began := time.Now()
+	resp := grpcStream(t, u+"/etcdserverpb.Watch/Watch", pr)
+	defer resp.Body.Close()
+	_, _ = io.ReadAll(resp.Body)
+	if got := grpcStatus(resp); got != "7" || time.Since(began) > 2*time.Second {
+		t.Fatalf("grpc-status %q %q after %v, want 7 at once", got, resp.Trailer.Get("Grpc-Message"), time.Since(began))
 	}
 }

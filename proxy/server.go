@@ -16,6 +16,7 @@ import (
 
 	"github.com/hashicorp/go-multierror"
 
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/crypt"
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
 )
 
@@ -28,6 +29,8 @@ type Server struct {
 	listeners map[string]net.Listener // by listen URL; pre-opened ones come from WithListener
 	servers   []*http.Server
 	splits    []*connSplit // one per listener: TLS, then HTTP/1.1, HTTP/2 or gRPC (listen.go)
+	// encryption reloads --encryption-config (encryption.go); nil without one.
+	encryption *encryptionReloader
 	// buildRules, when set by WithRules, turns the default chain into the one served.
 	buildRules func(defaults []rules.Rule, self rules.Self) []rules.Rule
 	urls       []string
@@ -81,12 +84,35 @@ func New(cfg Config, opts ...Option) (*Server, error) {
 		return nil, err
 	}
 	s.self = rules.NewSelf(cfg.Name, cfg.AdvertiseClientURLs)
+	var (
+		keys      *crypt.Keyring
+		resources []rules.EncryptResource
+		errs      []error
+	)
+	switch {
+	case cfg.EncryptionConfig != "":
+		resources, _, errs = loadEncryptionConfig(cfg.EncryptionConfig)
+	case len(cfg.EncryptPrefixes) > 0:
+		keys, errs = cfg.encryptionKeyring()
+	}
+	if errs != nil { // changed since Validate read them
+		return nil, errors.Join(errs...)
+	}
 	rs := rules.Default(rules.Options{
 		Self: s.self, Instance: newInstanceID(), ForwardMemberChanges: cfg.ForwardMemberChanges, ReadOnly: cfg.ReadOnly,
 		SnapshotSpoolDir: cfg.SnapshotSpoolDir, MaxSnapshotBytes: cfg.MaxSnapshotBytes, Log: s.log,
+		EncryptPrefixes: cfg.EncryptPrefixes, EncryptionKeys: keys, EncryptionResources: resources,
+		EncryptionMaxRequestBytes: cfg.EncryptionMaxRequestBytes,
 	})
 	if s.buildRules != nil {
 		rs = s.buildRules(rs, s.self)
+	}
+	if e := encryptRuleOf(rs); e != nil {
+		s.ops.m.reg.MustRegister(encryptionCollector{rule: e})
+		if cfg.EncryptionConfig != "" {
+			s.encryption = &encryptionReloader{file: cfg.EncryptionConfig, rule: e, log: s.log}
+			_ = s.encryption.reload(false) // read just above: this takes the stamps of its files
+		}
 	}
 	rs = s.ops.m.countRules(rs) // etcd_proxy_proxy_rule_actions_total
 	fwd, err := newForwarder(&s.cfg, rs, s.log, forwarderOps{m: s.ops.m, access: s.ops.access,

@@ -167,7 +167,7 @@ func TestStreamEndsWhenUpstreamLost(t *testing.T) {
 						pr, pw := io.Pipe() // the client's side stays open, as a watching client's does
 						defer pw.Close()
 						go pw.Write(rawFrame([]byte("create")))
-						resp := grpcStream(t, u+"/etcdserverpb.Watch/Watch", pr)
+						resp := grpcStream(t, u+"/etcdserverpb.Lease/LeaseKeepAlive", pr)
 						defer resp.Body.Close()
 						if _, err := io.ReadFull(resp.Body, make([]byte, len(rawFrame([]byte("event"))))); err != nil {
 							t.Fatal(err)
@@ -261,7 +261,7 @@ func TestStreamLostBeforeHeaders(t *testing.T) {
 		defer stop.Stop()
 		go pw.Write(rawFrame([]byte("create")))
 		began := time.Now()
-		resp := grpcStream(t, u+"/etcdserverpb.Watch/Watch", pr)
+		resp := grpcStream(t, u+"/etcdserverpb.Lease/LeaseKeepAlive", pr)
 		defer resp.Body.Close()
 		_, _ = io.ReadAll(resp.Body)
 		// Each frozen endpoint costs its dial timeout (1 s: it never finishes the HTTP/2 handshake), nothing of the
@@ -337,7 +337,7 @@ func TestLostEndpointAvoided(t *testing.T) {
 	watch := func() (string, *http.Response) {
 		pr, pw := io.Pipe()
 		t.Cleanup(func() { pw.Close() })
-		req, _ := http.NewRequest(http.MethodPost, u+"/etcdserverpb.Watch/Watch", pr)
+		req, _ := http.NewRequest(http.MethodPost, u+"/etcdserverpb.Lease/LeaseKeepAlive", pr)
 		req.Header.Set("Content-Type", rules.GRPCContentType)
 		go pw.Write(rawFrame([]byte("create")))
 		resp, err := tr.RoundTrip(req)

@@ -5,6 +5,8 @@ import (
 	"net/http"
 	"slices"
 	"strings"
+
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/crypt"
 )
 
 // ViaHeader carries the instance IDs of the proxy-proxies a request has passed, so that a proxy that sees its own
@@ -32,6 +34,13 @@ type Options struct {
 	SnapshotSpoolDir string
 	// MaxSnapshotBytes bounds a snapshot from the upstream; zero means DefaultMaxSnapshotBytes.
 	MaxSnapshotBytes int64
+	// EncryptPrefixes are the key prefixes whose values Encrypt encrypts with EncryptionKeys; none: off.
+	EncryptPrefixes []string
+	EncryptionKeys  *crypt.Keyring
+	// EncryptionResources, when set, replace EncryptPrefixes and EncryptionKeys (--encryption-config).
+	EncryptionResources []EncryptResource
+	// EncryptionMaxRequestBytes is the upstream's --max-request-bytes; zero means DefaultEncryptMaxRequestBytes.
+	EncryptionMaxRequestBytes int64
 	// Log receives what rules log; nil means slog.Default().
 	Log *slog.Logger
 }
@@ -50,6 +59,7 @@ func Default(o Options) []Rule {
 		&Machines{Self: o.Self},                                 // /v2/machines, the oldest membership view
 		&Stats{Self: o.Self},                                    // /v2/stats/self and /leader name a member and its leader
 		snapshotRule(o),                                         // the database in a snapshot names every member
+		encryptRule(o),                                          // near the upstream: every rule above sees plaintext values
 		&Headers{},                                              // last on the way up, so its response side runs first and every rule sees clean headers
 	}
 }

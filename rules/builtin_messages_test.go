@@ -86,12 +86,6 @@ func TestLoopMessages(t *testing.T) {
 	}
 }
 
-const (
-	methodRange = "/etcdserverpb.KV/Range"
-	methodWatch = "/etcdserverpb.Watch/Watch"
-	methodPut   = "/etcdserverpb.KV/Put"
-)
-
 // readOnlyOracle are the calls that change nothing, written out apart from the table in api.go.
 var readOnlyOracle = []string{
 	"/etcdserverpb.KV/Range", "/etcdserverpb.Watch/Watch", "/etcdserverpb.Lease/LeaseTimeToLive",

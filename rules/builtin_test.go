@@ -201,7 +201,7 @@ func TestDefaultOrder(t *testing.T) {
 	for _, r := range Default(Options{Instance: "x"}) {
 		names = append(names, r.Name())
 	}
-	want := []string{"loop", "readonly", "hidden", "members", "machines", "stats", "snapshot", "headers"}
+	want := []string{"loop", "readonly", "hidden", "members", "machines", "stats", "snapshot", "encrypt", "headers"}
 	if !slices.Equal(names, want) {
 		t.Errorf("default chain = %q, want %q", names, want)
 	}

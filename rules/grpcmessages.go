@@ -104,6 +104,7 @@ var ownMessages = []string{
 var ownPatterns = []*regexp.Regexp{
 	regexp.MustCompile(`^etcd-proxy-proxy: request larger than --max-request-bytes \(\d{1,20} bytes\)$`),
 	regexp.MustCompile(`^` + regexp.QuoteMeta(msgSnapshotTooLarge) + ` \(\d{1,20} bytes\)$`),
+	regexp.MustCompile(`^etcd-proxy-proxy: upstream answer larger than the method allows \(\d{1,20} bytes\)$`), // proxy/grpccore.go
 }
 
 // ruleMessages are our texts that name a rule: they pass for the rules of the default chain.
@@ -134,7 +135,7 @@ var withheldPattern = regexp.MustCompile(`^etcd-proxy-proxy: upstream error \((?
 // knownGRPCMessages holds every fixed text that passes.
 var knownGRPCMessages = func() map[string]bool {
 	known := make(map[string]bool, len(etcdMessages)+len(grpcGoMessages)+len(ownMessages)+40)
-	for _, list := range [][]string{etcdMessages, raftMessages, grpcGoMessages, ownMessages} {
+	for _, list := range [][]string{etcdMessages, raftMessages, grpcGoMessages, ownMessages, encryptMessages} {
 		for _, m := range list {
 			known[m] = true
 		}

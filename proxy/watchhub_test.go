@@ -1,0 +1,124 @@
+package proxy_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
+)
+
+// TestWatchSlowClient: two clients watch one key through the fan-out, whose history is 4 responses; one reads
+// nothing while 30 large events go by (its connection's flow-control window fills, the shared history passes
+// it). The other gets every event without waiting for it; the slow one, when it reads, gets every event too, in
+// order, caught up by an upstream watch of its own — nothing skipped, nothing repeated.
+func TestWatchSlowClient(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx, harness.WithMembers(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	front, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
+		cfg.WatchHistory = 4
+		cfg.ListenMetricsURLs = []string{"http://127.0.0.1:0"}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := strings.TrimPrefix(front.Endpoint.URLs[0], "http://")
+	watch := func(opts ...grpc.DialOption) pb.Watch_WatchClient {
+		cc, err := grpc.NewClient(addr, append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = cc.Close() })
+		s, err := pb.NewWatchClient(cc).Watch(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := s.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{
+			CreateRequest: &pb.WatchCreateRequest{Key: []byte("big")}}}); err != nil {
+			t.Fatal(err)
+		}
+		if r, err := s.Recv(); err != nil || !r.Created {
+			t.Fatalf("created: %v %v", r, err)
+		}
+		return s
+	}
+	fast := watch()
+	// A fixed window of 64 KiB (no BDP growth): one event fills it.
+	slow := watch(grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
+
+	cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	const n = 30
+	var revs []int64
+	for i := range n {
+		r, err := cli.Put(ctx, "big", fmt.Sprint(i, strings.Repeat("x", 64<<10)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		revs = append(revs, r.Header.Revision)
+	}
+	check := func(name string, s pb.Watch_WatchClient) {
+		t.Helper()
+		var got []int64
+		for len(got) < n {
+			r, err := s.Recv()
+			if err != nil {
+				t.Fatalf("%s: %v after %d events", name, err, len(got))
+			}
+			for _, ev := range r.Events {
+				if want := fmt.Sprint(len(got)); !bytes.HasPrefix(ev.Kv.Value, []byte(want+"x")) {
+					t.Fatalf("%s: event %d has value %.8q…", name, len(got), ev.Kv.Value)
+				}
+				got = append(got, ev.Kv.ModRevision)
+			}
+		}
+		if fmt.Sprint(got) != fmt.Sprint(revs) {
+			t.Fatalf("%s: revisions %v, want %v", name, got, revs)
+		}
+	}
+	check("fast client", fast) // while the slow one has read nothing
+	check("slow client", slow)
+
+	resp, err := http.Get(front.Server.MetricsURLs()[0] + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	// Caught up (at least once), and back on the shared upstream watch once caught up.
+	if m := string(body); strings.Contains(m, "etcd_proxy_proxy_watch_catch_ups_total 0\n") ||
+		!strings.Contains(m, "etcd_proxy_proxy_watch_upstream_watches 1\n") {
+		t.Errorf("want catch-ups of the slow client, and one upstream watch at the end:\n%s", grep(m, "watch_"))
+	}
+}
+
+func grep(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
