@@ -13,12 +13,15 @@ build:
 	$(GO) build -o $(BIN)/etcd-proxy-proxy ./cmd/etcd-proxy-proxy
 
 # The real etcd (members, stock v2 proxy, grpc-proxy) and etcdctl from the pinned v3.5.35 modules; etcd-3.6
-# and etcd-3.7 (members of the newer lines, run as processes) from their own modules under tools/.
+# and etcd-3.7 (members of the newer lines, run as processes) from their own modules under tools/; the stock
+# konnectivity server and agent (tunnel interop tests) from tools/konnectivity.
 tools:
 	$(GO) build -o $(BIN)/etcd go.etcd.io/etcd/server/v3
 	$(GO) build -o $(BIN)/etcdctl go.etcd.io/etcd/etcdctl/v3
 	cd tools/etcd36 && $(GO) build -o $(BIN)/etcd-3.6 go.etcd.io/etcd/server/v3
 	cd tools/etcd37 && $(GO) build -o $(BIN)/etcd-3.7 go.etcd.io/etcd/server/v3
+	cd tools/konnectivity && $(GO) build -o $(BIN)/konnectivity-server sigs.k8s.io/apiserver-network-proxy/cmd/server
+	cd tools/konnectivity && $(GO) build -o $(BIN)/konnectivity-agent sigs.k8s.io/apiserver-network-proxy/cmd/agent
 
 # The README's test command: unit, harness and golden end-to-end tests against real etcd. The end-to-end
 # tests run without -race: their embedded members race inside etcd itself (v2store stats JSON against atomic

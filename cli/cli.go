@@ -45,6 +45,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		case "version":
 			printVersion(stdout)
 			return exitOK
+		case "agent":
+			return runAgent(args[2:], stderr) // agent.go
 		case "keygen":
 			return keygen(args[2:], stdout, stderr)
 		case "encrypt", "decrypt":
@@ -171,6 +173,7 @@ func splitUnknown(fs *flag.FlagSet, args []string) (known, unknown []string) {
 
 func usage(w io.Writer, fs *flag.FlagSet) {
 	fmt.Fprintf(w, "Usage: %s --upstream URL [flags]\n       %s version\n"+
+		"       %[1]s agent --tunnel-server URL --allow HOST:PORT[,...] [flags]\n"+
 		"       %[1]s keygen --out FILE [--name NAME]\n"+
 		"       %[1]s encrypt|decrypt --key-file FILE... --key ETCD_KEY [VALUE]\n"+
 		"       %[1]s rewrap --upstream URL --prefix P --encryption-key-file FILE... [--dry-run]\n\n"+

@@ -29,6 +29,9 @@ var toolPackages = map[string]toolSpec{
 	"etcdctl":  {"go.etcd.io/etcd/etcdctl/v3", ""},
 	"etcd-3.6": {"go.etcd.io/etcd/server/v3", "tools/etcd36"},
 	"etcd-3.7": {"go.etcd.io/etcd/server/v3", "tools/etcd37"},
+	// The stock konnectivity server and agent (the tunnel interop tests of issue 16).
+	"konnectivity-server": {"sigs.k8s.io/apiserver-network-proxy/cmd/server", "tools/konnectivity"},
+	"konnectivity-agent":  {"sigs.k8s.io/apiserver-network-proxy/cmd/agent", "tools/konnectivity"},
 }
 
 type toolResult struct {
@@ -40,7 +43,7 @@ type toolResult struct {
 var tools sync.Map // name → *toolResult
 
 // Tool returns the path of a pinned tool binary: "etcd" or "etcdctl" (v3.5.35), "etcd-3.6" or "etcd-3.7" (the
-// versions tools/etcd36 and tools/etcd37 pin). If $EPP_TOOLS_DIR holds it, that one is used; otherwise it is
+// versions tools/etcd36 and tools/etcd37 pin), "konnectivity-server" or "konnectivity-agent" (tools/konnectivity). If $EPP_TOOLS_DIR holds it, that one is used; otherwise it is
 // built once per process with `go build` in its module (fast from the Go build cache) into
 // os.UserCacheDir()/etcd-proxy-proxy/v3.5.35/, renamed into place atomically so that test binaries running side
 // by side share it. A failed build is not retried within the process.

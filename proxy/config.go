@@ -191,6 +191,9 @@ type Config struct {
 	// OpsConfig holds the metrics/health listeners, the upstream probe, certificate reload and the access log
 	// (ops.go); its fields are promoted.
 	OpsConfig
+	// TunnelConfig is how upstreams that cannot be dialled directly are reached (tunnel.go); its fields are
+	// promoted.
+	TunnelConfig
 }
 
 // listFlag is a comma-separated list flag.
@@ -365,7 +368,8 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	fs.BoolVar(&c.EncryptionReadPlaintext, "encryption-read-plaintext", false, "read a value under --encrypt-prefix that is not encrypted as it is (to turn encryption on over existing data); otherwise it is an error")
 	fs.Var(bytesFlag{&c.EncryptionMaxRequestBytes}, "encryption-max-request-bytes", "the members' --max-request-bytes: a write that encryption would make larger is refused, in bytes")
 	fs.StringVar(&c.EtcvaultKeychain, "etcvault-keychain", "", "etcvault's keychain directory (NAME.pem): under the encrypted prefixes, etcvault's values read as their plaintext (to migrate: rewrap them)")
-	c.OpsConfig.addFlags(fs) // metrics, health, reload, access log (ops.go)
+	c.OpsConfig.addFlags(fs)    // metrics, health, reload, access log (ops.go)
+	c.TunnelConfig.addFlags(fs) // --upstream-via, --tunnel-* (tunnel.go)
 }
 
 // SetFlagsFromEnv sets every flag that the command line left unset from its ETCD_PROXY_PROXY_ variable, as etcd's
@@ -512,6 +516,7 @@ func (c *Config) Validate() error {
 	}
 	c.validateEncryption(add)
 	c.OpsConfig.validate(c, add) // ops.go
+	c.TunnelConfig.validate(add) // tunnel.go
 	return sortErrors(errs)
 }
 

@@ -40,8 +40,11 @@ type Forwarder struct {
 	// drain is cancelled, with errShuttingDown, when the server shuts down: open streams end (drain.go).
 	drain      context.Context
 	startDrain context.CancelCauseFunc
-	// dialTCP opens a connection to an upstream, with the write timeout; dialTLS puts TLS on top.
+	// dialTCP opens a connection to an upstream, with the write timeout; dialTLS puts TLS on top. Every upstream
+	// connection is made by it: v2, gRPC, the JSON gateway's calls, probes, discovery.
 	dialTCP func(ctx context.Context, network, addr string) (net.Conn, error)
+	// tunnel is the dialer of --upstream-via under dialTCP (tunnel.go); nil when upstreams are dialled directly.
+	tunnel *tunnelDialer
 	// upstreamTLS is the TLS configuration of a handshake with host: from the files as NewForwarder found them,
 	// then, with the operations side, the ones reloaded last (reload.go useUpstreamTLS).
 	upstreamTLS func(host string, protos []string) *tls.Config
@@ -125,8 +128,30 @@ func newForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger, ops forwarderO
 	pingAfter, pingTimeout := cfg.upstreamKeepAlive()
 	f.live = newLiveChecks(f, pingAfter, pingTimeout)
 	writeTimeout, readTimeout := cfg.WriteTimeout, cfg.ReadTimeout
+	// The one dialer of upstream connections: net.Dialer, or the tunnel of --upstream-via (tunnel.go).
+	dialRaw := dialer.DialContext
+	if f.tunnel, err = newTunnelDialer(&cfg.TunnelConfig, dialer, dialTimeout); err != nil {
+		return nil, err
+	}
+	if f.tunnel != nil {
+		var ok, failed func() // the tunnel's dials by result (metrics)
+		if ops.m != nil {
+			ok, failed = ops.m.tunnelDials.WithLabelValues("ok").Inc, ops.m.tunnelDials.WithLabelValues("failed").Inc
+		}
+		dialRaw = func(ctx context.Context, _, addr string) (net.Conn, error) {
+			c, err := f.tunnel.dial(ctx, addr)
+			switch {
+			case ops.m == nil:
+			case err != nil:
+				failed()
+			default:
+				ok()
+			}
+			return c, err
+		}
+	}
 	dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
-		c, err := dialer.DialContext(ctx, network, addr)
+		c, err := dialRaw(ctx, network, addr)
 		if err == nil {
 			f.known.dialled(c)
 		}
@@ -225,6 +250,9 @@ func (f *Forwarder) Close() {
 	f.h1.CloseIdleConnections()
 	f.transport.CloseIdleConnections()
 	f.ids.close()
+	if f.tunnel != nil {
+		f.tunnel.close()
+	}
 }
 
 // isWatch reports a v2 long-poll: its answer may be a long time coming, so its headers must go out at once.
@@ -535,6 +563,8 @@ func classify(err error) (status int, msg, reason string) {
 		return http.StatusBadGateway, "etcd-proxy-proxy: TLS handshake with the upstream failed", reasonTLS
 	case upstreamHeaderTooLarge(err):
 		return http.StatusBadGateway, "etcd-proxy-proxy: upstream response header too large", reasonSendFailed
+	case errors.As(err, new(*tunnelError)):
+		return http.StatusBadGateway, "etcd-proxy-proxy: the tunnel toward the upstream failed", reasonTunnel
 	case errors.As(err, &ne):
 		return http.StatusServiceUnavailable, "etcd-proxy-proxy: no upstream endpoint available", reasonNoEndpoint
 	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &nerr) && nerr.Timeout():

@@ -210,7 +210,7 @@ type prober struct {
 	interval  time.Duration
 	timeout   time.Duration
 	client    *http.Client
-	dialer    net.Dialer
+	dial      func(ctx context.Context, network, addr string) (net.Conn, error) // the forwarder's dialTCP
 	probed    atomic.Bool
 	noGateway sync.Map // endpoint base URL → time.Time until which it is probed with GET /health alone
 	m         *metrics
@@ -220,7 +220,7 @@ type prober struct {
 func newProber(f *Forwarder, check string, interval time.Duration, m *metrics) *prober {
 	// A probe may take as long as the interval (rounds never overlap), at least 1 s, at most 10 s.
 	timeout := min(max(interval, time.Second), 10*time.Second)
-	p := &prober{endpoints: f.endpoints, check: check, interval: interval, timeout: timeout, m: m}
+	p := &prober{endpoints: f.endpoints, check: check, interval: interval, timeout: timeout, m: m, dial: f.dialTCP}
 	if p.check == "" {
 		p.check = HealthCheckHTTP
 	}
@@ -305,7 +305,7 @@ func (p *prober) probeOne(ctx context.Context, u *url.URL) error {
 	ctx, cancel := context.WithTimeout(ctx, p.timeout)
 	defer cancel()
 	if p.check == HealthCheckTCP {
-		c, err := p.dialer.DialContext(ctx, "tcp", u.Host)
+		c, err := p.dial(ctx, "tcp", u.Host)
 		if err != nil {
 			return err
 		}

@@ -43,6 +43,7 @@ const (
 	reasonBadRequest     = "bad_request"      // the client's request body was malformed (400)
 	reasonStreamLost     = "stream_lost"      // a stream ended because its upstream connection was lost
 	reasonAnswerTooLarge = "answer_too_large" // an upstream answer was over its method's bound (rules.SmallAnswerBytes)
+	reasonTunnel         = "tunnel"           // the tunnel of --upstream-via refused or failed the connection (502)
 )
 
 func init() {
@@ -97,6 +98,7 @@ type metrics struct {
 	ruleActions  *prometheus.CounterVec
 	certReloads  *prometheus.CounterVec
 	certNotAfter *prometheus.GaugeVec
+	tunnelDials  *prometheus.CounterVec
 
 	errs map[string]prometheus.Counter // by reason, resolved once
 
@@ -144,6 +146,8 @@ func newMetrics(ready func() float64) *metrics {
 		[]string{"endpoint"})
 	m.probeFails = prometheus.NewCounterVec(prometheus.CounterOpts(opts("upstream_probe_failures_total",
 		"Failed probes of the upstream endpoint, by position in --upstream.")), []string{"endpoint"})
+	m.tunnelDials = prometheus.NewCounterVec(prometheus.CounterOpts(opts("tunnel_dials_total",
+		"Upstream connections opened through the tunnel of --upstream-via, by result (ok, failed).")), []string{"result"})
 	m.ruleActions = prometheus.NewCounterVec(prometheus.CounterOpts(opts("rule_actions_total",
 		"Times a rule answered a request itself (action=answered) or claimed a response body to rewrite it (action=claimed).")),
 		[]string{"rule", "action"})
@@ -154,11 +158,11 @@ func newMetrics(ready func() float64) *metrics {
 		"Expiry (NotAfter, Unix time) of the certificate in use, by side (listener, upstream; upstream-identities: the earliest of --upstream-cert-dir).")), []string{"side"})
 	readyGauge := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("ready", "1 when /readyz answers ready.")), ready)
 	m.reg.MustRegister(m.requests, m.duration, m.streams, m.errors, m.received, m.sent, m.upstream, m.probeFails,
-		m.ruleActions, m.certReloads, m.certNotAfter, readyGauge,
+		m.ruleActions, m.certReloads, m.certNotAfter, m.tunnelDials, readyGauge,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, r := range []string{reasonNoEndpoint, reasonTimeout, reasonTLS, reasonSendFailed, reasonRule,
 		reasonResponseFailed, reasonClientGone, reasonTooLarge, reasonShutdown, reasonBadRequest,
-		reasonStreamLost, reasonAnswerTooLarge} {
+		reasonStreamLost, reasonAnswerTooLarge, reasonTunnel} {
 		m.errs[r] = m.errors.WithLabelValues(r) // present at 0 from the start, so rate() sees the first error
 	}
 	return m
