@@ -117,7 +117,6 @@ func TestEncryptV3(t *testing.T) {
 	}
 
 	t.Run("put-get", func(t *testing.T) {
-		t.Parallel()
 		mustPut(t, cli, "/secret/a", "hunter2")
 		mustPut(t, cli, "/public/a", "plain")
 		checkStored(t, "/secret/a", "hunter2")
@@ -149,7 +148,6 @@ func TestEncryptV3(t *testing.T) {
 	})
 
 	t.Run("prev-kv", func(t *testing.T) {
-		t.Parallel()
 		mustPut(t, cli, "/secret/p", "one")
 		r, err := cli.Put(ctx, "/secret/p", "two", clientv3.WithPrevKV())
 		if err != nil || r.PrevKv == nil || string(r.PrevKv.Value) != "one" {
@@ -162,7 +160,6 @@ func TestEncryptV3(t *testing.T) {
 	})
 
 	t.Run("txn", func(t *testing.T) {
-		t.Parallel()
 		mustPut(t, cli, "/secret/t1", "first")
 		r, err := cli.Txn(ctx).If(clientv3.Compare(clientv3.Version("/secret/t2"), "=", 0)).Then(
 			clientv3.OpPut("/secret/t2", "second"),
@@ -191,7 +188,6 @@ func TestEncryptV3(t *testing.T) {
 	})
 
 	t.Run("watch", func(t *testing.T) {
-		t.Parallel()
 		wctx, cancel := context.WithCancel(ctx)
 		defer cancel()
 		w := cli.Watch(wctx, "/secret/w/", clientv3.WithPrefix(), clientv3.WithPrevKV(), clientv3.WithCreatedNotify())
@@ -225,7 +221,6 @@ func TestEncryptV3(t *testing.T) {
 	// watch-cancel speaks the Watch protocol itself: clientv3 closes a watch canceled by the server without
 	// handing on its reason or the events queued before it.
 	t.Run("watch-cancel", func(t *testing.T) {
-		t.Parallel()
 		wctx, cancel := context.WithCancel(ctx)
 		defer cancel()
 		ws, err := pb.NewWatchClient(cli.ActiveConnection()).Watch(wctx)
@@ -268,7 +263,6 @@ func TestEncryptV3(t *testing.T) {
 	})
 
 	t.Run("fail-closed", func(t *testing.T) {
-		t.Parallel()
 		mustPut(t, cli, "/vault/orig", "secret")
 		ct := stored(t, "/vault/orig")
 		tampered := bytes.Clone(ct)
@@ -326,7 +320,6 @@ func TestEncryptV3(t *testing.T) {
 	// A proxy-proxy above passes the encrypting one's refusals and failures on as they are (it withholds texts it
 	// does not know).
 	t.Run("chain", func(t *testing.T) {
-		t.Parallel()
 		top, err := e.StartProxyProxy(ctx, p.Endpoint, harness.ProxyProxyHop{})
 		if err != nil {
 			t.Fatal(err)
@@ -344,7 +337,6 @@ func TestEncryptV3(t *testing.T) {
 	})
 
 	t.Run("too-large", func(t *testing.T) {
-		t.Parallel()
 		big := strings.Repeat("x", 1200<<10) // etcd takes it (1.5 MiB); its base64 ciphertext is 1.6 MiB
 		_, err := cli.Put(ctx, "/vault/big", big)
 		wantCode(t, "put of a value that encryption makes too large", err, codes.InvalidArgument, "larger than the upstream accepts")
@@ -356,7 +348,6 @@ func TestEncryptV3(t *testing.T) {
 	// etcdctl, as a user runs it: put and get, an election (Campaign stores the value under a key the member
 	// makes, name/lease), a txn comparing a value.
 	t.Run("etcdctl", func(t *testing.T) {
-		t.Parallel()
 		ctl := e.Etcdctl(3, p.Endpoint)
 		for _, c := range []struct {
 			args        []string
@@ -389,7 +380,6 @@ func TestEncryptV3(t *testing.T) {
 	})
 
 	t.Run("gateway", func(t *testing.T) {
-		t.Parallel()
 		b64 := base64.StdEncoding.EncodeToString
 		cl := &http.Client{Timeout: 5 * time.Second}
 		post := func(path, body string) string {
