@@ -1,0 +1,276 @@
+package proxy_test
+
+// Review of the watch fan-out (issue 14): each test here failed on the fan-out as first merged (4e450b6).
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/zap"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
+)
+
+// fanOut starts one member and a proxy in front of it: a client of the member, the member's and the proxy's
+// client URLs.
+func fanOut(t *testing.T, ctx context.Context, configure func(*proxy.Config)) (*clientv3.Client, string, string) {
+	t.Helper()
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx, harness.WithMembers(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	front, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: configure})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cli.Close() })
+	return cli, c.Endpoint().URLs[0], front.Endpoint.URLs[0]
+}
+
+// watchStream opens a raw Watch stream to url.
+func watchStream(t *testing.T, ctx context.Context, url string, opts ...grpc.DialOption) pb.Watch_WatchClient {
+	t.Helper()
+	cc, err := grpc.NewClient(strings.TrimPrefix(url, "http://"), append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cc.Close() })
+	s, err := pb.NewWatchClient(cc).Watch(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func createReq(r *pb.WatchCreateRequest) *pb.WatchRequest {
+	return &pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{CreateRequest: r}}
+}
+
+// recvTimeout is the next answer on s within d.
+func recvTimeout(s pb.Watch_WatchClient, d time.Duration) (*pb.WatchResponse, error) {
+	type res struct {
+		r   *pb.WatchResponse
+		err error
+	}
+	ch := make(chan res, 1)
+	go func() {
+		r, err := s.Recv()
+		ch <- res{r, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.r, r.err
+	case <-time.After(d):
+		return nil, fmt.Errorf("no answer within %v", d)
+	}
+}
+
+// TestWatchReviewCloseSend: a member keeps serving the watches of a stream whose client closed its sending side
+// (etcd's recvLoop returns nil on EOF and Watch waits for the stream's context): grpcurl -d '{"create_request":…}'
+// does that, and gets events from a member. Through the fan-out the stream ended with OK at once, after the
+// created answer. (The proxy's own JSON gateway hides its half-close, gateway.go.)
+func TestWatchReviewCloseSend(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	cli, member, front := fanOut(t, ctx, nil)
+	for _, tc := range []struct{ name, url string }{{"member", member}, {"proxy", front}} {
+		t.Run("grpc/"+tc.name, func(t *testing.T) {
+			s := watchStream(t, ctx, tc.url)
+			key := "closesend-" + tc.name
+			if err := s.Send(createReq(&pb.WatchCreateRequest{Key: []byte(key)})); err != nil {
+				t.Fatal(err)
+			}
+			if r, err := recvTimeout(s, 5*time.Second); err != nil || !r.Created {
+				t.Fatalf("created: %v %v", r, err)
+			}
+			if err := s.CloseSend(); err != nil {
+				t.Fatal(err)
+			}
+			p, err := cli.Put(ctx, key, "v")
+			if err != nil {
+				t.Fatal(err)
+			}
+			r, err := recvTimeout(s, 5*time.Second)
+			if err != nil || len(r.Events) != 1 || r.Events[0].Kv.ModRevision != p.Header.Revision {
+				t.Fatalf("after CloseSend: %v, %v; want the event at revision %d", r, err, p.Header.Revision)
+			}
+		})
+	}
+}
+
+// TestWatchReviewNowAfterFutureStart: a watch from a future revision makes the shared group of its key; a watch
+// of the same key from now joined it and started at that future revision: it missed every event until then,
+// and its created answer carried a revision the store had not reached.
+func TestWatchReviewNowAfterFutureStart(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	cli, _, front := fanOut(t, ctx, nil)
+	p, err := cli.Put(ctx, "future", "0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur := p.Header.Revision
+	s1 := watchStream(t, ctx, front)
+	if err := s1.Send(createReq(&pb.WatchCreateRequest{Key: []byte("future"), StartRevision: cur + 1000})); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := recvTimeout(s1, 5*time.Second); err != nil || !r.Created || r.Canceled {
+		t.Fatalf("created (future): %v %v", r, err)
+	}
+	s2 := watchStream(t, ctx, front)
+	if err := s2.Send(createReq(&pb.WatchCreateRequest{Key: []byte("future")})); err != nil {
+		t.Fatal(err)
+	}
+	r, err := recvTimeout(s2, 5*time.Second)
+	if err != nil || !r.Created || r.Canceled {
+		t.Fatalf("created (now): %v %v", r, err)
+	}
+	if r.Header.Revision != cur {
+		t.Errorf("created answer of a watch from now at revision %d, want the store's %d", r.Header.Revision, cur)
+	}
+	p, err = cli.Put(ctx, "future", "1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err = recvTimeout(s2, 5*time.Second)
+	if err != nil || len(r.Events) != 1 || r.Events[0].Kv.ModRevision != p.Header.Revision {
+		t.Fatalf("watch from now: %v, %v; want the event at revision %d", r, err, p.Header.Revision)
+	}
+}
+
+// TestWatchReviewNowAfterPastStart: a watch from an old revision makes the shared group of its key; a watch of
+// the same key from now, created while the member is still catching the first up, joined it at that old
+// revision: its created answer carried the old revision and it got the old events — a member gives a watch from
+// now only what comes after its created answer. And when the old revision was compacted, the watch from now was
+// cancelled with the compaction error of the other.
+func TestWatchReviewNowAfterPastStart(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	cli, _, front := fanOut(t, ctx, nil)
+	var cur int64
+	for i := range 5 {
+		p, err := cli.Put(ctx, "past", fmt.Sprint(i))
+		if err != nil {
+			t.Fatal(err)
+		}
+		cur = p.Header.Revision
+	}
+	for _, tc := range []struct {
+		name    string
+		compact bool
+	}{{"history", false}, {"compacted", true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			key := "past"
+			start := cur - 3
+			if tc.compact {
+				key = "compacted"
+				if _, err := cli.Put(ctx, key, "x"); err != nil {
+					t.Fatal(err)
+				}
+				p, err := cli.Put(ctx, key, "y")
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := cli.Compact(ctx, p.Header.Revision); err != nil {
+					t.Fatal(err)
+				}
+				start = 1
+			}
+			g, err := cli.Get(ctx, "any")
+			if err != nil {
+				t.Fatal(err)
+			}
+			now := g.Header.Revision
+			// Both in one go: the second is served right after the upstream created the first, before the member
+			// (which syncs unsynced watchers every 100 ms) sent it its old events.
+			s := watchStream(t, ctx, front)
+			if err := s.Send(createReq(&pb.WatchCreateRequest{Key: []byte(key), StartRevision: start})); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Send(createReq(&pb.WatchCreateRequest{Key: []byte(key), WatchId: 7})); err != nil {
+				t.Fatal(err)
+			}
+			var fromNow []*pb.WatchResponse
+			var p *clientv3.PutResponse
+			for deadline := time.Now().Add(5 * time.Second); ; {
+				r, err := recvTimeout(s, time.Until(deadline))
+				if err != nil {
+					t.Fatalf("watch 7: %v after %v", err, fromNow)
+				}
+				if r.WatchId != 7 {
+					continue
+				}
+				fromNow = append(fromNow, r)
+				if r.Created {
+					if r.Header.Revision < now {
+						t.Errorf("created answer of a watch from now at revision %d, before the store's %d", r.Header.Revision, now)
+					}
+					if p, err = cli.Put(ctx, key, "new"); err != nil {
+						t.Fatal(err)
+					}
+					continue
+				}
+				if r.Canceled || len(r.Events) != 1 || r.Events[0].Kv.ModRevision != p.Header.Revision {
+					t.Fatalf("watch from now got %v; want only the event at revision %d after its created answer", fromNow, p.Header.Revision)
+				}
+				break
+			}
+		})
+	}
+}
+
+// TestWatchReviewRequestBackpressure: a member reads no further watch requests of a stream while it cannot send
+// their answers (recvLoop blocks on its control channel of 16), so a client that sends without reading is held
+// by flow control. The fan-out queued every request of such a client: here 64 MiB of creates went into the
+// proxy's memory in a few seconds, without bound.
+func TestWatchReviewRequestBackpressure(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	cli, _, front := fanOut(t, ctx, nil)
+	// A client that does not read: a fixed 64 KiB window, filled by one large event; the proxy's sends block.
+	s := watchStream(t, ctx, front, grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
+	if err := s.Send(createReq(&pb.WatchCreateRequest{Key: []byte("stuck")})); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := recvTimeout(s, 5*time.Second); err != nil || !r.Created {
+		t.Fatalf("created: %v %v", r, err)
+	}
+	for i := range 2 {
+		if _, err := cli.Put(ctx, "stuck", fmt.Sprint(i, strings.Repeat("x", 256<<10))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	const total, size = 64 << 20, 16 << 10
+	pad := strings.Repeat("k", size)
+	var sent atomic.Int64
+	go func() {
+		for sent.Load() < total {
+			if s.Send(createReq(&pb.WatchCreateRequest{Key: []byte(pad)})) != nil {
+				return
+			}
+			sent.Add(size)
+		}
+	}()
+	time.Sleep(3 * time.Second) // what it can send in 3 s is the measure
+	if n := sent.Load(); n > total*3/4 {
+		t.Fatalf("a client that reads nothing sent %d MiB of watch requests in 3 s; want them held by flow control", n>>20)
+	}
+}
