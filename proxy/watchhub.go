@@ -645,12 +645,9 @@ func (h *watchHub) serve(call *serverCall, st rules.Stream) error {
 			return ctx.Err()
 		case <-s.wake:
 		}
-		if err := s.flush(ctx); err != nil {
-			if errors.Is(err, errClientDone) {
-				return nil // the client closed its side: the stream ends with OK, as etcd ends it
-			}
+		if err := s.flush(ctx); err != nil && !errors.Is(err, errClientDone) {
 			return err
-		}
+		} // the client closed its side: its watches go on until it goes, as a member's do (recvLoop, Watch)
 	}
 }
 
