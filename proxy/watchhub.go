@@ -151,11 +151,20 @@ func (g *watchGroup) join(s *watchSession, w *clientWatch, rev int64) bool {
 	}
 	switch {
 	case g.base < 0: // not created yet: from its start
+		if rev == 0 && g.req.StartRevision != 0 { // it may start in the future, or end compacted
+			return false
+		}
 		if rev != 0 && (g.req.StartRevision == 0 || rev < g.req.StartRevision) {
 			return false
 		}
 		w.cursor, w.next, w.created = g.first, rev, false
 	case rev == 0:
+		// From now: only a group that has had everything up to its creation, not one the member is still catching
+		// up from an earlier start (its old events are not this watch's, and it may end compacted) nor one that
+		// starts in the future (it has nothing before its start).
+		if g.rev < g.created || g.req.StartRevision-1 > g.created {
+			return false
+		}
 		w.cursor, w.next, w.rev, w.created = g.first+uint64(len(g.log)), g.rev+1, g.rev, true
 	case rev-1 < g.base:
 		return false
