@@ -598,6 +598,7 @@ type watchSession struct {
 	call *serverCall
 	s    rules.Stream
 	wake chan struct{}
+	room chan struct{} // the reader may queue more requests
 
 	mu     sync.Mutex
 	reqs   []*pb.WatchRequest
@@ -643,8 +644,8 @@ func (s *watchSession) poke() {
 
 // serve runs a client's Watch stream.
 func (h *watchHub) serve(call *serverCall, st rules.Stream) error {
-	s := &watchSession{hub: h, call: call, s: st, wake: make(chan struct{}, 1), groups: map[*watchGroup]bool{},
-		watches: map[int64]*clientWatch{}, byGroup: map[*watchGroup]map[*clientWatch]bool{}}
+	s := &watchSession{hub: h, call: call, s: st, wake: make(chan struct{}, 1), room: make(chan struct{}, 1),
+		groups: map[*watchGroup]bool{}, watches: map[int64]*clientWatch{}, byGroup: map[*watchGroup]map[*clientWatch]bool{}}
 	ctx := call.ctx
 	go s.recv()
 	defer s.close()
@@ -663,6 +664,11 @@ func (h *watchHub) serve(call *serverCall, st rules.Stream) error {
 // errClientDone: the client closed its side of the stream.
 var errClientDone = errors.New("client done")
 
+// maxQueuedRequests bounds the client's requests read ahead of the session: past it the reader waits until the
+// session takes them, and flow control holds the client, as a member's recvLoop waits on its control channel
+// while its sendLoop cannot send.
+const maxQueuedRequests = 64
+
 // recv queues the client's requests.
 func (s *watchSession) recv() {
 	for {
@@ -672,8 +678,16 @@ func (s *watchSession) recv() {
 			if ok {
 				s.mu.Lock()
 				s.reqs = append(s.reqs, req)
+				full := len(s.reqs) >= maxQueuedRequests
 				s.mu.Unlock()
 				s.poke()
+				if full {
+					select {
+					case <-s.room:
+					case <-s.call.ctx.Done():
+						return
+					}
+				}
 				continue
 			}
 			freeMsg(m)
@@ -705,6 +719,12 @@ func (s *watchSession) flush(ctx context.Context) error {
 		s.mu.Lock()
 		reqs, ctrl, end := s.reqs, s.ctrl, s.end
 		s.reqs, s.ctrl = nil, nil
+		if len(reqs) > 0 {
+			select {
+			case s.room <- struct{}{}:
+			default:
+			}
+		}
 		var groups []*watchGroup
 		for g := range s.groups {
 			groups = append(groups, g)
