@@ -173,7 +173,7 @@ func (g *watchGroup) join(s *watchSession, w *clientWatch, rev int64) bool {
 		for i < len(g.log) && g.log[i].rev < rev {
 			i++
 		}
-		w.cursor, w.next, w.rev, w.created = g.first+uint64(i), rev, g.rev, true
+		w.cursor, w.next, w.rev, w.created = g.first+uint64(i), rev, min(rev-1, g.rev), true // it has seen nothing yet
 	}
 	g.sessions[s]++
 	return true
