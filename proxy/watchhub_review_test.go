@@ -12,6 +12,7 @@ import (
 
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
@@ -44,16 +45,24 @@ func fanOut(t *testing.T, ctx context.Context, configure func(*proxy.Config)) (*
 // watchStream opens a raw Watch stream to url.
 func watchStream(t *testing.T, ctx context.Context, url string, opts ...grpc.DialOption) pb.Watch_WatchClient {
 	t.Helper()
+	s, cc := watchConn(t, ctx, url, opts...)
+	t.Cleanup(func() { _ = cc.Close() })
+	return s
+}
+
+// watchConn opens a raw Watch stream to url on a connection of its own.
+func watchConn(t *testing.T, ctx context.Context, url string, opts ...grpc.DialOption) (pb.Watch_WatchClient, *grpc.ClientConn) {
+	t.Helper()
 	cc, err := grpc.NewClient(strings.TrimPrefix(url, "http://"), append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))...)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = cc.Close() })
 	s, err := pb.NewWatchClient(cc).Watch(ctx)
 	if err != nil {
+		_ = cc.Close()
 		t.Fatal(err)
 	}
-	return s
+	return s, cc
 }
 
 func createReq(r *pb.WatchCreateRequest) *pb.WatchRequest {
@@ -275,4 +284,68 @@ func TestWatchReviewRequestBackpressure(t *testing.T) {
 	if n > total*3/4 {
 		t.Fatalf("a client that reads nothing sent %d MiB of watch requests in 3 s; want them held by flow control", n>>20)
 	}
+}
+
+// TestWatchReviewNoLeak: once its clients have gone, the fan-out has no goroutine left — whatever the watches
+// were (shared, catching up from an old revision, from a future revision, half-closed, a progress request
+// pending, a client that stopped reading).
+func TestWatchReviewNoLeak(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	cli, _, front := fanOut(t, ctx, func(cfg *proxy.Config) { cfg.WatchHistory = 2 })
+	warm := watchStream(t, ctx, front)
+	if err := warm.Send(createReq(&pb.WatchCreateRequest{Key: []byte("warm")})); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := recvTimeout(warm, 5*time.Second); err != nil || !r.Created {
+		t.Fatalf("created: %v %v", r, err)
+	}
+	p, err := cli.Put(ctx, "leak", "0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rev := p.Header.Revision
+	opts := goleak.IgnoreCurrent()
+
+	s1, cc1 := watchConn(t, ctx, front)
+	s2, cc2 := watchConn(t, ctx, front, grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
+	defer cc1.Close()
+	defer cc2.Close()
+	for _, r := range []*pb.WatchCreateRequest{{Key: []byte("leak")}, {Key: []byte("leak"), StartRevision: 1},
+		{Key: []byte("leak"), StartRevision: rev + 100}, {Key: []byte("other")}} {
+		for _, s := range []pb.Watch_WatchClient{s1, s2} {
+			if err := s.Send(createReq(r)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for _, s := range []pb.Watch_WatchClient{s1, s2} {
+		for range 4 {
+			if r, err := recvTimeout(s, 5*time.Second); err != nil || !r.Created {
+				t.Fatalf("created: %v %v", r, err)
+			}
+		}
+	}
+	if err := s1.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_ProgressRequest{ProgressRequest: &pb.WatchProgressRequest{}}}); err != nil {
+		t.Fatal(err)
+	}
+	_ = s1.CloseSend()
+	for i := range 8 { // s2 reads none of it
+		if _, err := cli.Put(ctx, "leak", fmt.Sprint(i, strings.Repeat("x", 64<<10))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for n := 0; n < 8; {
+		r, err := recvTimeout(s1, 5*time.Second)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if r.WatchId == 0 {
+			n += len(r.Events)
+		}
+	}
+	_ = cc1.Close()
+	_ = cc2.Close()
+	// Only the warm stream's watch is left: one upstream watch.
+	goleak.VerifyNone(t, opts)
 }
