@@ -349,3 +349,51 @@ func TestWatchReviewNoLeak(t *testing.T) {
 	// Only the warm stream's watch is left: one upstream watch.
 	goleak.VerifyNone(t, opts)
 }
+
+// TestWatchReviewProgressWithoutWatches: a member answers nothing to a progress request on a stream without
+// watches (RequestProgressAll over no watcher sends nothing, 3.5 and 3.6 alike). The fan-out answered each with
+// a Range of its own to the upstream, in a goroutine of its own: one client's stream of 7-byte requests became as
+// many reads on the cluster and as many goroutines, without bound.
+func TestWatchReviewProgressWithoutWatches(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	cli, member, front := fanOut(t, ctx, nil)
+	for _, tc := range []struct{ name, url string }{{"member", member}, {"proxy", front}} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := watchStream(t, ctx, tc.url)
+			const n = 1000
+			for range n {
+				if err := s.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_ProgressRequest{ProgressRequest: &pb.WatchProgressRequest{}}}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			key := "nothing-" + tc.name
+			if err := s.Send(createReq(&pb.WatchCreateRequest{Key: []byte(key)})); err != nil {
+				t.Fatal(err)
+			}
+			progress, created := 0, false
+			for {
+				r, err := recvTimeout(s, 5*time.Second)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if r.Created && !created {
+					created = true
+					if _, err := cli.Put(ctx, key, "v"); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if len(r.Events) > 0 {
+					break
+				}
+				if !r.Created && r.WatchId == -1 {
+					progress++
+				}
+			}
+			if progress > 0 {
+				t.Errorf("%d answers to %d progress requests sent while the stream had no watch; a member sends none", progress, n)
+			}
+		})
+	}
+}
