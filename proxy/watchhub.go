@@ -602,7 +602,6 @@ type watchSession struct {
 
 	mu     sync.Mutex
 	reqs   []*pb.WatchRequest
-	ctrl   []*pb.WatchResponse
 	groups map[*watchGroup]bool // groups with entries the session may not have read
 	end    error
 
@@ -706,19 +705,12 @@ func (s *watchSession) recv() {
 	}
 }
 
-func (s *watchSession) control(r *pb.WatchResponse) {
-	s.mu.Lock()
-	s.ctrl = append(s.ctrl, r)
-	s.mu.Unlock()
-	s.poke()
-}
-
-// flush does what waits: the client's requests in order, answers from elsewhere, then each watch's entries.
+// flush does what waits: the client's requests in order, then each watch's entries.
 func (s *watchSession) flush(ctx context.Context) error {
 	for ctx.Err() == nil {
 		s.mu.Lock()
-		reqs, ctrl, end := s.reqs, s.ctrl, s.end
-		s.reqs, s.ctrl = nil, nil
+		reqs, end := s.reqs, s.end
+		s.reqs = nil
 		if len(reqs) > 0 {
 			select {
 			case s.room <- struct{}{}:
@@ -731,16 +723,11 @@ func (s *watchSession) flush(ctx context.Context) error {
 		}
 		clear(s.groups)
 		s.mu.Unlock()
-		if len(reqs) == 0 && len(ctrl) == 0 && len(groups) == 0 {
+		if len(reqs) == 0 && len(groups) == 0 {
 			return end
 		}
 		for _, req := range reqs {
 			if err := s.handle(ctx, req); err != nil {
-				return err
-			}
-		}
-		for _, r := range ctrl {
-			if err := s.send(r); err != nil {
 				return err
 			}
 		}
@@ -777,7 +764,7 @@ func (s *watchSession) handle(ctx context.Context, req *pb.WatchRequest) error {
 		}
 	case *pb.WatchRequest_ProgressRequest:
 		if u.ProgressRequest != nil {
-			s.requestProgress(ctx)
+			s.requestProgress()
 		}
 	}
 	return nil // anything else is ignored, as etcd ignores it
@@ -899,32 +886,15 @@ func (g *watchGroup) headerAt() *pb.ResponseHeader {
 
 // requestProgress asks every group of the client's watches for a progress notification; the answer goes out
 // when each of those watches has read its group's answer (answerProgress).
-func (s *watchSession) requestProgress(ctx context.Context) {
+func (s *watchSession) requestProgress() {
 	if len(s.byGroup) == 0 {
-		go s.progressOfNothing(ctx) // no watch: the current revision, from the upstream
-		return
+		return // no watch: a member answers nothing either (RequestProgressAll over no watcher)
 	}
 	pw := progressWait{need: map[*watchGroup]uint64{}}
 	for g := range s.byGroup {
 		pw.need[g] = g.requestProgress()
 	}
 	s.progress = append(s.progress, pw)
-}
-
-func (s *watchSession) progressOfNothing(ctx context.Context) {
-	for _, e := range s.hub.c.f.endpoints.order(nil) {
-		cc, err := s.hub.c.conn(e, s.call.id)
-		if err != nil {
-			continue
-		}
-		resp := new(pb.RangeResponse)
-		err = cc.Invoke(metadata.NewOutgoingContext(ctx, s.call.md), "/etcdserverpb.KV/Range",
-			&pb.RangeRequest{Key: []byte{0}, CountOnly: true}, resp)
-		if err == nil {
-			s.control(&pb.WatchResponse{Header: scrubHeader(resp.Header), WatchId: -1})
-			return
-		}
-	}
 }
 
 // flushWatch sends w what its group has that it has not had yet.
