@@ -397,3 +397,30 @@ func TestWatchReviewProgressWithoutWatches(t *testing.T) {
 		})
 	}
 }
+
+// TestWatchReviewIDAfterRefusal: a member numbers only the watches it creates (mvcc's watchStream.Watch refuses an
+// empty range before taking an ID), so the watch after a refused one gets the ID the refused one would have had.
+// The fan-out took an ID for the refused one: the README promises etcd's numbering.
+func TestWatchReviewIDAfterRefusal(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	_, member, front := fanOut(t, ctx, nil)
+	for _, tc := range []struct{ name, url string }{{"member", member}, {"proxy", front}} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := watchStream(t, ctx, tc.url)
+			for _, r := range []*pb.WatchCreateRequest{{Key: []byte("b"), RangeEnd: []byte("a")}, {Key: []byte("a")}} {
+				if err := s.Send(createReq(r)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			r, err := recvTimeout(s, 5*time.Second)
+			if err != nil || !r.Created || !r.Canceled || r.WatchId != -1 {
+				t.Fatalf("empty range: %v %v; want refused", r, err)
+			}
+			if r, err = recvTimeout(s, 5*time.Second); err != nil || !r.Created || r.Canceled || r.WatchId != 0 {
+				t.Fatalf("the next watch: %v %v; want created with ID 0", r, err)
+			}
+		})
+	}
+}
