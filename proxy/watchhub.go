@@ -804,7 +804,11 @@ func (s *watchSession) create(ctx context.Context, r *pb.WatchCreateRequest) err
 		case <-ctx.Done():
 			return ctx.Err()
 		}
-		return s.flushWatch(ctx, w)
+		err := s.flushWatch(ctx, w)
+		if !w.created && r.WatchId == 0 && s.watches[id] == nil {
+			s.nextID = id // refused: a member numbers only the watches it creates
+		}
+		return err
 	}
 	if err := s.send(&pb.WatchResponse{Header: w.g.headerAt(), WatchId: id, Created: true}); err != nil {
 		return err
