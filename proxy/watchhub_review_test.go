@@ -424,3 +424,56 @@ func TestWatchReviewIDAfterRefusal(t *testing.T) {
 		})
 	}
 }
+
+// TestWatchReviewCompactionOfAnother: a watch from a compacted revision makes the shared group of its key; a watch
+// of the same key from the revision after the compaction (not compacted: a member cancels a watch only when its
+// start is below the compaction) joined it and was cancelled with the other's compaction error.
+// TestWatchFanOutDifferential hits this with some seeds (its watch from before the compaction and one from the
+// first revision after it, on one client and range): "1 watches never got to revision …".
+func TestWatchReviewCompactionOfAnother(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	cli, _, front := fanOut(t, ctx, nil)
+	for i := range 3 {
+		if _, err := cli.Put(ctx, "cmp", fmt.Sprint(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p, err := cli.Put(ctx, "cmp", "3")
+	if err != nil {
+		t.Fatal(err)
+	}
+	compacted := p.Header.Revision
+	if _, err := cli.Compact(ctx, compacted); err != nil {
+		t.Fatal(err)
+	}
+	s := watchStream(t, ctx, front)
+	if err := s.Send(createReq(&pb.WatchCreateRequest{Key: []byte("cmp"), StartRevision: 1, WatchId: 1})); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Send(createReq(&pb.WatchCreateRequest{Key: []byte("cmp"), StartRevision: compacted + 1, WatchId: 2})); err != nil {
+		t.Fatal(err)
+	}
+	var got []*pb.WatchResponse
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		r, err := recvTimeout(s, time.Until(deadline))
+		if err != nil {
+			t.Fatalf("%v after %v", err, got)
+		}
+		if r.WatchId != 2 {
+			continue
+		}
+		got = append(got, r)
+		if r.Created {
+			if p, err = cli.Put(ctx, "cmp", "new"); err != nil {
+				t.Fatal(err)
+			}
+			continue
+		}
+		if r.Canceled || len(r.Events) != 1 || r.Events[0].Kv.ModRevision != p.Header.Revision {
+			t.Fatalf("watch from %d (after the compaction at %d) got %v; want the event at revision %d", compacted+1, compacted, got, p.Header.Revision)
+		}
+		break
+	}
+}
