@@ -906,19 +906,8 @@ func (s *watchSession) flushWatch(ctx context.Context, w *clientWatch) error {
 	for ctx.Err() == nil {
 		g := w.g
 		es, ok := g.read(w.cursor)
-		if !ok {
-			// Fallen behind the shared log: from the upstream, from its next revision, until caught up.
-			if !w.created && w.zero { // its created answer went with the log: from the group's first revision
-				w.next, w.zero = g.firstRev()+1, false
-			}
-			ng := s.hub.newGroup(s, g.key, &g.req, false)
-			ng.req.StartRevision = w.next
-			created := w.created
-			ng.join(s, w, w.next)
-			w.created = created
-			s.move(w, ng)
-			ng.start()
-			s.hub.m.caughtUp()
+		if !ok { // fallen behind the shared log
+			s.catchUp(w)
 			continue
 		}
 		if len(es) == 0 {
@@ -930,7 +919,15 @@ func (s *watchSession) flushWatch(ctx context.Context, w *clientWatch) error {
 			}
 			return nil
 		}
+		moved := false
 		for _, e := range es {
+			if e.kind == entryEnd && e.err == nil && e.resp.CompactRevision != 0 && w.next >= e.resp.CompactRevision {
+				// The group's upstream watch, from an earlier revision than this one's, was compacted: a member
+				// cancels only a watch whose next revision is below the compaction, so this one goes on.
+				s.catchUp(w)
+				moved = true
+				break
+			}
 			w.cursor++
 			r, err := w.apply(e)
 			if err != nil {
@@ -947,11 +944,28 @@ func (s *watchSession) flushWatch(ctx context.Context, w *clientWatch) error {
 				return nil
 			}
 		}
-		if !g.shared {
+		if !moved && !g.shared {
 			g.taken(w.cursor)
 		}
 	}
 	return ctx.Err()
+}
+
+// catchUp moves w to an upstream watch of its own from its next revision, until it has caught up with the
+// shared one.
+func (s *watchSession) catchUp(w *clientWatch) {
+	g := w.g
+	if !w.created && w.zero { // its created answer went with the log: from the group's first revision
+		w.next, w.zero = g.firstRev()+1, false
+	}
+	ng := s.hub.newGroup(s, g.key, &g.req, false)
+	ng.req.StartRevision = w.next
+	created := w.created
+	ng.join(s, w, w.next)
+	w.created = created
+	s.move(w, ng)
+	ng.start()
+	s.hub.m.caughtUp()
 }
 
 // apply is what one log entry means for the watch: the answer to send (nil: none), or the error ending the
