@@ -466,6 +466,9 @@ func TestWatchReviewCompactionOfAnother(t *testing.T) {
 		}
 		got = append(got, r)
 		if r.Created {
+			if r.Header.Revision < compacted {
+				t.Errorf("created answer at revision %d; a member answers with its current revision, %d", r.Header.Revision, compacted)
+			}
 			if p, err = cli.Put(ctx, "cmp", "new"); err != nil {
 				t.Fatal(err)
 			}
