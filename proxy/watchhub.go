@@ -876,7 +876,8 @@ func (s *watchSession) cancel(id int64) error {
 	return s.send(&pb.WatchResponse{Header: hdr, WatchId: id, Canceled: true})
 }
 
-// headerAt is the group's last response header, at the revision it has seen everything up to.
+// headerAt is the group's last response header, at the revision it has seen everything up to (at least the
+// revision of its creation: a group catching up from an earlier revision has not seen it yet).
 func (g *watchGroup) headerAt() *pb.ResponseHeader {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -884,7 +885,7 @@ func (g *watchGroup) headerAt() *pb.ResponseHeader {
 	if g.header != nil {
 		*h = *g.header
 	}
-	h.Revision = max(g.rev, 0)
+	h.Revision = max(g.rev, g.created, 0) // not below the member's revision when it created the upstream watch
 	return h
 }
 
