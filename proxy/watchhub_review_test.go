@@ -12,6 +12,7 @@ import (
 
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
 	clientv3 "go.etcd.io/etcd/client/v3"
+	"go.etcd.io/etcd/server/v3/embed"
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
@@ -478,5 +479,49 @@ func TestWatchReviewCompactionOfAnother(t *testing.T) {
 			t.Fatalf("watch from %d (after the compaction at %d) got %v; want the event at revision %d", compacted+1, compacted, got, p.Header.Revision)
 		}
 		break
+	}
+}
+
+// TestWatchReviewProgressNotify: watches with progress_notify that share an upstream watch each get the member's
+// periodic progress notifications, under their own watch IDs, at the revision they have seen everything up to.
+func TestWatchReviewProgressNotify(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx, harness.WithMembers(1), harness.WithMemberConfig(func(_ *harness.Member, cfg *embed.Config) {
+		cfg.ExperimentalWatchProgressNotifyInterval = 200 * time.Millisecond // process-wide in an embedded member
+	}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	front, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	p, err := cli.Put(ctx, "pn", "0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ss []pb.Watch_WatchClient
+	for i := range 2 {
+		s := watchStream(t, ctx, front.Endpoint.URLs[0])
+		if err := s.Send(createReq(&pb.WatchCreateRequest{Key: []byte("pn"), ProgressNotify: true, WatchId: int64(5 + i)})); err != nil {
+			t.Fatal(err)
+		}
+		if r, err := recvTimeout(s, 5*time.Second); err != nil || !r.Created {
+			t.Fatalf("created: %v %v", r, err)
+		}
+		ss = append(ss, s)
+	}
+	for i, s := range ss {
+		r, err := recvTimeout(s, 5*time.Second)
+		if err != nil || r.WatchId != int64(5+i) || len(r.Events) > 0 || r.Created || r.Canceled || r.Header.Revision != p.Header.Revision {
+			t.Fatalf("stream %d: %v %v; want a progress notification of watch %d at revision %d", i, r, err, 5+i, p.Header.Revision)
+		}
 	}
 }
