@@ -16,7 +16,9 @@ import (
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
@@ -522,6 +524,48 @@ func TestWatchReviewProgressNotify(t *testing.T) {
 		r, err := recvTimeout(s, 5*time.Second)
 		if err != nil || r.WatchId != int64(5+i) || len(r.Events) > 0 || r.Created || r.Canceled || r.Header.Revision != p.Header.Revision {
 			t.Fatalf("stream %d: %v %v; want a progress notification of watch %d at revision %d", i, r, err, 5+i, p.Header.Revision)
+		}
+	}
+}
+
+// TestWatchReviewShutdown: a graceful shutdown ends the streams of the fan-out's watches at once with Unavailable
+// (clients resume on another proxy), shared and catching-up alike.
+func TestWatchReviewShutdown(t *testing.T) {
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx, harness.WithMembers(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	front, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ss []pb.Watch_WatchClient
+	for _, start := range []int64{0, 1} {
+		s := watchStream(t, ctx, front.Endpoint.URLs[0])
+		if err := s.Send(createReq(&pb.WatchCreateRequest{Key: []byte("down"), StartRevision: start})); err != nil {
+			t.Fatal(err)
+		}
+		if r, err := recvTimeout(s, 5*time.Second); err != nil || !r.Created {
+			t.Fatalf("created: %v %v", r, err)
+		}
+		ss = append(ss, s)
+	}
+	sctx, scancel := context.WithTimeout(ctx, 5*time.Second)
+	defer scancel()
+	began := time.Now()
+	if err := front.Server.Shutdown(sctx); err != nil {
+		t.Fatalf("shutdown: %v", err)
+	}
+	if d := time.Since(began); d > 2*time.Second {
+		t.Errorf("shutdown took %v with open watches", d)
+	}
+	for i, s := range ss {
+		r, err := recvTimeout(s, 5*time.Second)
+		if status.Code(err) != codes.Unavailable {
+			t.Errorf("stream %d: %v, %v; want Unavailable", i, r, err)
 		}
 	}
 }
