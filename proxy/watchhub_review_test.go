@@ -569,3 +569,99 @@ func TestWatchReviewShutdown(t *testing.T) {
 		}
 	}
 }
+
+// TestWatchReviewChurn: streams join and leave the same shared watch concurrently, from now and from recent
+// revisions (history 4: some catch up on their own), while a writer writes the key: every watch gets every
+// revision from its start in order, its cancel answered, under -race.
+func TestWatchReviewChurn(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	cli, _, front := fanOut(t, ctx, func(cfg *proxy.Config) { cfg.WatchHistory = 4 })
+	cc, err := grpc.NewClient(strings.TrimPrefix(front, "http://"), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cc.Close()
+	var last atomic.Int64
+	p, err := cli.Put(ctx, "churn", "0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	last.Store(p.Header.Revision)
+	wctx, stop := context.WithCancel(ctx)
+	defer stop()
+	go func() {
+		for i := 0; wctx.Err() == nil; i++ {
+			if p, err := cli.Put(wctx, "churn", fmt.Sprint(i)); err == nil {
+				last.Store(p.Header.Revision)
+			}
+		}
+	}()
+	errs := make(chan error, 64)
+	for g := range 8 {
+		go func() {
+			for i := range 6 {
+				errs <- func() error {
+					sctx, scancel := context.WithCancel(ctx)
+					defer scancel()
+					s, err := pb.NewWatchClient(cc).Watch(sctx)
+					if err != nil {
+						return err
+					}
+					var start int64
+					if (g+i)%2 == 1 {
+						start = last.Load() - int64(i*3)
+					}
+					if err := s.Send(createReq(&pb.WatchCreateRequest{Key: []byte("churn"), StartRevision: start})); err != nil {
+						return err
+					}
+					r, err := recvTimeout(s, 5*time.Second)
+					if err != nil || !r.Created || r.Canceled {
+						return fmt.Errorf("created: %v %v", r, err)
+					}
+					next := start
+					if next == 0 {
+						next = r.Header.Revision + 1
+					}
+					for n := 0; n < 10; {
+						r, err := recvTimeout(s, 5*time.Second)
+						if err != nil {
+							return fmt.Errorf("watch from %d: %v after %d events", start, err, n)
+						}
+						for _, ev := range r.Events {
+							if ev.Kv.ModRevision != next {
+								return fmt.Errorf("watch from %d: revision %d, want %d", start, ev.Kv.ModRevision, next)
+							}
+							next++
+							n++
+						}
+					}
+					if err := s.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CancelRequest{CancelRequest: &pb.WatchCancelRequest{WatchId: r.WatchId}}}); err != nil {
+						return err
+					}
+					for {
+						r, err := recvTimeout(s, 5*time.Second)
+						if err != nil {
+							return fmt.Errorf("cancel: %v", err)
+						}
+						if r.Canceled {
+							return nil
+						}
+						for _, ev := range r.Events {
+							if ev.Kv.ModRevision != next {
+								return fmt.Errorf("watch from %d: revision %d, want %d", start, ev.Kv.ModRevision, next)
+							}
+							next++
+						}
+					}
+				}()
+			}
+		}()
+	}
+	for range 8 * 6 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+}
