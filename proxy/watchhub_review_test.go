@@ -665,3 +665,61 @@ func TestWatchReviewChurn(t *testing.T) {
 		}
 	}
 }
+
+// TestWatchReviewCreatedRevision: a watch from now gets only the events after the revision of its created
+// answer. Here each watch makes the shared watch of a key written without pause, whose history (1) passes its
+// created answer at once: the watch catches up from an upstream watch of its own, and its created answer carried
+// that watch's later revision while its events started at the first one's.
+func TestWatchReviewCreatedRevision(t *testing.T) {
+	t.Parallel()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	cli, _, front := fanOut(t, ctx, func(cfg *proxy.Config) { cfg.WatchHistory = 1 })
+	wctx, stop := context.WithCancel(ctx)
+	defer stop()
+	for range 2 {
+		go func() {
+			for wctx.Err() == nil {
+				_, _ = cli.Put(wctx, "hot", "v")
+			}
+		}()
+	}
+	s := watchStream(t, ctx, front)
+	for i := range 300 {
+		if err := s.Send(createReq(&pb.WatchCreateRequest{Key: []byte("hot"), WatchId: 1})); err != nil {
+			t.Fatal(err)
+		}
+		var created int64
+		for {
+			r, err := recvTimeout(s, 5*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.WatchId != 1 {
+				continue
+			}
+			if r.Created {
+				created = r.Header.Revision
+				continue
+			}
+			if len(r.Events) > 0 {
+				if rev := r.Events[0].Kv.ModRevision; rev <= created {
+					t.Fatalf("watch %d created at revision %d got the event at revision %d", i, created, rev)
+				}
+				break
+			}
+		}
+		if err := s.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CancelRequest{CancelRequest: &pb.WatchCancelRequest{WatchId: 1}}}); err != nil {
+			t.Fatal(err)
+		}
+		for {
+			r, err := recvTimeout(s, 5*time.Second)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.Canceled {
+				break
+			}
+		}
+	}
+}
