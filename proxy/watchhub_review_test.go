@@ -685,7 +685,7 @@ func TestWatchReviewCreatedRevision(t *testing.T) {
 		}()
 	}
 	s := watchStream(t, ctx, front)
-	for i := range 300 {
+	for i := range 100 {
 		if err := s.Send(createReq(&pb.WatchCreateRequest{Key: []byte("hot"), WatchId: 1})); err != nil {
 			t.Fatal(err)
 		}
