@@ -621,6 +621,7 @@ type clientWatch struct {
 	rev     int64 // it has seen every event up to rev
 	created bool  // its created answer went out
 	zero    bool  // created with start revision 0: from the upstream's revision when created
+	at      int64 // > 0: the revision its created answer carries (a watch from now moved before it went out)
 	gen     uint64
 }
 
@@ -810,7 +811,11 @@ func (s *watchSession) create(ctx context.Context, r *pb.WatchCreateRequest) err
 		}
 		return err
 	}
-	if err := s.send(&pb.WatchResponse{Header: w.g.headerAt(), WatchId: id, Created: true}); err != nil {
+	h := w.g.headerAt()
+	if w.zero {
+		h.Revision = w.rev // the revision it joined at (the group may have moved on since): its events come after
+	}
+	if err := s.send(&pb.WatchResponse{Header: h, WatchId: id, Created: true}); err != nil {
 		return err
 	}
 	s.mu.Lock()
@@ -958,6 +963,7 @@ func (s *watchSession) catchUp(w *clientWatch) {
 	g := w.g
 	if !w.created && w.zero { // its created answer went with the log: from the group's first revision
 		w.next, w.zero = g.firstRev()+1, false
+		w.at = w.next - 1 // and its answer says so, not the revision of the upstream watch it moves to
 	}
 	ng := s.hub.newGroup(s, g.key, &g.req, false)
 	ng.req.StartRevision = w.next
@@ -989,7 +995,15 @@ func (w *clientWatch) apply(e *watchEntry) (*pb.WatchResponse, error) {
 		if w.zero {
 			w.next = r.Header.GetRevision() + 1
 		}
-		return &pb.WatchResponse{Header: r.Header, WatchId: w.id, Created: true}, nil
+		h := r.Header
+		if w.at > 0 {
+			h = &pb.ResponseHeader{}
+			if r.Header != nil {
+				*h = *r.Header
+			}
+			h.Revision = w.at
+		}
+		return &pb.WatchResponse{Header: h, WatchId: w.id, Created: true}, nil
 	case entryEvents:
 		evs := r.Events
 		if len(evs) > 0 && evs[0].Kv.ModRevision < w.next {
