@@ -158,14 +158,19 @@ func (g *watchGroup) join(s *watchSession, w *clientWatch, rev int64) bool {
 	}
 	switch {
 	case g.base < 0: // not created yet: from its start
+		if rev == 0 && g.req.StartRevision != 0 { // it may start in the future, or end compacted
+			return false
+		}
 		if rev != 0 && (g.req.StartRevision == 0 || rev < g.req.StartRevision) {
 			return false
 		}
 		w.cursor, w.next, w.created = g.first, rev, false
 	case rev == 0:
-		if g.rev < g.created || g.cs == nil {
-			// Still catching up to the revision it was created at (it started in the past), or being resumed: a
-			// watch from now would get older events than a member gives it.
+		// From now: only a group that has had everything up to its creation and whose upstream stream is up, not
+		// one the member is still catching up from an earlier start (its old events are not this watch's, and it
+		// may end compacted), one being resumed, nor one that starts in the future (it has nothing before its
+		// start).
+		if g.rev < g.created || g.req.StartRevision-1 > g.created || g.cs == nil {
 			return false
 		}
 		w.cursor, w.next, w.rev, w.created = g.first+uint64(len(g.log)), g.rev+1, g.rev, true
@@ -176,7 +181,7 @@ func (g *watchGroup) join(s *watchSession, w *clientWatch, rev int64) bool {
 		for i < len(g.log) && g.log[i].rev < rev {
 			i++
 		}
-		w.cursor, w.next, w.rev, w.created = g.first+uint64(i), rev, g.rev, true
+		w.cursor, w.next, w.rev, w.created = g.first+uint64(i), rev, min(rev-1, g.rev), true // it has seen nothing yet
 	}
 	g.sessions[s]++
 	return true
@@ -604,10 +609,10 @@ type watchSession struct {
 	call *serverCall
 	s    rules.Stream
 	wake chan struct{}
+	room chan struct{} // the reader may queue more requests
 
 	mu     sync.Mutex
 	reqs   []*pb.WatchRequest
-	ctrl   []*pb.WatchResponse
 	groups map[*watchGroup]bool // groups with entries the session may not have read
 	end    error
 
@@ -627,6 +632,7 @@ type clientWatch struct {
 	rev     int64 // it has seen every event up to rev
 	created bool  // its created answer went out
 	zero    bool  // created with start revision 0: from the upstream's revision when created
+	at      int64 // > 0: the revision its created answer carries (a watch from now moved before it went out)
 	gen     uint64
 }
 
@@ -649,8 +655,8 @@ func (s *watchSession) poke() {
 
 // serve runs a client's Watch stream.
 func (h *watchHub) serve(call *serverCall, st rules.Stream) error {
-	s := &watchSession{hub: h, call: call, s: st, wake: make(chan struct{}, 1), groups: map[*watchGroup]bool{},
-		watches: map[int64]*clientWatch{}, byGroup: map[*watchGroup]map[*clientWatch]bool{}}
+	s := &watchSession{hub: h, call: call, s: st, wake: make(chan struct{}, 1), room: make(chan struct{}, 1),
+		groups: map[*watchGroup]bool{}, watches: map[int64]*clientWatch{}, byGroup: map[*watchGroup]map[*clientWatch]bool{}}
 	ctx := call.ctx
 	go s.recv()
 	defer s.close()
@@ -660,17 +666,19 @@ func (h *watchHub) serve(call *serverCall, st rules.Stream) error {
 			return ctx.Err()
 		case <-s.wake:
 		}
-		if err := s.flush(ctx); err != nil {
-			if errors.Is(err, errClientDone) {
-				return nil // the client closed its side: the stream ends with OK, as etcd ends it
-			}
+		if err := s.flush(ctx); err != nil && !errors.Is(err, errClientDone) {
 			return err
-		}
+		} // the client closed its side: its watches go on until it goes, as a member's do (recvLoop, Watch)
 	}
 }
 
 // errClientDone: the client closed its side of the stream.
 var errClientDone = errors.New("client done")
+
+// maxQueuedRequests bounds the client's requests read ahead of the session: past it the reader waits until the
+// session takes them, and flow control holds the client, as a member's recvLoop waits on its control channel
+// while its sendLoop cannot send.
+const maxQueuedRequests = 64
 
 // recv queues the client's requests.
 func (s *watchSession) recv() {
@@ -681,8 +689,16 @@ func (s *watchSession) recv() {
 			if ok {
 				s.mu.Lock()
 				s.reqs = append(s.reqs, req)
+				full := len(s.reqs) >= maxQueuedRequests
 				s.mu.Unlock()
 				s.poke()
+				if full {
+					select {
+					case <-s.room:
+					case <-s.call.ctx.Done():
+						return
+					}
+				}
 				continue
 			}
 			freeMsg(m)
@@ -701,35 +717,29 @@ func (s *watchSession) recv() {
 	}
 }
 
-func (s *watchSession) control(r *pb.WatchResponse) {
-	s.mu.Lock()
-	s.ctrl = append(s.ctrl, r)
-	s.mu.Unlock()
-	s.poke()
-}
-
-// flush does what waits: the client's requests in order, answers from elsewhere, then each watch's entries.
+// flush does what waits: the client's requests in order, then each watch's entries.
 func (s *watchSession) flush(ctx context.Context) error {
 	for ctx.Err() == nil {
 		s.mu.Lock()
-		reqs, ctrl, end := s.reqs, s.ctrl, s.end
-		s.reqs, s.ctrl = nil, nil
+		reqs, end := s.reqs, s.end
+		s.reqs = nil
+		if len(reqs) > 0 {
+			select {
+			case s.room <- struct{}{}:
+			default:
+			}
+		}
 		var groups []*watchGroup
 		for g := range s.groups {
 			groups = append(groups, g)
 		}
 		clear(s.groups)
 		s.mu.Unlock()
-		if len(reqs) == 0 && len(ctrl) == 0 && len(groups) == 0 {
+		if len(reqs) == 0 && len(groups) == 0 {
 			return end
 		}
 		for _, req := range reqs {
 			if err := s.handle(ctx, req); err != nil {
-				return err
-			}
-		}
-		for _, r := range ctrl {
-			if err := s.send(r); err != nil {
 				return err
 			}
 		}
@@ -766,7 +776,7 @@ func (s *watchSession) handle(ctx context.Context, req *pb.WatchRequest) error {
 		}
 	case *pb.WatchRequest_ProgressRequest:
 		if u.ProgressRequest != nil {
-			s.requestProgress(ctx)
+			s.requestProgress()
 		}
 	}
 	return nil // anything else is ignored, as etcd ignores it
@@ -806,9 +816,17 @@ func (s *watchSession) create(ctx context.Context, r *pb.WatchCreateRequest) err
 		case <-ctx.Done():
 			return ctx.Err()
 		}
-		return s.flushWatch(ctx, w)
+		err := s.flushWatch(ctx, w)
+		if !w.created && r.WatchId == 0 && s.watches[id] == nil {
+			s.nextID = id // refused: a member numbers only the watches it creates
+		}
+		return err
 	}
-	if err := s.send(&pb.WatchResponse{Header: w.g.headerAt(), WatchId: id, Created: true}); err != nil {
+	h := w.g.headerAt()
+	if w.zero {
+		h.Revision = w.rev // the revision it joined at (the group may have moved on since): its events come after
+	}
+	if err := s.send(&pb.WatchResponse{Header: h, WatchId: id, Created: true}); err != nil {
 		return err
 	}
 	s.mu.Lock()
@@ -875,7 +893,8 @@ func (s *watchSession) cancel(id int64) error {
 	return s.send(&pb.WatchResponse{Header: hdr, WatchId: id, Canceled: true})
 }
 
-// headerAt is the group's last response header, at the revision it has seen everything up to.
+// headerAt is the group's last response header, at the revision it has seen everything up to (at least the
+// revision of its creation: a group catching up from an earlier revision has not seen it yet).
 func (g *watchGroup) headerAt() *pb.ResponseHeader {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -883,16 +902,15 @@ func (g *watchGroup) headerAt() *pb.ResponseHeader {
 	if g.header != nil {
 		*h = *g.header
 	}
-	h.Revision = max(g.rev, 0)
+	h.Revision = max(g.rev, g.created, 0) // not below the member's revision when it created the upstream watch
 	return h
 }
 
 // requestProgress asks every group of the client's watches for a progress notification; the answer goes out
 // when each of those watches has read its group's answer (answerProgress).
-func (s *watchSession) requestProgress(ctx context.Context) {
+func (s *watchSession) requestProgress() {
 	if len(s.byGroup) == 0 {
-		go s.progressOfNothing(ctx) // no watch: the current revision, from the upstream
-		return
+		return // no watch: a member answers nothing either (RequestProgressAll over no watcher)
 	}
 	pw := progressWait{need: map[*watchGroup]uint64{}}
 	for g := range s.byGroup {
@@ -901,29 +919,13 @@ func (s *watchSession) requestProgress(ctx context.Context) {
 	s.progress = append(s.progress, pw)
 }
 
-func (s *watchSession) progressOfNothing(ctx context.Context) {
-	for _, e := range s.hub.c.f.endpoints.order(nil) {
-		cc, err := s.hub.c.conn(e, s.call.id)
-		if err != nil {
-			continue
-		}
-		resp := new(pb.RangeResponse)
-		err = cc.Invoke(metadata.NewOutgoingContext(ctx, s.call.md), "/etcdserverpb.KV/Range",
-			&pb.RangeRequest{Key: []byte{0}, CountOnly: true}, resp)
-		if err == nil {
-			s.control(&pb.WatchResponse{Header: scrubHeader(resp.Header), WatchId: -1})
-			return
-		}
-	}
-}
-
 // flushWatch sends w what its group has that it has not had yet.
 func (s *watchSession) flushWatch(ctx context.Context, w *clientWatch) error {
 	for ctx.Err() == nil {
 		g := w.g
 		es, ok := g.read(w.cursor)
 		if !ok { // fallen behind the shared log
-			if gone, err := s.catchUp(w, g, true); gone || err != nil {
+			if gone, err := s.catchUp(w, true); gone || err != nil {
 				return err
 			}
 			continue
@@ -937,15 +939,16 @@ func (s *watchSession) flushWatch(ctx context.Context, w *clientWatch) error {
 			}
 			return nil
 		}
-		left := false
+		moved := false
 		for _, e := range es {
-			if e.kind == entryEnd && e.resp != nil && e.resp.CompactRevision != 0 && w.created &&
-				w.next > e.resp.CompactRevision {
-				// The shared watch started before the compaction; this watch starts after it and goes on.
-				if _, err := s.catchUp(w, g, false); err != nil {
+			if e.kind == entryEnd && e.err == nil && e.resp != nil && e.resp.CompactRevision != 0 &&
+				w.next >= e.resp.CompactRevision {
+				// The group's upstream watch, from an earlier revision than this one's, was compacted: a member
+				// cancels only a watch whose next revision is below the compaction, so this one goes on.
+				if _, err := s.catchUp(w, false); err != nil {
 					return err
 				}
-				left = true
+				moved = true
 				break
 			}
 			w.cursor++
@@ -964,20 +967,21 @@ func (s *watchSession) flushWatch(ctx context.Context, w *clientWatch) error {
 				return nil
 			}
 		}
-		if !g.shared && !left {
+		if !moved && !g.shared {
 			g.taken(w.cursor)
 		}
 	}
 	return ctx.Err()
 }
 
-// catchUp gives w an upstream watch of its own from its next revision, until it has caught up with the shared
-// one: it fell behind g's log, or g ended where w goes on.
-// A slow client's watch (slow) is cancelled instead when --watch-catch-up-limit watches are being caught up:
-// gone reports that.
-func (s *watchSession) catchUp(w *clientWatch, g *watchGroup, slow bool) (gone bool, err error) {
+// catchUp moves w to an upstream watch of its own from its next revision, until it has caught up with the
+// shared one: it fell behind its group's log, or its group ended where w goes on. A slow client's watch (slow)
+// is cancelled instead when --watch-catch-up-limit watches are being caught up: gone reports that.
+func (s *watchSession) catchUp(w *clientWatch, slow bool) (gone bool, err error) {
+	g := w.g
 	if !w.created && w.zero { // its created answer went with the log: from the group's first revision
 		w.next, w.zero = g.firstRev()+1, false
+		w.at = w.next - 1 // and its answer says so, not the revision of the upstream watch it moves to
 	}
 	h := s.hub
 	if slow && h.catchUps.Add(1) > h.catchUpLimit {
@@ -1020,7 +1024,15 @@ func (w *clientWatch) apply(e *watchEntry) (*pb.WatchResponse, error) {
 		if w.zero {
 			w.next = r.Header.GetRevision() + 1
 		}
-		return &pb.WatchResponse{Header: r.Header, WatchId: w.id, Created: true}, nil
+		h := r.Header
+		if w.at > 0 {
+			h = &pb.ResponseHeader{}
+			if r.Header != nil {
+				*h = *r.Header
+			}
+			h.Revision = w.at
+		}
+		return &pb.WatchResponse{Header: h, WatchId: w.id, Created: true}, nil
 	case entryEvents:
 		evs := r.Events
 		if len(evs) > 0 && evs[0].Kv.ModRevision < w.next {
