@@ -41,28 +41,9 @@ func TestWatchSlowClient(t *testing.T) {
 		t.Fatal(err)
 	}
 	addr := strings.TrimPrefix(front.Endpoint.URLs[0], "http://")
-	watch := func(opts ...grpc.DialOption) pb.Watch_WatchClient {
-		cc, err := grpc.NewClient(addr, append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = cc.Close() })
-		s, err := pb.NewWatchClient(cc).Watch(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := s.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{
-			CreateRequest: &pb.WatchCreateRequest{Key: []byte("big")}}}); err != nil {
-			t.Fatal(err)
-		}
-		if r, err := s.Recv(); err != nil || !r.Created {
-			t.Fatalf("created: %v %v", r, err)
-		}
-		return s
-	}
-	fast := watch()
+	fast := watchBig(ctx, t, addr)
 	// A fixed window of 64 KiB (no BDP growth): one event fills it.
-	slow := watch(grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
+	slow := watchBig(ctx, t, addr, grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
 
 	cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
 	if err != nil {
@@ -113,6 +94,28 @@ func TestWatchSlowClient(t *testing.T) {
 	}
 }
 
+// watchBig watches the key "big" through the proxy at addr on a connection of its own, created.
+func watchBig(ctx context.Context, t *testing.T, addr string, opts ...grpc.DialOption) pb.Watch_WatchClient {
+	t.Helper()
+	cc, err := grpc.NewClient(addr, append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cc.Close() })
+	s, err := pb.NewWatchClient(cc).Watch(ctx)
+	if err == nil {
+		err = s.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{
+			CreateRequest: &pb.WatchCreateRequest{Key: []byte("big")}}})
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r, err := s.Recv(); err != nil || !r.Created {
+		t.Fatalf("created: %v %v", r, err)
+	}
+	return s
+}
+
 func grep(s, sub string) string {
 	var out []string
 	for _, l := range strings.Split(s, "\n") {
@@ -158,24 +161,7 @@ func TestWatchSlowClientCancelled(t *testing.T) {
 	}
 	addr := strings.TrimPrefix(front.Endpoint.URLs[0], "http://")
 	slowWatch := func() pb.Watch_WatchClient {
-		cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()),
-			grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = cc.Close() })
-		s, err := pb.NewWatchClient(cc).Watch(ctx)
-		if err == nil {
-			err = s.Send(&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{
-				CreateRequest: &pb.WatchCreateRequest{Key: []byte("big")}}})
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		if r, err := s.Recv(); err != nil || !r.Created {
-			t.Fatalf("created: %v %v", r, err)
-		}
-		return s
+		return watchBig(ctx, t, addr, grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
 	}
 	one, two := slowWatch(), slowWatch()
 	cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
