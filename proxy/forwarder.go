@@ -224,6 +224,9 @@ func newForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger, ops forwarderO
 	}
 	f.core = newGRPCCore(f, cfg, rs, ops)
 	if f.gateway, err = newGateway(f.core.srv); err != nil {
+		if f.tunnel != nil {
+			f.tunnel.close()
+		}
 		return nil, err
 	}
 	return f, nil
