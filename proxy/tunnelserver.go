@@ -205,7 +205,7 @@ func newTunnelServer(cfg *Config, log *slog.Logger, gauge func(float64)) (*tunne
 	if t.l, err = net.Listen("tcp", u.Host); err != nil {
 		return nil, fmt.Errorf("--tunnel-listen: %w", err)
 	}
-	t.srv = grpc.NewServer(grpc.Creds(credentials.NewTLS(tc)),
+	t.srv = grpc.NewServer(grpc.Creds(credentials.NewTLS(tc)), grpc.WaitForHandlers(true), // close leaves none
 		grpc.KeepaliveParams(keepalive.ServerParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}))
 	t.srv.RegisterService(&TunnelServiceDesc, t)
@@ -251,12 +251,12 @@ func (t *tunnelServer) dial(ctx context.Context, addr string) (net.Conn, error) 
 	t.mu.Unlock()
 	abandon := func() {
 		t.mu.Lock()
+		_, waiting := t.pending[random]
 		delete(t.pending, random)
 		t.mu.Unlock()
-		select {
-		case c := <-p.conn: // it came just now
+		if !waiting { // its data stream took it meanwhile and hands its connection over at once: close it
+			c := <-p.conn
 			_ = c.Close()
-		default:
 		}
 	}
 	req := &konnectivity.Packet{Type: konnectivity.PacketType_DIAL_REQ, Payload: &konnectivity.Packet_DialRequest{
@@ -296,13 +296,13 @@ func (t *tunnelServer) control(s grpc.ServerStream) error {
 	if id == "" {
 		return status.Error(codes.InvalidArgument, "no agentID")
 	}
+	_ = s.SendHeader(metadata.MD{}) // the agent knows it is accepted; before any dial can send on the stream
 	a := &tunnelAgent{id: id, stream: s, gone: make(chan struct{})}
 	t.mu.Lock()
 	t.agents[id] = append(t.agents[id], a)
 	t.mu.Unlock()
 	t.gauge(1)
 	t.log.Info("tunnel agent connected", "agent", id)
-	_ = s.SendHeader(metadata.MD{}) // the agent knows it is accepted
 	defer func() {
 		t.mu.Lock()
 		as := t.agents[id]
