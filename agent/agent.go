@@ -1,5 +1,6 @@
 // Package agent is the far end of a dial-back tunnel: it connects out to konnectivity servers
-// (AgentService.Connect, the stock server's agent protocol) and opens, for the proxies on the servers' side, the
+// (AgentService.Connect, the stock server's agent protocol) or to proxy-proxies' --tunnel-listen (our own
+// protocol: one gRPC stream per connection, proxy/tunnelserver.go) and opens, for the proxies on the servers' side, the
 // upstream connections they cannot dial themselves — only to the destinations it is allowed.
 package agent
 
@@ -36,12 +37,16 @@ const (
 	maxBackoff = 10 * time.Second
 )
 
-// SchemeKonnectivity is the scheme of a konnectivity server's agent port.
-const SchemeKonnectivity = "konnectivity"
+// SchemeKonnectivity is the scheme of a konnectivity server's agent port; SchemeProxyProxy of a proxy-proxy's
+// --tunnel-listen (our own protocol, tunnel.go).
+const (
+	SchemeKonnectivity = "konnectivity"
+	SchemeProxyProxy   = "https"
+)
 
 // Config is the agent's configuration. It owns its flags (AddFlags); Validate reports every problem at once.
 type Config struct {
-	// Servers are the tunnel servers, konnectivity://HOST:PORT each; the agent keeps a connection to every one
+	// Servers are the tunnel servers, konnectivity://HOST:PORT or https://HOST:PORT (a proxy-proxy's --tunnel-listen) each; the agent keeps a connection to every one
 	// (no server count to guess). Required.
 	Servers []string
 	// ID is the agent ID the servers know it by; empty means the host name.
@@ -89,7 +94,7 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	if c.DialTimeout == 0 {
 		c.DialTimeout = DefaultDialTimeout
 	}
-	fs.Var(listFlag{&c.Servers}, "tunnel-server", "tunnel servers to connect to, comma-separated: konnectivity://HOST:PORT (a konnectivity server's agent port); a connection is kept to each (required)")
+	fs.Var(listFlag{&c.Servers}, "tunnel-server", "tunnel servers to connect to, comma-separated: konnectivity://HOST:PORT (a konnectivity server's agent port) or https://HOST:PORT (a proxy-proxy's --tunnel-listen); a connection is kept to each (required)")
 	fs.StringVar(&c.ID, "agent-id", "", "the agent ID the servers know this agent by (default: the host name)")
 	fs.StringVar(&c.Identifiers, "agent-identifiers", "", "agent identifiers, URL-encoded as the stock agent's (host=m1&host=m2), for a server's destHost strategy")
 	fs.Var(listFlag{&c.Allow}, "allow", "host:port destinations this agent dials, comma-separated, matched exactly before any name resolution; every other one is refused (required)")
@@ -147,17 +152,17 @@ func (c *Config) Validate() error {
 	return errs
 }
 
-// serverAddr is the host:port of a konnectivity://HOST:PORT server URL.
+// serverAddr is the host:port of a konnectivity://HOST:PORT or https://HOST:PORT server URL.
 func serverAddr(s string) (string, error) {
 	u, err := url.Parse(s)
 	if err != nil {
 		return "", errors.Unwrap(err)
 	}
-	if u.Scheme != SchemeKonnectivity {
-		return "", fmt.Errorf("scheme must be %s", SchemeKonnectivity)
+	if u.Scheme != SchemeKonnectivity && u.Scheme != SchemeProxyProxy {
+		return "", fmt.Errorf("scheme must be %s or %s", SchemeKonnectivity, SchemeProxyProxy)
 	}
 	if _, _, err := net.SplitHostPort(u.Host); err != nil || u.Path != "" && u.Path != "/" {
-		return "", fmt.Errorf("want %s://HOST:PORT", SchemeKonnectivity)
+		return "", fmt.Errorf("want %s://HOST:PORT", u.Scheme)
 	}
 	return u.Host, nil
 }
@@ -219,17 +224,21 @@ func (a *Agent) Run(ctx context.Context) {
 	var wg sync.WaitGroup
 	for _, s := range a.cfg.Servers {
 		addr, _ := serverAddr(s) // validated
-		wg.Go(func() { a.keep(ctx, addr) })
+		session := a.session
+		if strings.HasPrefix(s, SchemeProxyProxy+"://") {
+			session = a.tunnelSession // tunnel.go
+		}
+		wg.Go(func() { a.keep(ctx, addr, session) })
 	}
 	wg.Wait()
 }
 
 // keep keeps a connection to one server: after a session ends it waits a backoff (reset by a session that got
 // as far as the server's answer), doubled up to maxBackoff, with jitter.
-func (a *Agent) keep(ctx context.Context, addr string) {
+func (a *Agent) keep(ctx context.Context, addr string, session func(context.Context, string) (bool, error)) {
 	backoff := minBackoff
 	for ctx.Err() == nil {
-		connected, err := a.session(ctx, addr)
+		connected, err := session(ctx, addr)
 		if ctx.Err() != nil {
 			return
 		}

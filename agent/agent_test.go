@@ -124,12 +124,12 @@ func TestAgentServesStockServer(t *testing.T) {
 // Every problem in one message.
 func TestValidate(t *testing.T) {
 	t.Parallel()
-	err := (&agent.Config{Servers: []string{"https://h:1", "konnectivity://noport"}, Allow: []string{"h"},
+	err := (&agent.Config{Servers: []string{"http://h:1", "konnectivity://noport"}, Allow: []string{"h"},
 		CertFile: "/nonexistent", MaxPendingDials: -1}).Validate()
 	if err == nil {
 		t.Fatal("no error")
 	}
-	for _, want := range []string{`--tunnel-server "https://h:1": scheme must be konnectivity`,
+	for _, want := range []string{`--tunnel-server "http://h:1": scheme must be konnectivity or https`,
 		`"konnectivity://noport": want konnectivity://HOST:PORT`, `--allow "h": want host:port`,
 		"--tunnel-cert-file and --tunnel-key-file go together", "--tunnel-cert-file: no such file",
 		"--max-pending-dials: must not be negative"} {

@@ -33,7 +33,7 @@ func agentUntil(ctx context.Context, args []string, stderr io.Writer) int {
 	cfg.AddFlags(fs)
 	lf.addFlags(fs)
 	fs.Usage = func() {
-		fmt.Fprintf(stderr, "Usage: etcd-proxy-proxy agent --tunnel-server konnectivity://HOST:PORT --allow HOST:PORT[,...] [flags]\n\n"+
+		fmt.Fprintf(stderr, "Usage: etcd-proxy-proxy agent --tunnel-server konnectivity://HOST:PORT|https://HOST:PORT --allow HOST:PORT[,...] [flags]\n\n"+
 			"Every flag can also be set from the environment: --allow is %sALLOW.\n\nFlags:\n", proxy.EnvPrefix)
 		fs.SetOutput(stderr)
 		fs.PrintDefaults()

@@ -417,6 +417,9 @@ func (c *Config) Validate() error {
 		add("--discovery-srv-name needs --discovery-srv")
 	}
 	for _, u := range c.Upstreams {
+		if _, _, tunnelled := splitTunnelUpstream(u); tunnelled {
+			continue // checked by TunnelConfig.validate (tunnelserver.go)
+		}
 		if err := checkURL(u); err != nil {
 			add("--upstream %q: %v", u, err)
 		}
@@ -515,8 +518,8 @@ func (c *Config) Validate() error {
 		add("--upstream-keepalive-timeout: must be greater than 0")
 	}
 	c.validateEncryption(add)
-	c.OpsConfig.validate(c, add) // ops.go
-	c.TunnelConfig.validate(add) // tunnel.go
+	c.OpsConfig.validate(c, add)              // ops.go
+	c.TunnelConfig.validate(c.Upstreams, add) // tunnel.go
 	return sortErrors(errs)
 }
 

@@ -62,7 +62,7 @@ func (s *Server) discoverFirst() error {
 	}
 	d := &discoverer{cfg: &s.cfg, endpoints: s.forwarder.endpoints, log: s.log, interval: s.cfg.refreshInterval()}
 	for _, raw := range s.cfg.Upstreams {
-		if u, err := url.Parse(raw); err == nil { // validated; parsed as NewForwarder does, so the URLs compare equal
+		if u, err := parseUpstream(raw); err == nil { // validated; parsed as NewForwarder does, so the URLs compare equal
 			d.seeds = append(d.seeds, u)
 		}
 	}

@@ -45,6 +45,8 @@ type Forwarder struct {
 	dialTCP func(ctx context.Context, network, addr string) (net.Conn, error)
 	// tunnel is the dialer of --upstream-via under dialTCP (tunnel.go); nil when upstreams are dialled directly.
 	tunnel *tunnelDialer
+	// tunnelServer is --tunnel-listen (tunnelserver.go): our agents connect to it; nil without.
+	tunnelServer *tunnelServer
 	// upstreamTLS is the TLS configuration of a handshake with host: from the files as NewForwarder found them,
 	// then, with the operations side, the ones reloaded last (reload.go useUpstreamTLS).
 	upstreamTLS func(host string, protos []string) *tls.Config
@@ -92,7 +94,7 @@ func newForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger, ops forwarderO
 	f.drain, f.startDrain = context.WithCancelCause(context.Background())
 	var urls []*url.URL
 	for _, s := range cfg.Upstreams {
-		u, err := url.Parse(s)
+		u, err := parseUpstream(s) // tunnel://AGENT-ID/URL is URL (tunnelserver.go)
 		if err != nil {
 			return nil, fmt.Errorf("upstream %q: %w", s, err)
 		}
@@ -132,6 +134,25 @@ func newForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger, ops forwarderO
 	dialRaw := dialer.DialContext
 	if f.tunnel, err = newTunnelDialer(&cfg.TunnelConfig, dialer, dialTimeout); err != nil {
 		return nil, err
+	}
+	var agents func(float64)
+	if ops.m != nil {
+		agents = ops.m.tunnelAgents.Add
+	}
+	if f.tunnelServer, err = newTunnelServer(cfg, log, agents); err != nil {
+		return nil, err
+	}
+	if f.tunnelServer != nil { // a dialer like --upstream-via's, and reached through the same code below
+		ts := f.tunnelServer
+		f.tunnel = &tunnelDialer{close: ts.close, dial: func(ctx context.Context, addr string) (net.Conn, error) {
+			ctx, cancel := context.WithTimeout(ctx, dialTimeout)
+			defer cancel()
+			c, err := ts.dial(ctx, addr)
+			if err != nil {
+				return nil, dialFailed(err)
+			}
+			return c, nil
+		}}
 	}
 	if f.tunnel != nil {
 		var ok, failed func() // the tunnel's dials by result (metrics)
@@ -203,6 +224,9 @@ func newForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger, ops forwarderO
 	}
 	f.core = newGRPCCore(f, cfg, rs, ops)
 	if f.gateway, err = newGateway(f.core.srv); err != nil {
+		if f.tunnel != nil {
+			f.tunnel.close()
+		}
 		return nil, err
 	}
 	return f, nil

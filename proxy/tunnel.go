@@ -41,17 +41,23 @@ type TunnelConfig struct {
 	// TunnelTLS is the TLS toward the tunnel (https-connect, konnectivity): the CA that verifies it (empty: the
 	// system roots) and our client certificate (empty: none). InsecureSkipVerify is not offered.
 	TunnelTLS TLSInfo
+	// TunnelListen is where our agents connect (https://HOST:PORT, tunnelserver.go) when upstreams are named
+	// through one (--upstream tunnel://AGENT-ID/URL); TunnelTLS is then its certificate and the CA that verifies
+	// the agents' client certificates. Empty means none.
+	TunnelListen string
 }
 
 func (t *TunnelConfig) addFlags(fs *flag.FlagSet) {
 	fs.StringVar(&t.UpstreamVia, "upstream-via", "", "reach every upstream through this tunnel: http-connect://[USER:PASSWORD@]HOST:PORT, https-connect://[USER:PASSWORD@]HOST:PORT (HTTP CONNECT), konnectivity://HOST:PORT (a konnectivity server's gRPC mode); TLS toward etcd still runs end to end")
 	fs.StringVar(&t.UpstreamViaAuthFile, "upstream-via-auth-file", "", "file holding USER:PASSWORD for the CONNECT proxy's Proxy-Authorization (instead of the URL's)")
-	fs.StringVar(&t.TunnelTLS.CAFile, "tunnel-ca-file", "", "verify the tunnel's certificate (https-connect, konnectivity) with this CA bundle (default: the system roots)")
-	fs.StringVar(&t.TunnelTLS.CertFile, "tunnel-cert-file", "", "client certificate presented to the tunnel (https-connect, konnectivity)")
+	fs.StringVar(&t.TunnelListen, "tunnel-listen", "", "accept our agents here, https://HOST:PORT (mTLS with the --tunnel-* files); upstreams are then named through one: --upstream tunnel://AGENT-ID/http(s)://HOST:PORT")
+	fs.StringVar(&t.TunnelTLS.CAFile, "tunnel-ca-file", "", "verify the tunnel's certificate (https-connect, konnectivity) with this CA bundle (default: the system roots); with --tunnel-listen: verify the agents' client certificates (required)")
+	fs.StringVar(&t.TunnelTLS.CertFile, "tunnel-cert-file", "", "client certificate presented to the tunnel (https-connect, konnectivity); with --tunnel-listen: its certificate (required)")
 	fs.StringVar(&t.TunnelTLS.KeyFile, "tunnel-key-file", "", "key of --tunnel-cert-file")
 }
 
-func (t *TunnelConfig) validate(add func(format string, args ...any)) {
+func (t *TunnelConfig) validate(upstreams []string, add func(format string, args ...any)) {
+	t.validateListen(upstreams, add) // tunnelserver.go
 	tlsFiles := t.TunnelTLS.CAFile != "" || t.TunnelTLS.CertFile != "" || t.TunnelTLS.KeyFile != ""
 	if (t.TunnelTLS.CertFile == "") != (t.TunnelTLS.KeyFile == "") {
 		add("--tunnel-cert-file and --tunnel-key-file go together")
@@ -67,8 +73,8 @@ func (t *TunnelConfig) validate(add func(format string, args ...any)) {
 		}
 	}
 	if t.UpstreamVia == "" {
-		if tlsFiles {
-			add("--tunnel-ca-file, --tunnel-cert-file and --tunnel-key-file need --upstream-via")
+		if tlsFiles && t.TunnelListen == "" {
+			add("--tunnel-ca-file, --tunnel-cert-file and --tunnel-key-file need --upstream-via or --tunnel-listen")
 		}
 		if t.UpstreamViaAuthFile != "" {
 			add("--upstream-via-auth-file needs --upstream-via")
