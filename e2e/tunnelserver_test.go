@@ -46,10 +46,11 @@ func runAgent(t *testing.T, cfg agent.Config, logs *harness.Buffer) (stop func()
 	return stop
 }
 
-// The two-piece deployment: our proxy (--tunnel-listen, mTLS) ← our agent → a TLS member, verified end to end
-// against the member's name. An agent whose certificate is not of the tunnel's CA is refused. Under load the
-// agent is stopped: reads fail, the proxy counts no agent and /readyz says not ready; a new agent connects:
-// reads recover, no write is applied twice and every acknowledged one is there.
+// The two-piece deployment: our proxy (TLS listener; --tunnel-listen, mTLS) ← our agent → a TLS member, verified
+// end to end against the member's name; the golden cases give the direct topologies' output. An agent whose
+// certificate is not of the tunnel's CA is refused. Under load the agent is stopped: reads fail, the proxy counts
+// no agent and /readyz says not ready; a new agent connects: reads recover, no write is applied twice and every
+// acknowledged one is there.
 func TestTunnelListen(t *testing.T) {
 	t.Parallel()
 	ctx := testContext(t, 60*time.Second)
@@ -65,7 +66,7 @@ func TestTunnelListen(t *testing.T) {
 	}
 	srvFiles := issueCert(t, ca, "tunnel-server", harness.ServerAuth())
 	agentFiles := issueCert(t, ca, "agent", harness.ClientAuth())
-	pp, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
+	pp, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{TLS: true, Configure: func(cfg *proxy.Config) {
 		cfg.Upstreams = []string{"tunnel://a1/" + c.Members[0].ClientURL}
 		cfg.TunnelListen = "https://127.0.0.1:0"
 		cfg.TunnelTLS = proxy.TLSInfo{CAFile: ca.CertFile, CertFile: srvFiles.CertFile, KeyFile: srvFiles.KeyFile}
@@ -107,7 +108,12 @@ func TestTunnelListen(t *testing.T) {
 	if n := agents(); n != 1 {
 		t.Errorf("tunnel_agents_connected = %v, want 1", n)
 	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: pp.Endpoint.URLs, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
+	tunnelGoldens(t, ctx, e, pp.Endpoint)
+	ppTLS, err := pp.Endpoint.TLS.ClientConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: pp.Endpoint.URLs, TLS: ppTLS, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)
 	}
