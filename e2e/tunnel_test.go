@@ -174,9 +174,12 @@ func TestUpstreamViaHTTPConnect(t *testing.T) {
 	}
 	eventually(t, ctx, "ready with TCP probes through the tunnel", func() (bool, string) { return ppTCP.Server.Ready() })
 
-	if n, _ := metricValue(scrape(t, pp.Server.MetricsURLs()[0]), "etcd_proxy_proxy_tunnel_dials_total",
-		map[string]string{"result": "ok"}); n < 2 {
+	mfOK := scrape(t, pp.Server.MetricsURLs()[0])
+	if n, _ := metricValue(mfOK, "etcd_proxy_proxy_tunnel_dials_total", map[string]string{"result": "ok"}); n < 2 {
 		t.Errorf("tunnel_dials_total{result=ok} = %v, want the proxy's connections", n)
+	}
+	if n, _ := metricValue(mfOK, "etcd_proxy_proxy_tunnel_connections", nil); n < 1 {
+		t.Errorf("tunnel_connections = %v, want the proxy's open connections", n)
 	}
 	dials, other := cp.seen()
 	if dials[target] < 3 || len(dials) != 1 || len(other) != 0 {
@@ -236,6 +239,9 @@ func TestUpstreamViaHTTPConnect(t *testing.T) {
 	}
 	if n, _ := metricValue(mf, "etcd_proxy_proxy_errors_total", map[string]string{"reason": "tunnel"}); n < 1 {
 		t.Errorf("errors_total{reason=tunnel} = %v, want the refused requests", n)
+	}
+	if n, ok := metricValue(mf, "etcd_proxy_proxy_tunnel_connections", nil); !ok || n != 0 {
+		t.Errorf("tunnel_connections = %v (present: %v) when every dial is refused, want 0", n, ok)
 	}
 	if ok, why := ppBad.Server.Ready(); ok {
 		t.Errorf("ready although the tunnel refuses every connection (%s)", why)

@@ -83,6 +83,10 @@ func TestTunnelListen(t *testing.T) {
 		n, _ := metricValue(scrape(t, metrics), "etcd_proxy_proxy_tunnel_agents_connected", nil)
 		return n
 	}
+	conns := func() float64 {
+		n, _ := metricValue(scrape(t, metrics), "etcd_proxy_proxy_tunnel_connections", nil)
+		return n
+	}
 	cfg := func(id string, f harness.TLSFiles) agent.Config {
 		return agent.Config{Servers: []string{tunnel}, ID: id, Allow: []string{member.Host},
 			CAFile: ca.CertFile, CertFile: f.CertFile, KeyFile: f.KeyFile}
@@ -154,12 +158,17 @@ func TestTunnelListen(t *testing.T) {
 	})
 	defer func() { stopLoad(); wg.Wait() }()
 	eventually(t, ctx, "reads through the agent", func() (bool, string) { return readOK.Load() >= 5, "" })
+	if n := conns(); n < 2 { // at least the clients' gRPC connection and the probes'
+		t.Errorf("tunnel_connections = %v with load through the agent, want ≥ 2", n)
+	}
 	stop()
 	eventually(t, ctx, "reads fail without an agent", func() (bool, string) { return readErr.Load() > 0, "" })
 	eventually(t, ctx, "not ready without an agent", func() (bool, string) { ok, why := pp.Server.Ready(); return !ok, why })
 	if n := agents(); n != 0 {
 		t.Errorf("tunnel_agents_connected = %v after the agent stopped, want 0", n)
 	}
+	// Every tunnelled connection ended with the agent's control stream.
+	eventually(t, ctx, "tunnel_connections back to 0", func() (bool, string) { n := conns(); return n == 0, fmt.Sprint(n) })
 	runAgent(t, cfg("a1", agentFiles), &logs)
 	okBefore := readOK.Load()
 	eventually(t, ctx, "reads recover with a new agent", func() (bool, string) {
