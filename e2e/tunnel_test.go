@@ -467,3 +467,54 @@ func tunnelGoldens(t *testing.T, ctx context.Context, e *harness.Env, top harnes
 		v2Goldens.check(t, filepath.Join("testdata", "v2", "tls", c.name+".txtar"), res, norm2)
 	}
 }
+
+// rewrap dials the upstream through --upstream-via as the proxy does: the member is named by a host only the
+// CONNECT proxy resolves, yet rewrap re-encrypts its plaintext values, v3 and v2 (--api 2), and the CONNECT proxy
+// carried its connections.
+func TestRewrapUpstreamVia(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 60*time.Second)
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx, harness.WithMembers(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	member, _ := url.Parse(c.Members[0].ClientURL)
+	target := net.JoinHostPort(tunnelHost, member.Port())
+	cp := &connectProxy{hosts: map[string]string{tunnelHost: member.Hostname()}, dials: map[string]int{}}
+	srv := httptest.NewServer(cp)
+	t.Cleanup(srv.Close)
+
+	direct, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer direct.Close()
+	if _, err := direct.Put(ctx, "/r/a", "plain"); err != nil {
+		t.Fatal(err)
+	}
+	if code, b := do(ctx, http.DefaultClient, http.MethodPut, c.Members[0].ClientURL+"/v2/keys/r/b", "value=plain"); code != http.StatusCreated {
+		t.Fatalf("v2 PUT: %d %s", code, b)
+	}
+	keyFile := filepath.Join(t.TempDir(), "k1.key")
+	if code, out, errOut := runCLI("keygen", "--out", keyFile, "--name", "k1"); code != 0 {
+		t.Fatalf("keygen: %d %s %s", code, out, errOut)
+	}
+	for _, api := range []string{"3", "2"} {
+		code, out, errOut := runCLI("rewrap", "--api", api, "--upstream", "http://"+target, "--upstream-via",
+			"http-connect://"+srv.Listener.Addr().String(), "--prefix", "/r/", "--encryption-key-file", keyFile,
+			"--encryption-read-plaintext", "--timeout", "3s")
+		if code != 0 || !strings.Contains(out, "scanned 1, stale 1, rewrapped 1,") {
+			t.Fatalf("rewrap --api %s through the tunnel: exit %d, %q, %q", api, code, out, errOut)
+		}
+	}
+	if r, err := direct.Get(ctx, "/r/a"); err != nil || len(r.Kvs) != 1 || !strings.HasPrefix(string(r.Kvs[0].Value), "epp:enc:v1:") {
+		t.Errorf("/r/a after rewrap: %v %v; want the key's ciphertext", r, err)
+	}
+	if _, b := do(ctx, http.DefaultClient, http.MethodGet, c.Members[0].ClientURL+"/v2/keys/r/b", ""); !strings.Contains(b, `"value":"epp:enc:v1:`) {
+		t.Errorf("v2 /r/b after rewrap: %s; want the key's ciphertext", b)
+	}
+	if dials, other := cp.seen(); dials[target] < 2 || len(other) != 0 {
+		t.Errorf("the CONNECT proxy carried %v (unknown targets %v); want rewrap's connections to %s", dials, other, target)
+	}
+}
