@@ -7,6 +7,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"os"
@@ -20,15 +21,17 @@ import (
 	"go.etcd.io/etcd/client/pkg/v3/transport"
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
+	"google.golang.org/grpc"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/crypt"
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
 )
 
 // rewrapPage is how many keys one range of rewrap reads.
 const rewrapPage = 500
 
 // rewrap re-encrypts with the first key every stale value under a prefix (read with a later key, or plaintext
-// read as it is), talking to the upstream directly. Each value is replaced with a compare-and-swap on its
+// read as it is), talking to the upstream directly (or through --upstream-via's tunnel). Each value is replaced with a compare-and-swap on its
 // mod_revision, keeping its lease: a write that came meanwhile wins and nothing is lost.
 func rewrap(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("etcd-proxy-proxy rewrap", flag.ContinueOnError)
@@ -62,6 +65,8 @@ func rewrap(args []string, stdout, stderr io.Writer) int {
 	fs.StringVar(&tlsInfo.TrustedCAFile, "upstream-ca-file", "", "verify the upstream's certificate with this CA bundle")
 	fs.StringVar(&tlsInfo.CertFile, "upstream-cert-file", "", "client certificate presented to the upstream")
 	fs.StringVar(&tlsInfo.KeyFile, "upstream-key-file", "", "key of --upstream-cert-file")
+	var via proxy.ViaDialer // --upstream-via and the --tunnel-* files, as the proxy's
+	via.AddFlags(fs)
 	timeout := fs.Duration("timeout", 5*time.Second, "how long each request to the upstream may take")
 	api := fs.Int("api", 3, "the keys to rewrap: 3 (v3, the default) or 2 (v2's store, over HTTP)")
 	if err := fs.Parse(args); err != nil {
@@ -77,6 +82,7 @@ func rewrap(args []string, stdout, stderr io.Writer) int {
 	if len(files) == 0 {
 		problems = append(problems, errors.New("--encryption-key-file is required"))
 	}
+	problems = append(problems, via.Validate()...)
 	if *api != 2 && *api != 3 {
 		problems = append(problems, fmt.Errorf("--api %d: want 2 or 3", *api))
 	}
@@ -129,12 +135,26 @@ func rewrap(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "etcd-proxy-proxy rewrap: %v\n", errors.Join(problems...))
 		return exitUsage
 	}
+	// Through --upstream-via, every connection to the upstream goes through the tunnel, as the proxy's do.
+	var dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	tunnelled, err := via.Open(*timeout)
+	if err != nil {
+		fmt.Fprintf(stderr, "etcd-proxy-proxy rewrap: %v\n", err)
+		return exitError
+	}
+	defer via.Close()
+	if tunnelled {
+		dial = func(ctx context.Context, _, addr string) (net.Conn, error) { return via.Dial(ctx, addr) }
+		cfg.DialOptions = append(cfg.DialOptions, grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+			return dial(ctx, "tcp", addr)
+		}))
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if *api == 2 {
 		rw := &rewrapper{ring: ring, dryRun: *dryRun, timeout: *timeout, progress: stderr,
 			v2: &v2Client{urls: upstreams, user: *user, http: &http.Client{Timeout: *timeout,
-				Transport: &http.Transport{TLSClientConfig: cfg.TLS}}}}
+				Transport: &http.Transport{TLSClientConfig: cfg.TLS, DialContext: dial}}}}
 		return rw.run(ctx, prefixes, stdout, stderr)
 	}
 	cli, err := clientv3.New(cfg)

@@ -53,6 +53,14 @@ func startVersion(t *testing.T, ctx context.Context, topo topology, tls bool, ve
 		t.Fatal(err)
 	}
 	top := r.Top()
+	registerTop(t, e, top)
+	return &started{env: e, run: r, top: top}
+}
+
+// registerTop registers the proxy-proxy a client talks to as "proxy" (its address and ID) and the client's
+// TLS files, as every golden file names them.
+func registerTop(t *testing.T, e *harness.Env, top harness.Endpoint) {
+	t.Helper()
 	u, err := url.Parse(top.URLs[0])
 	if err != nil {
 		t.Fatal(err)
@@ -62,7 +70,6 @@ func startVersion(t *testing.T, ctx context.Context, topo topology, tls bool, ve
 	e.Register(top.TLS.CertFile, "$CLIENT_CERT")
 	e.Register(top.TLS.KeyFile, "$CLIENT_KEY")
 	e.Register(top.TLS.CAFile, "$CLIENT_CA")
-	return &started{env: e, run: r, top: top}
 }
 
 // goldens compares results of several topologies with one golden file each. With -update the first topology

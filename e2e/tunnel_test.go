@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -22,8 +23,10 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	"go.uber.org/zap"
 
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/agent"
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
 )
 
 // tunnelHost is the members' name behind the tunnel: only the CONNECT proxy resolves it (.invalid never
@@ -171,9 +174,12 @@ func TestUpstreamViaHTTPConnect(t *testing.T) {
 	}
 	eventually(t, ctx, "ready with TCP probes through the tunnel", func() (bool, string) { return ppTCP.Server.Ready() })
 
-	if n, _ := metricValue(scrape(t, pp.Server.MetricsURLs()[0]), "etcd_proxy_proxy_tunnel_dials_total",
-		map[string]string{"result": "ok"}); n < 2 {
+	mfOK := scrape(t, pp.Server.MetricsURLs()[0])
+	if n, _ := metricValue(mfOK, "etcd_proxy_proxy_tunnel_dials_total", map[string]string{"result": "ok"}); n < 2 {
 		t.Errorf("tunnel_dials_total{result=ok} = %v, want the proxy's connections", n)
+	}
+	if n, _ := metricValue(mfOK, "etcd_proxy_proxy_tunnel_connections", nil); n < 1 {
+		t.Errorf("tunnel_connections = %v, want the proxy's open connections", n)
 	}
 	dials, other := cp.seen()
 	if dials[target] < 3 || len(dials) != 1 || len(other) != 0 {
@@ -234,6 +240,9 @@ func TestUpstreamViaHTTPConnect(t *testing.T) {
 	if n, _ := metricValue(mf, "etcd_proxy_proxy_errors_total", map[string]string{"reason": "tunnel"}); n < 1 {
 		t.Errorf("errors_total{reason=tunnel} = %v, want the refused requests", n)
 	}
+	if n, ok := metricValue(mf, "etcd_proxy_proxy_tunnel_connections", nil); !ok || n != 0 {
+		t.Errorf("tunnel_connections = %v (present: %v) when every dial is refused, want 0", n, ok)
+	}
 	if ok, why := ppBad.Server.Ready(); ok {
 		t.Errorf("ready although the tunnel refuses every connection (%s)", why)
 	}
@@ -246,21 +255,25 @@ func TestUpstreamViaHTTPConnect(t *testing.T) {
 func TestUpstreamViaKonnectivity(t *testing.T) {
 	t.Parallel()
 	for _, mode := range []struct {
-		name   string
-		scheme string
-		opts   []harness.KonnectivityOption
+		name     string
+		scheme   string
+		ourAgent bool
+		opts     []harness.KonnectivityOption
 	}{
-		{"grpc", "konnectivity://", nil},
-		{"http-connect", "https-connect://", []harness.KonnectivityOption{harness.KonnectivityHTTPConnect()}},
+		{"grpc", "konnectivity://", false, nil},
+		{"http-connect", "https-connect://", false, []harness.KonnectivityOption{harness.KonnectivityHTTPConnect()}},
+		{"grpc-our-agent", "konnectivity://", true, nil},
 	} {
 		t.Run(mode.name, func(t *testing.T) {
 			t.Parallel()
-			testViaKonnectivity(t, mode.scheme, mode.opts...)
+			testViaKonnectivity(t, mode.scheme, mode.ourAgent, mode.opts...)
 		})
 	}
 }
 
-func testViaKonnectivity(t *testing.T, scheme string, opts ...harness.KonnectivityOption) {
+// testViaKonnectivity: our proxy (TLS listener, client certificates) → the stock server ← the stock agent or
+// ours (ourAgent) → a TLS member; the golden cases first, on the fresh store.
+func testViaKonnectivity(t *testing.T, scheme string, ourAgent bool, opts ...harness.KonnectivityOption) {
 	ctx := testContext(t, 90*time.Second)
 	e := harness.NewTestEnv(t)
 	c, err := e.StartCluster(ctx, harness.WithMembers(1), harness.WithTLS())
@@ -271,10 +284,18 @@ func testViaKonnectivity(t *testing.T, scheme string, opts ...harness.Konnectivi
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := k.StartStockAgent(ctx, "agent-1"); err != nil {
+	if ourAgent {
+		member, _ := url.Parse(c.Members[0].ClientURL)
+		var logs harness.Buffer
+		runAgent(t, agent.Config{Servers: []string{"konnectivity://" + k.AgentAddr}, ID: "ours", Allow: []string{member.Host},
+			CAFile: k.AgentTLS.CAFile, CertFile: k.AgentTLS.CertFile, KeyFile: k.AgentTLS.KeyFile}, &logs)
+		if err := k.WaitAgent(ctx); err != nil {
+			t.Fatalf("%v (agent log: %s)", err, logs.String())
+		}
+	} else if _, err := k.StartStockAgent(ctx, "agent-1"); err != nil {
 		t.Fatal(err)
 	}
-	pp, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
+	pp, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{TLS: true, Configure: func(cfg *proxy.Config) {
 		cfg.UpstreamVia = scheme + k.Addr
 		cfg.TunnelTLS = proxy.TLSInfo{CAFile: k.ClientTLS.CAFile, CertFile: k.ClientTLS.CertFile, KeyFile: k.ClientTLS.KeyFile}
 		cfg.UpstreamHealthInterval = 50 * time.Millisecond
@@ -283,6 +304,7 @@ func testViaKonnectivity(t *testing.T, scheme string, opts ...harness.Konnectivi
 		t.Fatal(err)
 	}
 	eventually(t, ctx, "ready through konnectivity", func() (bool, string) { return pp.Server.Ready() })
+	tunnelGoldens(t, ctx, e, pp.Endpoint)
 	v3 := e.Etcdctl(3, pp.Endpoint)
 	if r := v3.Run(ctx, "put", "kk", "v3-through-konnectivity"); r.Check() != nil || strings.TrimSpace(r.Stdout) != "OK" {
 		t.Fatalf("v3 put: %v: %s%s", r.Check(), r.Stdout, r.Stderr)
@@ -418,4 +440,81 @@ func TestKonnectivityAgentRestart(t *testing.T) {
 		}
 	}
 	t.Logf("%d puts acknowledged, %d applied; reads: %d ok, %d failed", len(acked), len(applied), readOK.Load(), readErr.Load())
+}
+
+// tunnelGoldens runs the first etcdctl cases of TestV3 and TestV2 (puts, gets, a delete, a txn; sets, gets, a
+// listing, updates, removes) through top, the proxy-proxy on top of a tunnel, on a fresh store, and compares
+// them with the SAME golden files as the direct topologies: what a client sees must not depend on the path to
+// the members. top must have a TLS listener (the tls goldens); run it before anything else writes.
+func tunnelGoldens(t *testing.T, ctx context.Context, e *harness.Env, top harness.Endpoint) {
+	t.Helper()
+	registerTop(t, e, top)
+	e.Register(fmt.Sprint(rules.NewSelf("etcd-proxy-proxy", top.URLs).ID), "proxy-id")
+	v3, norm3 := e.Etcdctl(3, top), v3Norm(e)
+	for _, c := range v3Cases[:slices.IndexFunc(v3Cases, func(c v3Case) bool { return c.name == "07-txn" })+1] {
+		res := v3.RunWith(ctx, c.stdin, c.until, c.args...)
+		if res.Err != nil {
+			t.Fatalf("%s: %v", c.name, res.Err)
+		}
+		v3Goldens.check(t, filepath.Join("testdata", "v3", "tls", c.name+".txtar"), res, norm3)
+	}
+	v2, norm2 := e.Etcdctl(2, top), v2Norm(e)
+	for _, c := range v2Cases[:10] { // up to 10-get-missing: the rest is about membership, not the path
+		res := v2.Run(ctx, c.args...)
+		if res.Err != nil {
+			t.Fatalf("%s: %v", c.name, res.Err)
+		}
+		v2Goldens.check(t, filepath.Join("testdata", "v2", "tls", c.name+".txtar"), res, norm2)
+	}
+}
+
+// rewrap dials the upstream through --upstream-via as the proxy does: the member is named by a host only the
+// CONNECT proxy resolves, yet rewrap re-encrypts its plaintext values, v3 and v2 (--api 2), and the CONNECT proxy
+// carried its connections.
+func TestRewrapUpstreamVia(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 60*time.Second)
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx, harness.WithMembers(1))
+	if err != nil {
+		t.Fatal(err)
+	}
+	member, _ := url.Parse(c.Members[0].ClientURL)
+	target := net.JoinHostPort(tunnelHost, member.Port())
+	cp := &connectProxy{hosts: map[string]string{tunnelHost: member.Hostname()}, dials: map[string]int{}}
+	srv := httptest.NewServer(cp)
+	t.Cleanup(srv.Close)
+
+	direct, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer direct.Close()
+	if _, err := direct.Put(ctx, "/r/a", "plain"); err != nil {
+		t.Fatal(err)
+	}
+	if code, b := do(ctx, http.DefaultClient, http.MethodPut, c.Members[0].ClientURL+"/v2/keys/r/b", "value=plain"); code != http.StatusCreated {
+		t.Fatalf("v2 PUT: %d %s", code, b)
+	}
+	keyFile := filepath.Join(t.TempDir(), "k1.key")
+	if code, out, errOut := runCLI("keygen", "--out", keyFile, "--name", "k1"); code != 0 {
+		t.Fatalf("keygen: %d %s %s", code, out, errOut)
+	}
+	for _, api := range []string{"3", "2"} {
+		code, out, errOut := runCLI("rewrap", "--api", api, "--upstream", "http://"+target, "--upstream-via",
+			"http-connect://"+srv.Listener.Addr().String(), "--prefix", "/r/", "--encryption-key-file", keyFile,
+			"--encryption-read-plaintext", "--timeout", "3s")
+		if code != 0 || !strings.Contains(out, "scanned 1, stale 1, rewrapped 1,") {
+			t.Fatalf("rewrap --api %s through the tunnel: exit %d, %q, %q", api, code, out, errOut)
+		}
+	}
+	if r, err := direct.Get(ctx, "/r/a"); err != nil || len(r.Kvs) != 1 || !strings.HasPrefix(string(r.Kvs[0].Value), "epp:enc:v1:") {
+		t.Errorf("/r/a after rewrap: %v %v; want the key's ciphertext", r, err)
+	}
+	if _, b := do(ctx, http.DefaultClient, http.MethodGet, c.Members[0].ClientURL+"/v2/keys/r/b", ""); !strings.Contains(b, `"value":"epp:enc:v1:`) {
+		t.Errorf("v2 /r/b after rewrap: %s; want the key's ciphertext", b)
+	}
+	if dials, other := cp.seen(); dials[target] < 2 || len(other) != 0 {
+		t.Errorf("the CONNECT proxy carried %v (unknown targets %v); want rewrap's connections to %s", dials, other, target)
+	}
 }

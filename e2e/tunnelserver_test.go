@@ -46,10 +46,11 @@ func runAgent(t *testing.T, cfg agent.Config, logs *harness.Buffer) (stop func()
 	return stop
 }
 
-// The two-piece deployment: our proxy (--tunnel-listen, mTLS) ← our agent → a TLS member, verified end to end
-// against the member's name. An agent whose certificate is not of the tunnel's CA is refused. Under load the
-// agent is stopped: reads fail, the proxy counts no agent and /readyz says not ready; a new agent connects:
-// reads recover, no write is applied twice and every acknowledged one is there.
+// The two-piece deployment: our proxy (TLS listener; --tunnel-listen, mTLS) ← our agent → a TLS member, verified
+// end to end against the member's name; the golden cases give the direct topologies' output. An agent whose
+// certificate is not of the tunnel's CA is refused. Under load the agent is stopped: reads fail, the proxy counts
+// no agent and /readyz says not ready; a new agent connects: reads recover, no write is applied twice and every
+// acknowledged one is there.
 func TestTunnelListen(t *testing.T) {
 	t.Parallel()
 	ctx := testContext(t, 60*time.Second)
@@ -65,7 +66,7 @@ func TestTunnelListen(t *testing.T) {
 	}
 	srvFiles := issueCert(t, ca, "tunnel-server", harness.ServerAuth())
 	agentFiles := issueCert(t, ca, "agent", harness.ClientAuth())
-	pp, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
+	pp, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{TLS: true, Configure: func(cfg *proxy.Config) {
 		cfg.Upstreams = []string{"tunnel://a1/" + c.Members[0].ClientURL}
 		cfg.TunnelListen = "https://127.0.0.1:0"
 		cfg.TunnelTLS = proxy.TLSInfo{CAFile: ca.CertFile, CertFile: srvFiles.CertFile, KeyFile: srvFiles.KeyFile}
@@ -80,6 +81,10 @@ func TestTunnelListen(t *testing.T) {
 	metrics := pp.Server.MetricsURLs()[0]
 	agents := func() float64 {
 		n, _ := metricValue(scrape(t, metrics), "etcd_proxy_proxy_tunnel_agents_connected", nil)
+		return n
+	}
+	conns := func() float64 {
+		n, _ := metricValue(scrape(t, metrics), "etcd_proxy_proxy_tunnel_connections", nil)
 		return n
 	}
 	cfg := func(id string, f harness.TLSFiles) agent.Config {
@@ -107,7 +112,12 @@ func TestTunnelListen(t *testing.T) {
 	if n := agents(); n != 1 {
 		t.Errorf("tunnel_agents_connected = %v, want 1", n)
 	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: pp.Endpoint.URLs, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
+	tunnelGoldens(t, ctx, e, pp.Endpoint)
+	ppTLS, err := pp.Endpoint.TLS.ClientConfig()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cli, err := clientv3.New(clientv3.Config{Endpoints: pp.Endpoint.URLs, TLS: ppTLS, DialTimeout: 2 * time.Second, Logger: zap.NewNop()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -148,12 +158,17 @@ func TestTunnelListen(t *testing.T) {
 	})
 	defer func() { stopLoad(); wg.Wait() }()
 	eventually(t, ctx, "reads through the agent", func() (bool, string) { return readOK.Load() >= 5, "" })
+	if n := conns(); n < 2 { // at least the clients' gRPC connection and the probes'
+		t.Errorf("tunnel_connections = %v with load through the agent, want ≥ 2", n)
+	}
 	stop()
 	eventually(t, ctx, "reads fail without an agent", func() (bool, string) { return readErr.Load() > 0, "" })
 	eventually(t, ctx, "not ready without an agent", func() (bool, string) { ok, why := pp.Server.Ready(); return !ok, why })
 	if n := agents(); n != 0 {
 		t.Errorf("tunnel_agents_connected = %v after the agent stopped, want 0", n)
 	}
+	// Every tunnelled connection ended with the agent's control stream.
+	eventually(t, ctx, "tunnel_connections back to 0", func() (bool, string) { n := conns(); return n == 0, fmt.Sprint(n) })
 	runAgent(t, cfg("a1", agentFiles), &logs)
 	okBefore := readOK.Load()
 	eventually(t, ctx, "reads recover with a new agent", func() (bool, string) {

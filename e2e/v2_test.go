@@ -62,6 +62,14 @@ var reDebugNoise = regexp.MustCompile(`(?m)^.*(took|response time).*\n`)
 // reErrorIndex is the etcd index at the end of a v2 error ("Error:  100: Key not found (/foo) [12]").
 var reErrorIndex = regexp.MustCompile(`(?m)(Error: .*) \[\d+\]$`)
 
+// v2Norm normalises etcdctl v2 output for the golden files.
+func v2Norm(env *harness.Env) func(string) string {
+	return func(str string) string {
+		str = reDebugNoise.ReplaceAllString(env.Normalize(str), "")
+		return reErrorIndex.ReplaceAllString(str, "$1 [<N>]")
+	}
+}
+
 func TestV2(t *testing.T) {
 	t.Parallel()
 	for _, mode := range []string{"plain", "tls"} {
@@ -71,10 +79,7 @@ func TestV2(t *testing.T) {
 				ctx := testContext(t, 3*time.Minute)
 				s := start(t, ctx, topo, mode == "tls")
 				ctl := s.env.Etcdctl(2, s.top)
-				norm := func(str string) string {
-					str = reDebugNoise.ReplaceAllString(s.env.Normalize(str), "")
-					return reErrorIndex.ReplaceAllString(str, "$1 [<N>]")
-				}
+				norm := v2Norm(s.env)
 				for _, c := range v2Cases {
 					args := c.args
 					if c.name == "15-member-remove" { // the ID of whatever proxy-proxy is on top

@@ -139,16 +139,7 @@ func TestV3(t *testing.T) {
 				self := rules.NewSelf("etcd-proxy-proxy", s.top.URLs)
 				s.env.Register(fmt.Sprint(self.ID), "proxy-id") // decimal, as -w json prints IDs
 				ctl := s.env.Etcdctl(3, s.top)
-				norm := func(str string) string {
-					str = s.env.Normalize(str)
-					str = reStatusLine.ReplaceAllString(str, "$1, <ETCD-VERSION>, <SIZE>, $3, $4, <N>, <N>, <N>,")
-					str = reSnapshotSize.ReplaceAllString(str, `"size":"<SIZE>"`)
-					str = reSnapshotTook.ReplaceAllString(str, `"took":"<AGO>"`)
-					str = reClientTarget.ReplaceAllString(str, "etcd-endpoints://<PTR>/")
-					str = reRetryLog.ReplaceAllString(str, "")
-					str = reHeaderMember.ReplaceAllString(str, `"member_id":<UPSTREAM-MEMBER-ID>`)
-					return reSnapshotCaller.ReplaceAllString(str, `"caller":"<CALLER>"`)
-				}
+				norm := v3Norm(s.env)
 				snapshot := filepath.Join(s.env.Dir, "snapshot.db")
 				lease := ""
 				for _, c := range v3Cases {
@@ -196,6 +187,20 @@ func TestV3(t *testing.T) {
 				t.Run("watch", func(t *testing.T) { testV3Watch(t, ctx, s, ctl) })
 			})
 		}
+	}
+}
+
+// v3Norm normalises etcdctl v3 output for the golden files: env's placeholders, then what varies per run.
+func v3Norm(env *harness.Env) func(string) string {
+	return func(str string) string {
+		str = env.Normalize(str)
+		str = reStatusLine.ReplaceAllString(str, "$1, <ETCD-VERSION>, <SIZE>, $3, $4, <N>, <N>, <N>,")
+		str = reSnapshotSize.ReplaceAllString(str, `"size":"<SIZE>"`)
+		str = reSnapshotTook.ReplaceAllString(str, `"took":"<AGO>"`)
+		str = reClientTarget.ReplaceAllString(str, "etcd-endpoints://<PTR>/")
+		str = reRetryLog.ReplaceAllString(str, "")
+		str = reHeaderMember.ReplaceAllString(str, `"member_id":<UPSTREAM-MEMBER-ID>`)
+		return reSnapshotCaller.ReplaceAllString(str, `"caller":"<CALLER>"`)
 	}
 }
 

@@ -21,6 +21,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/rules"
 )
 
@@ -167,6 +169,8 @@ func newForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger, ops forwarderO
 				failed()
 			default:
 				ok()
+				ops.m.tunnelConns.Inc()
+				c = &countedConn{Conn: c, gauge: ops.m.tunnelConns}
 			}
 			return c, err
 		}
@@ -663,3 +667,15 @@ var buffers = sync.Pool{New: func() any { b := make([]byte, 4<<10); return &b }}
 
 func (bufferPool) Get() []byte  { return *buffers.Get().(*[]byte) }
 func (bufferPool) Put(b []byte) { buffers.Put(&b) }
+
+// countedConn is a tunnelled upstream connection counted in tunnel_connections until it is closed.
+type countedConn struct {
+	net.Conn
+	gauge prometheus.Gauge
+	once  sync.Once
+}
+
+func (c *countedConn) Close() error {
+	c.once.Do(c.gauge.Dec)
+	return c.Conn.Close()
+}

@@ -100,6 +100,7 @@ type metrics struct {
 	certNotAfter *prometheus.GaugeVec
 	tunnelDials  *prometheus.CounterVec
 	tunnelAgents prometheus.Gauge
+	tunnelConns  prometheus.Gauge
 
 	errs map[string]prometheus.Counter // by reason, resolved once
 
@@ -151,6 +152,8 @@ func newMetrics(ready func() float64) *metrics {
 		"Upstream connections opened through the tunnel of --upstream-via or an agent of --tunnel-listen, by result (ok, failed).")), []string{"result"})
 	m.tunnelAgents = prometheus.NewGauge(prometheus.GaugeOpts(opts("tunnel_agents_connected",
 		"Agents connected to --tunnel-listen (control streams open).")))
+	m.tunnelConns = prometheus.NewGauge(prometheus.GaugeOpts(opts("tunnel_connections",
+		"Upstream connections open through the tunnel of --upstream-via or an agent of --tunnel-listen.")))
 	m.ruleActions = prometheus.NewCounterVec(prometheus.CounterOpts(opts("rule_actions_total",
 		"Times a rule answered a request itself (action=answered) or claimed a response body to rewrite it (action=claimed).")),
 		[]string{"rule", "action"})
@@ -161,7 +164,7 @@ func newMetrics(ready func() float64) *metrics {
 		"Expiry (NotAfter, Unix time) of the certificate in use, by side (listener, upstream; upstream-identities: the earliest of --upstream-cert-dir).")), []string{"side"})
 	readyGauge := prometheus.NewGaugeFunc(prometheus.GaugeOpts(opts("ready", "1 when /readyz answers ready.")), ready)
 	m.reg.MustRegister(m.requests, m.duration, m.streams, m.errors, m.received, m.sent, m.upstream, m.probeFails,
-		m.ruleActions, m.certReloads, m.certNotAfter, m.tunnelDials, m.tunnelAgents, readyGauge,
+		m.ruleActions, m.certReloads, m.certNotAfter, m.tunnelDials, m.tunnelAgents, m.tunnelConns, readyGauge,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, r := range []string{reasonNoEndpoint, reasonTimeout, reasonTLS, reasonSendFailed, reasonRule,
 		reasonResponseFailed, reasonClientGone, reasonTooLarge, reasonShutdown, reasonBadRequest,

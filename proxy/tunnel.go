@@ -48,9 +48,13 @@ type TunnelConfig struct {
 }
 
 func (t *TunnelConfig) addFlags(fs *flag.FlagSet) {
+	t.addViaFlags(fs)
+	fs.StringVar(&t.TunnelListen, "tunnel-listen", "", "accept our agents here, https://HOST:PORT (mTLS with the --tunnel-* files); upstreams are then named through one: --upstream tunnel://AGENT-ID/http(s)://HOST:PORT")
+}
+
+func (t *TunnelConfig) addViaFlags(fs *flag.FlagSet) {
 	fs.StringVar(&t.UpstreamVia, "upstream-via", "", "reach every upstream through this tunnel: http-connect://[USER:PASSWORD@]HOST:PORT, https-connect://[USER:PASSWORD@]HOST:PORT (HTTP CONNECT), konnectivity://HOST:PORT (a konnectivity server's gRPC mode); TLS toward etcd still runs end to end")
 	fs.StringVar(&t.UpstreamViaAuthFile, "upstream-via-auth-file", "", "file holding USER:PASSWORD for the CONNECT proxy's Proxy-Authorization (instead of the URL's)")
-	fs.StringVar(&t.TunnelListen, "tunnel-listen", "", "accept our agents here, https://HOST:PORT (mTLS with the --tunnel-* files); upstreams are then named through one: --upstream tunnel://AGENT-ID/http(s)://HOST:PORT")
 	fs.StringVar(&t.TunnelTLS.CAFile, "tunnel-ca-file", "", "verify the tunnel's certificate (https-connect, konnectivity) with this CA bundle (default: the system roots); with --tunnel-listen: verify the agents' client certificates (required)")
 	fs.StringVar(&t.TunnelTLS.CertFile, "tunnel-cert-file", "", "client certificate presented to the tunnel (https-connect, konnectivity); with --tunnel-listen: its certificate (required)")
 	fs.StringVar(&t.TunnelTLS.KeyFile, "tunnel-key-file", "", "key of --tunnel-cert-file")
@@ -107,6 +111,44 @@ func (t *TunnelConfig) validate(upstreams []string, add func(format string, args
 	}
 	if u.User != nil && t.UpstreamViaAuthFile != "" && u.Scheme != ViaKonnectivity {
 		add("--upstream-via has a user and --upstream-via-auth-file is set: give one")
+	}
+}
+
+// ViaDialer is the tunnel of --upstream-via for a command that dials the upstreams itself (rewrap), built by the
+// proxy's own code: AddFlags registers --upstream-via, --upstream-via-auth-file and the --tunnel-* files (not
+// --tunnel-listen), Validate reports their problems, Dial dials through the tunnel.
+type ViaDialer struct {
+	cfg TunnelConfig
+	d   *tunnelDialer
+}
+
+// AddFlags registers the tunnel's flags on fs.
+func (v *ViaDialer) AddFlags(fs *flag.FlagSet) { v.cfg.addViaFlags(fs) }
+
+// Validate reports every problem of the tunnel's flags.
+func (v *ViaDialer) Validate() []error {
+	var errs []error
+	v.cfg.validate(nil, func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) })
+	return errs
+}
+
+// Open builds the dialer: false without --upstream-via (dial directly). Each dial is bounded by timeout. Close
+// releases it.
+func (v *ViaDialer) Open(timeout time.Duration) (bool, error) {
+	var err error
+	v.d, err = newTunnelDialer(&v.cfg, &net.Dialer{Timeout: timeout, KeepAlive: 30 * time.Second}, timeout)
+	return v.d != nil, err
+}
+
+// Dial opens a connection to addr (host:port) through the tunnel; Open must have returned true.
+func (v *ViaDialer) Dial(ctx context.Context, addr string) (net.Conn, error) {
+	return v.d.dial(ctx, addr)
+}
+
+// Close releases the tunnel (a konnectivity server's gRPC connection).
+func (v *ViaDialer) Close() {
+	if v.d != nil {
+		v.d.close()
 	}
 }
 
