@@ -606,3 +606,46 @@ func TestWatchFanOutAuth(t *testing.T) {
 			time.Since(began).Round(time.Millisecond))
 	}
 }
+
+// TestWatchFanOutNoLeader is etcd's TestWatchWithRequireLeader through the proxy (the fan-out made every upstream
+// watch ask for a leader, and it failed there): with two of three members stopped, a watch that asks for a leader
+// ends at once with etcd's "no leader", and one that does not ask is served from what the member has, as a
+// member serves it directly.
+func TestWatchFanOutNoLeader(t *testing.T) {
+	t.Parallel()
+	ctx := testContext(t, 60*time.Second)
+	e := harness.NewTestEnv(t)
+	c, err := e.StartCluster(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m0 := c.Members[0]
+	front, err := e.StartProxyProxy(ctx, harness.Endpoint{Name: "member-0", URLs: []string{m0.ClientURL}}, harness.ProxyProxyHop{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	direct := v3Client(t, m0.ClientURL)
+	if _, err := direct.Put(ctx, "foo", "bar"); err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range c.Members[1:] {
+		if err := m.Stop(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, ctx, "member 0 without a leader", func() (bool, string) {
+		st, err := direct.Status(ctx, m0.ClientURL)
+		return err == nil && st.Leader == 0, fmt.Sprint(st, err)
+	})
+	cli := v3Client(t, front.Endpoint.URLs...)
+	began := time.Now()
+	withLeader := cli.Watch(clientv3.WithRequireLeader(ctx), "foo", clientv3.WithRev(1))
+	without := cli.Watch(ctx, "foo", clientv3.WithRev(1))
+	if r, ok := <-withLeader; !ok || !errors.Is(r.Err(), rpctypes.ErrNoLeader) || time.Since(began) > 3*time.Second {
+		t.Fatalf("watch asking for a leader: %+v (open %v, err %v) after %v; want %v at once", r, ok, r.Err(),
+			time.Since(began), rpctypes.ErrNoLeader)
+	}
+	if r, ok := <-without; !ok || len(r.Events) != 1 || string(r.Events[0].Kv.Value) != "bar" {
+		t.Fatalf("watch not asking for a leader: %+v (open %v, err %v); want the event", r, ok, r.Err())
+	}
+}

@@ -128,6 +128,9 @@ type watchGroup struct {
 	req     pb.WatchCreateRequest // the create request of the upstream watch (start_revision: the first)
 	cancel  context.CancelFunc
 	started bool
+	// clientLeader: its clients asked for a leader; leaderless: no endpoint has one, and the upstream watch is
+	// made without asking (for clients that did not ask). The group's goroutine's own.
+	clientLeader, leaderless bool
 
 	mu       sync.Mutex
 	space    *sync.Cond    // private groups: signalled when the reader took entries
@@ -369,6 +372,7 @@ func (h *watchHub) group(s *watchSession, w *clientWatch, k groupKey, req *pb.Wa
 func (h *watchHub) newGroup(s *watchSession, k groupKey, req *pb.WatchCreateRequest, shared bool) *watchGroup {
 	g := &watchGroup{hub: h, key: k, shared: shared, md: s.call.md.Copy(), id: s.call.id, base: -1,
 		sessions: map[*watchSession]int{}}
+	g.clientLeader = len(g.md.Get(requireLeader)) > 0
 	g.md.Set(requireLeader, "true") // a partitioned member must not stall everyone sharing it
 	g.req = pb.WatchCreateRequest{Key: req.Key, RangeEnd: req.RangeEnd, StartRevision: req.StartRevision,
 		ProgressNotify: req.ProgressNotify, Filters: req.Filters, PrevKv: req.PrevKv, Fragment: req.Fragment}
@@ -453,6 +457,7 @@ func (g *watchGroup) run(ctx context.Context) {
 		eps := c.f.endpoints.order(nil)
 		progressed := false
 		var last error
+		noLeader := 0
 		for _, e := range eps {
 			got, err := g.attempt(ctx, e)
 			if ctx.Err() != nil || errors.Is(err, errGroupDone) {
@@ -461,13 +466,26 @@ func (g *watchGroup) run(ctx context.Context) {
 			c.f.endpoints.failed(e)
 			last = err
 			if got { // it ran there: resumed at once, on the endpoints in their new order
-				progressed, failedSince, redialled = true, time.Time{}, false
+				progressed, failedSince, redialled, g.leaderless = true, time.Time{}, false, false
 				g.hub.m.resumed()
 				c.f.log.Debug("shared watch resumes on another endpoint", "err", err)
 				break
 			}
+			if isNoLeader(err) {
+				noLeader++
+			}
 		}
 		if progressed {
+			continue
+		}
+		if noLeader > 0 && noLeader == len(eps) {
+			// No endpoint has a leader. Clients that asked for one get etcd's answer at once; for the others
+			// the watch is made without asking, as a member serves them (from what it has).
+			if g.clientLeader || g.leaderless {
+				g.append(ctx, &watchEntry{kind: entryEnd, rev: g.rev, err: rpctypes.ErrGRPCNoLeader})
+				return
+			}
+			g.leaderless = true
 			continue
 		}
 		if failedSince.IsZero() {
@@ -497,6 +515,14 @@ func (g *watchGroup) run(ctx context.Context) {
 // errGroupDone: the group's upstream watch ended for good (compacted, cancelled); its entry is in the log.
 var errGroupDone = errors.New("watch ended")
 
+// isNoLeader reports etcd's answer to a stream that asked for a leader (hasleader) on a member without one.
+func isNoLeader(err error) bool {
+	st, ok := status.FromError(err)
+	return ok && st.Code() == codes.Unavailable && st.Message() == noLeaderMessage
+}
+
+var noLeaderMessage = status.Convert(rpctypes.ErrGRPCNoLeader).Message()
+
 // attempt runs the upstream watch on e until it fails; got reports that it was created there.
 func (g *watchGroup) attempt(ctx context.Context, e *endpoint) (got bool, err error) {
 	c := g.hub.c
@@ -507,7 +533,12 @@ func (g *watchGroup) attempt(ctx context.Context, e *endpoint) (got bool, err er
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	at := &attempt{}
-	cs, err := cc.NewStream(metadata.NewOutgoingContext(context.WithValue(ctx, attemptKey{}, at), g.md), streamDesc, watchMethod)
+	md := g.md
+	if g.leaderless {
+		md = md.Copy()
+		md.Delete(requireLeader)
+	}
+	cs, err := cc.NewStream(metadata.NewOutgoingContext(context.WithValue(ctx, attemptKey{}, at), md), streamDesc, watchMethod)
 	if err != nil {
 		return false, err
 	}
