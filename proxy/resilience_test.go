@@ -672,3 +672,48 @@ func TestWatchUpstreamStatusPassed(t *testing.T) {
 		t.Fatalf("grpc-status %q %q after %v, want 7 at once", got, resp.Trailer.Get("Grpc-Message"), time.Since(began))
 	}
 }
+
+// A cancel reason from below that names an address reaches the client withheld, as a status message would; one
+// etcd gives passes as it is.
+func TestWatchCancelReasonScrubbed(t *testing.T) {
+	t.Parallel()
+	for reason, want := range map[string]string{
+		"dial tcp 10.1.2.3:2379: connect: connection refused": rules.TransportFailure,
+		"member m2 (10.1.2.3) says no":                        rules.WithheldMessage(int(codes.Canceled)),
+		"etcdserver: permission denied":                       "etcdserver: permission denied",
+	} {
+		answer, _ := (&pb.WatchResponse{Header: &pb.ResponseHeader{Revision: 1}, WatchId: -1, Created: true,
+			Canceled: true, CancelReason: reason}).Marshal()
+		up := h2cUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", rules.GRPCContentType)
+			w.Header().Set("Trailer", "Grpc-Status")
+			w.Write(rawFrame(answer))
+			w.(http.Flusher).Flush()
+			<-r.Context().Done()
+			w.Header().Set("Grpc-Status", "0")
+		})
+		_, u := startProxy(t, Config{Upstreams: []string{up}})
+		create, _ := (&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{
+			CreateRequest: &pb.WatchCreateRequest{Key: []byte("k")}}}).Marshal()
+		pr, pw := io.Pipe()
+		go pw.Write(rawFrame(create))
+		resp := grpcStream(t, u+"/etcdserverpb.Watch/Watch", pr)
+		frame := make([]byte, grpcFrameHeader)
+		if _, err := io.ReadFull(resp.Body, frame); err != nil {
+			t.Fatal(err)
+		}
+		msg := make([]byte, binary.BigEndian.Uint32(frame[1:]))
+		if _, err := io.ReadFull(resp.Body, msg); err != nil {
+			t.Fatal(err)
+		}
+		var got pb.WatchResponse
+		if err := got.Unmarshal(msg); err != nil {
+			t.Fatal(err)
+		}
+		pw.Close()
+		resp.Body.Close()
+		if !got.Canceled || got.CancelReason != want {
+			t.Errorf("upstream reason %q: the client got %+v, want the reason %q", reason, &got, want)
+		}
+	}
+}

@@ -580,7 +580,11 @@ func (g *watchGroup) attempt(ctx context.Context, e *endpoint) (got bool, err er
 			}
 			return got, err
 		}
-		resp.Header = scrubHeader(resp.Header)
+		// A cancel reason from below passes only when it is known, as statuses do (rules.ScrubGRPCMessage): an
+		// upstream of another kind may say anything there, an address included.
+		if resp.CancelReason != "" {
+			resp.CancelReason = rules.ScrubGRPCMessage(int(codes.Canceled), resp.CancelReason)
+		}
 		switch {
 		case resp.Created:
 			if resp.Canceled {
@@ -627,10 +631,6 @@ func (g *watchGroup) attempt(ctx context.Context, e *endpoint) (got bool, err er
 		}
 	}
 }
-
-// scrubHeader is a response header from below as a client may see it (the member's ID stays: clients compare it
-// across answers, and it is no address).
-func scrubHeader(h *pb.ResponseHeader) *pb.ResponseHeader { return h }
 
 // watchSession is one client's Watch stream. Its reader only queues the client's requests; everything else —
 // the watches, their moves between groups, the answers — is done by the call's own goroutine (flush), so the
