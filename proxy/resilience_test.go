@@ -21,6 +21,7 @@ import (
 	"google.golang.org/grpc/codes"
 
 	pb "go.etcd.io/etcd/api/v3/etcdserverpb"
+	"go.etcd.io/etcd/api/v3/mvccpb"
 )
 
 // startProxy starts a Server on a free loopback port with cfg (probe off unless cfg sets it) and returns it
@@ -715,5 +716,59 @@ func TestWatchCancelReasonScrubbed(t *testing.T) {
 		if !got.Canceled || got.CancelReason != want {
 			t.Errorf("upstream reason %q: the client got %+v, want the reason %q", reason, &got, want)
 		}
+	}
+}
+
+// Fragments of a revision from below are passed on as they come, not held until its last one: an upstream that
+// never sends the last cannot make the proxy buffer without bound (and a member's fragments stream).
+func TestWatchFragmentsPassedAsTheyCome(t *testing.T) {
+	t.Parallel()
+	msg := func(r *pb.WatchResponse) []byte {
+		b, _ := r.Marshal()
+		return rawFrame(b)
+	}
+	up := h2cUpstream(t, func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", rules.GRPCContentType)
+		w.Write(msg(&pb.WatchResponse{Header: &pb.ResponseHeader{Revision: 1}, Created: true}))
+		for i := range 3 {
+			w.Write(msg(&pb.WatchResponse{Header: &pb.ResponseHeader{Revision: 2}, Fragment: true,
+				Events: []*mvccpb.Event{{Kv: &mvccpb.KeyValue{Key: []byte{'k', byte('0' + i)}, ModRevision: 2}}}}))
+		}
+		w.(http.Flusher).Flush()
+		<-r.Context().Done() // the last fragment never comes
+	})
+	_, u := startProxy(t, Config{Upstreams: []string{up}})
+	create, _ := (&pb.WatchRequest{RequestUnion: &pb.WatchRequest_CreateRequest{
+		CreateRequest: &pb.WatchCreateRequest{Key: []byte("k"), RangeEnd: []byte("l"), Fragment: true}}}).Marshal()
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	go pw.Write(rawFrame(create))
+	resp := grpcStream(t, u+"/etcdserverpb.Watch/Watch", pr)
+	defer resp.Body.Close()
+	stop := time.AfterFunc(10*time.Second, func() { resp.Body.Close() }) // fragments held: no answer
+	defer stop.Stop()
+	var keys []string
+	for len(keys) < 3 {
+		frame := make([]byte, grpcFrameHeader)
+		if _, err := io.ReadFull(resp.Body, frame); err != nil {
+			t.Fatalf("after %v: %v", keys, err)
+		}
+		b := make([]byte, binary.BigEndian.Uint32(frame[1:]))
+		if _, err := io.ReadFull(resp.Body, b); err != nil {
+			t.Fatal(err)
+		}
+		var got pb.WatchResponse
+		if err := got.Unmarshal(b); err != nil {
+			t.Fatal(err)
+		}
+		for _, ev := range got.Events {
+			if !got.Fragment {
+				t.Fatalf("event %s not marked as a fragment", ev.Kv.Key)
+			}
+			keys = append(keys, string(ev.Kv.Key))
+		}
+	}
+	if fmt.Sprint(keys) != "[k0 k1 k2]" {
+		t.Fatalf("fragments %v, want [k0 k1 k2]", keys)
 	}
 }

@@ -571,7 +571,7 @@ func (g *watchGroup) attempt(ctx context.Context, e *endpoint) (got bool, err er
 		g.cs = nil
 		g.mu.Unlock()
 	}()
-	var frags []*pb.WatchResponse
+	fragmenting := false // the last response was a fragment: the next one belongs to its revision
 	for {
 		resp := new(pb.WatchResponse)
 		if err := cs.RecvMsg(resp); err != nil {
@@ -610,24 +610,21 @@ func (g *watchGroup) attempt(ctx context.Context, e *endpoint) (got bool, err er
 		case resp.Canceled || resp.CompactRevision != 0:
 			g.append(ctx, &watchEntry{kind: entryEnd, resp: resp, rev: g.rev})
 			return got, errGroupDone
-		case resp.Fragment:
-			frags = append(frags, resp)
-		case len(resp.Events) == 0 && len(frags) == 0:
+		case len(resp.Events) == 0 && !resp.Fragment && !fragmenting:
 			var gen uint64
 			if resp.WatchId == -1 {
 				gen = g.progressAnswered()
 			}
 			g.append(ctx, &watchEntry{kind: entryProgress, resp: resp, rev: max(g.rev, resp.Header.GetRevision()), gen: gen})
 		default:
-			es := make([]*watchEntry, 0, len(frags)+1)
-			for _, f := range append(frags, resp) {
-				es = append(es, &watchEntry{kind: entryEvents, resp: f, rev: g.rev})
+			// Events, passed on as they come: a fragment is not held for the rest of its revision (the log's bound
+			// is the only buffer), and only the last one says the revision is complete.
+			rev := g.rev
+			if n := len(resp.Events); n > 0 && !resp.Fragment {
+				rev = max(g.rev, resp.Events[n-1].Kv.ModRevision)
 			}
-			frags = nil
-			if n := len(resp.Events); n > 0 {
-				es[len(es)-1].rev = max(g.rev, resp.Events[n-1].Kv.ModRevision)
-			}
-			g.append(ctx, es...)
+			fragmenting = resp.Fragment
+			g.append(ctx, &watchEntry{kind: entryEvents, resp: resp, rev: rev})
 		}
 	}
 }
