@@ -119,15 +119,14 @@ type watchEntry struct {
 
 // watchGroup is one upstream watch and the client watches it serves.
 type watchGroup struct {
-	hub     *watchHub
-	key     groupKey
-	shared  bool // in hub.groups; a private group serves one client watch and waits for it
-	slow    bool // a private group catching up a slow client (hub.catchUps counts it)
-	md      metadata.MD
-	id      *upstreamIdentity
-	req     pb.WatchCreateRequest // the create request of the upstream watch (start_revision: the first)
-	cancel  context.CancelFunc
-	started bool
+	hub    *watchHub
+	key    groupKey
+	shared bool // in hub.groups; a private group serves one client watch and waits for it
+	slow   bool // a private group catching up a slow client (hub.catchUps counts it)
+	md     metadata.MD
+	id     *upstreamIdentity
+	req    pb.WatchCreateRequest // the create request of the upstream watch (start_revision: the first)
+	cancel context.CancelFunc
 	// clientLeader: its clients asked for a leader; leaderless: no endpoint has one, and the upstream watch is
 	// made without asking (for clients that did not ask). The group's goroutine's own.
 	clientLeader, leaderless bool
@@ -151,8 +150,8 @@ type watchGroup struct {
 	sendMu       sync.Mutex
 }
 
-// join adds a watch of s starting at rev (0: now) and returns its cursor and first revision, or ok false when
-// the group cannot serve it (it has passed rev, or has ended).
+// join adds w, a watch of s starting at rev (0: now), setting its cursor and first revision; false when the
+// group cannot serve it (it has passed rev, it has ended, or it would give a watch from now older events).
 func (g *watchGroup) join(s *watchSession, w *clientWatch, rev int64) bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -429,11 +428,8 @@ func (g *watchGroup) isEnded() bool {
 	return g.ended
 }
 
+// start runs the group's upstream watch; called once, when the group is made.
 func (g *watchGroup) start() {
-	if g.started {
-		return
-	}
-	g.started = true
 	ctx, cancel := context.WithCancel(g.hub.c.f.drain)
 	g.cancel = cancel
 	g.hub.m.upstreamWatch(1)
