@@ -45,20 +45,8 @@ func TestWatchSlowClient(t *testing.T) {
 	// A fixed window of 64 KiB (no BDP growth): one event fills it.
 	slow := watchBig(ctx, t, addr, grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
 
-	cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
 	const n = 30
-	var revs []int64
-	for i := range n {
-		r, err := cli.Put(ctx, "big", fmt.Sprint(i, strings.Repeat("x", 64<<10)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		revs = append(revs, r.Header.Revision)
-	}
+	revs := putBig(ctx, t, c.Endpoint().URLs, n)
 	check := func(name string, s pb.Watch_WatchClient) {
 		t.Helper()
 		var got []int64
@@ -92,6 +80,25 @@ func TestWatchSlowClient(t *testing.T) {
 		!strings.Contains(m, "etcd_proxy_proxy_watch_upstream_watches 1\n") {
 		t.Errorf("want catch-ups of the slow client, and one upstream watch at the end:\n%s", grep(m, "watch_"))
 	}
+}
+
+// putBig writes n values of 64 KiB to the key "big" on the members, and returns their revisions.
+func putBig(ctx context.Context, t *testing.T, members []string, n int) []int64 {
+	t.Helper()
+	cli, err := clientv3.New(clientv3.Config{Endpoints: members, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cli.Close()
+	var revs []int64
+	for i := range n {
+		r, err := cli.Put(ctx, "big", fmt.Sprint(i, strings.Repeat("x", 64<<10)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		revs = append(revs, r.Header.Revision)
+	}
+	return revs
 }
 
 // watchBig watches the key "big" through the proxy at addr on a connection of its own, created.
@@ -164,20 +171,8 @@ func TestWatchSlowClientCancelled(t *testing.T) {
 		return watchBig(ctx, t, addr, grpc.WithInitialWindowSize(64<<10), grpc.WithInitialConnWindowSize(64<<10))
 	}
 	one, two := slowWatch(), slowWatch()
-	cli, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, DialTimeout: 5 * time.Second, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
 	const n = 20
-	var revs []int64
-	for i := range n {
-		r, err := cli.Put(ctx, "big", fmt.Sprint(i, strings.Repeat("x", 64<<10)))
-		if err != nil {
-			t.Fatal(err)
-		}
-		revs = append(revs, r.Header.Revision)
-	}
+	revs := putBig(ctx, t, c.Endpoint().URLs, n)
 	recv := func(s pb.Watch_WatchClient, got *[]int64) *pb.WatchResponse {
 		t.Helper()
 		r, err := s.Recv()
