@@ -52,6 +52,33 @@ func keygen(args []string, stdout, stderr io.Writer) int {
 	return exitOK
 }
 
+// loadKeys reads the keys the encryption commands are given, in the keyring's order: the key files, then with
+// plaintext the identity, then etcvault's keychain (when etcvaultDir is set); every problem is reported.
+func loadKeys(files []string, plaintext bool, etcvaultDir string) ([]*crypt.Key, []error) {
+	var keys []*crypt.Key
+	var errs []error
+	for _, f := range files {
+		k, err := crypt.LoadKeyFile(f)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		keys = append(keys, k)
+	}
+	if plaintext {
+		keys = append(keys, crypt.IdentityKey())
+	}
+	if etcvaultDir != "" {
+		k, err := crypt.LoadEtcvaultKeychain(etcvaultDir)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("--etcvault-keychain: %w", err))
+		} else {
+			keys = append(keys, k)
+		}
+	}
+	return keys, errs
+}
+
 // transform is encrypt (decrypting false) and decrypt: one value, from the command line or else standard input,
 // as it is stored under --key.
 func transform(decrypting bool, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
@@ -76,27 +103,7 @@ func transform(decrypting bool, args []string, stdin io.Reader, stdout, stderr i
 		fmt.Fprintf(stderr, "etcd-proxy-proxy %s: usage: %s --key-file FILE... --key ETCD_KEY [VALUE] (VALUE defaults to standard input)\n", cmd, cmd)
 		return exitUsage
 	}
-	var keys []*crypt.Key
-	var errs []error
-	for _, f := range files {
-		k, err := crypt.LoadKeyFile(f)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
-		keys = append(keys, k)
-	}
-	if *plaintext {
-		keys = append(keys, crypt.IdentityKey())
-	}
-	if *etcvault != "" {
-		k, err := crypt.LoadEtcvaultKeychain(*etcvault)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("--etcvault-keychain: %w", err))
-		} else {
-			keys = append(keys, k)
-		}
-	}
+	keys, errs := loadKeys(files, *plaintext, *etcvault)
 	ring, err := crypt.NewKeyring(keys...)
 	if err != nil || errs != nil {
 		fmt.Fprintf(stderr, "etcd-proxy-proxy %s: %v\n", cmd, errors.Join(append(errs, err)...))

@@ -89,26 +89,8 @@ func rewrap(args []string, stdout, stderr io.Writer) int {
 	if fs.NArg() > 0 {
 		problems = append(problems, fmt.Errorf("unexpected arguments %q", fs.Args()))
 	}
-	var keys []*crypt.Key
-	for _, f := range files {
-		k, err := crypt.LoadKeyFile(f)
-		if err != nil {
-			problems = append(problems, err)
-			continue
-		}
-		keys = append(keys, k)
-	}
-	if *plaintext {
-		keys = append(keys, crypt.IdentityKey())
-	}
-	if *etcvault != "" {
-		k, err := crypt.LoadEtcvaultKeychain(*etcvault)
-		if err != nil {
-			problems = append(problems, fmt.Errorf("--etcvault-keychain: %w", err))
-		} else {
-			keys = append(keys, k)
-		}
-	}
+	keys, errs := loadKeys(files, *plaintext, *etcvault)
+	problems = append(problems, errs...)
 	var ring *crypt.Keyring
 	if len(keys) > 0 {
 		var err error

@@ -71,12 +71,7 @@ func TestEncryptV3(t *testing.T) {
 		t.Fatal(err)
 	}
 	client := func(ep harness.Endpoint) *clientv3.Client {
-		cl, err := clientv3.New(clientv3.Config{Endpoints: ep.URLs, Logger: zap.NewNop(), DialTimeout: 5 * time.Second})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = cl.Close() })
-		return cl
+		return v3Client(t, ep.URLs...)
 	}
 	cli, laxCli, direct := client(p.Endpoint), client(lax.Endpoint), client(c.Endpoint())
 	stored := func(t *testing.T, k string) []byte {
@@ -516,18 +511,9 @@ func TestEncryptRotation(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		cl, err := clientv3.New(clientv3.Config{Endpoints: p.Endpoint.URLs, Logger: zap.NewNop()})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = cl.Close() })
-		return cl
+		return v3Client(t, p.Endpoint.URLs...)
 	}
-	direct, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer direct.Close()
+	direct := v3Client(t, c.Endpoint().URLs...)
 
 	const n = 60
 	want := map[string]string{"/r/plain": "plain", "/r/leased": "leased"}
@@ -850,16 +836,8 @@ func TestEncryptConfig(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cli, err := clientv3.New(clientv3.Config{Endpoints: p.Endpoint.URLs, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cli.Close()
-	direct, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer direct.Close()
+	cli := v3Client(t, p.Endpoint.URLs...)
+	direct := v3Client(t, c.Endpoint().URLs...)
 	keyOf := func(k string) string {
 		t.Helper()
 		r, err := direct.Get(ctx, k)
@@ -975,18 +953,9 @@ func TestEncryptEtcvault(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		cl, err := clientv3.New(clientv3.Config{Endpoints: p.Endpoint.URLs, Logger: zap.NewNop()})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { _ = cl.Close() })
-		return cl, p.Endpoint.URLs[0] + "/v2/keys"
+		return v3Client(t, p.Endpoint.URLs...), p.Endpoint.URLs[0] + "/v2/keys"
 	}
-	direct, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer direct.Close()
+	direct := v3Client(t, c.Endpoint().URLs...)
 	hc := &http.Client{Timeout: 10 * time.Second}
 	member := c.Members[0].ClientURL + "/v2/keys"
 	v2get := func(u string) (int, string) {
@@ -1095,16 +1064,8 @@ func TestEncryptDeterministic(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cl, err := clientv3.New(clientv3.Config{Endpoints: p.Endpoint.URLs, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	direct, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, Logger: zap.NewNop()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer direct.Close()
+	cl := v3Client(t, p.Endpoint.URLs...)
+	direct := v3Client(t, c.Endpoint().URLs...)
 
 	if _, err := cl.Put(ctx, "/d/k", "v1"); err != nil {
 		t.Fatal(err)

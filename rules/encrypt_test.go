@@ -3,6 +3,7 @@ package rules
 import (
 	"bytes"
 	"context"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -293,6 +294,48 @@ func TestEncryptV2Stream(t *testing.T) {
 		t.Errorf("after the error: %d, %v; want the stream ended", n, err)
 	}
 	_ = resp.Body.Close()
+}
+
+// endless serves `{"action":"set","node":{"key":"/s/a","value":"aaa…`, a value that does not end (up to 4 MiB,
+// then EOF), counting what it served.
+type endless struct{ served int }
+
+func (r *endless) Read(p []byte) (int, error) {
+	const head, most = `{"action":"set","node":{"key":"/s/a","value":"`, 4 << 20
+	if r.served >= most {
+		return 0, io.EOF
+	}
+	n := min(len(p), most-r.served)
+	for i := range n {
+		if r.served+i < len(head) {
+			p[i] = head[r.served+i]
+		} else {
+			p[i] = 'a'
+		}
+	}
+	r.served += n
+	return n, nil
+}
+
+// TestEncryptV2StreamBound: an event of a stream=true watch that does not end (a hostile upstream) ends the
+// stream once it passes the bound, instead of being buffered whole.
+func TestEncryptV2StreamBound(t *testing.T) {
+	t.Parallel()
+	e, _ := testEncrypt(t)
+	up := &endless{}
+	req := httptest.NewRequest(http.MethodGet, "/v2/keys/s/?wait=true&recursive=true&stream=true", nil)
+	resp := &http.Response{StatusCode: http.StatusOK, Header: http.Header{}, Body: io.NopCloser(up), ContentLength: -1, Request: req}
+	if fn, err := e.Response(resp); fn != nil || err != nil {
+		t.Fatalf("Response = %v, %v; want the body wrapped, not claimed", fn, err)
+	}
+	const bound = 64 << 10
+	resp.Body.(*v2EventStream).max = bound
+	if _, err := resp.Body.Read(make([]byte, 512)); !errors.Is(err, errBodyTooLargeToDecrypt) {
+		t.Errorf("read: %v; want %v", err, errBodyTooLargeToDecrypt)
+	}
+	if up.served > bound {
+		t.Errorf("%d bytes read from the upstream; want at most %d", up.served, bound)
+	}
 }
 
 // TestEncryptV2Requests: prevValue is refused under an encrypted prefix (query or form) and passes elsewhere; an

@@ -183,7 +183,7 @@ func (e *Encrypt) Response(resp *http.Response) (BodyFunc, error) {
 	q := resp.Request.URL.Query()
 	wait, _ := strconv.ParseBool(q.Get("wait"))
 	if stream, _ := strconv.ParseBool(q.Get("stream")); wait && stream && resp.Request.Method == http.MethodGet {
-		resp.Body = &v2EventStream{e: e, body: resp.Body, dec: json.NewDecoder(resp.Body)}
+		resp.Body = newV2EventStream(e, resp.Body)
 		return nil, nil
 	}
 	defer resp.Body.Close()
@@ -263,13 +263,40 @@ func (e *Encrypt) v2Node(n *v2store.NodeExtern) error {
 
 // v2EventStream decrypts a stream=true watch, one event per Read: what it returns is one whole event, so that
 // the proxy's copy flushes each as it comes. A JSON value that is not an event (etcd's error objects) passes as
-// it is. An event that does not decrypt ends the stream after an error object in etcd's style.
+// it is. An event that does not decrypt ends the stream after an error object in etcd's style. The decoder holds
+// an event whole: one larger than max (v2EncryptMaxBody, as an answer read whole) ends the stream with
+// errBodyTooLargeToDecrypt rather than be buffered without end.
 type v2EventStream struct {
 	e    *Encrypt
 	body io.ReadCloser
 	dec  *json.Decoder
+	max  int64 // the most bytes the decoder may read past the end of the last value it decoded
+	read int64 // the bytes the decoder has read from body
 	buf  bytes.Buffer
 	done bool
+}
+
+func newV2EventStream(e *Encrypt, body io.ReadCloser) *v2EventStream {
+	s := &v2EventStream{e: e, body: body, max: v2EncryptMaxBody}
+	s.dec = json.NewDecoder(v2EventInput{s})
+	return s
+}
+
+// v2EventInput is what the decoder of a v2EventStream reads: its body, up to max bytes past the last value decoded.
+type v2EventInput struct{ s *v2EventStream }
+
+func (in v2EventInput) Read(p []byte) (int, error) {
+	s := in.s
+	left := s.dec.InputOffset() + s.max - s.read // InputOffset: where the value being decoded starts
+	if left <= 0 {
+		return 0, errBodyTooLargeToDecrypt
+	}
+	if int64(len(p)) > left {
+		p = p[:left]
+	}
+	n, err := s.body.Read(p)
+	s.read += int64(n)
+	return n, err
 }
 
 func (s *v2EventStream) Read(p []byte) (int, error) {
