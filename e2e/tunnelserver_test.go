@@ -6,10 +6,8 @@ import (
 	"log/slog"
 	"net/url"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -123,46 +121,14 @@ func TestTunnelListen(t *testing.T) {
 	}
 	defer cli.Close()
 
-	var (
-		mu      sync.Mutex
-		acked   []string
-		readOK  atomic.Int64
-		readErr atomic.Int64
-	)
-	lctx, stopLoad := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	wg.Go(func() { // writes, one at a time, each with a value of its own
-		for i := 0; lctx.Err() == nil; i++ {
-			v := strconv.Itoa(i)
-			cctx, cancel := context.WithTimeout(lctx, time.Second)
-			_, err := cli.Put(cctx, "w", v)
-			cancel()
-			if err == nil {
-				mu.Lock()
-				acked = append(acked, v)
-				mu.Unlock()
-			}
-		}
-	})
-	wg.Go(func() {
-		for lctx.Err() == nil {
-			cctx, cancel := context.WithTimeout(lctx, 500*time.Millisecond)
-			_, err := cli.Get(cctx, "w")
-			cancel()
-			if err == nil {
-				readOK.Add(1)
-			} else if lctx.Err() == nil {
-				readErr.Add(1)
-			}
-		}
-	})
-	defer func() { stopLoad(); wg.Wait() }()
-	eventually(t, ctx, "reads through the agent", func() (bool, string) { return readOK.Load() >= 5, "" })
+	load := startPutGetLoad(ctx, cli)
+	defer load.stop()
+	eventually(t, ctx, "reads through the agent", func() (bool, string) { return load.readOK.Load() >= 5, "" })
 	if n := conns(); n < 2 { // at least the clients' gRPC connection and the probes'
 		t.Errorf("tunnel_connections = %v with load through the agent, want ≥ 2", n)
 	}
 	stop()
-	eventually(t, ctx, "reads fail without an agent", func() (bool, string) { return readErr.Load() > 0, "" })
+	eventually(t, ctx, "reads fail without an agent", func() (bool, string) { return load.readErr.Load() > 0, "" })
 	eventually(t, ctx, "not ready without an agent", func() (bool, string) { ok, why := pp.Server.Ready(); return !ok, why })
 	if n := agents(); n != 0 {
 		t.Errorf("tunnel_agents_connected = %v after the agent stopped, want 0", n)
@@ -170,12 +136,11 @@ func TestTunnelListen(t *testing.T) {
 	// Every tunnelled connection ended with the agent's control stream.
 	eventually(t, ctx, "tunnel_connections back to 0", func() (bool, string) { n := conns(); return n == 0, fmt.Sprint(n) })
 	runAgent(t, cfg("a1", agentFiles), &logs)
-	okBefore := readOK.Load()
+	okBefore := load.readOK.Load()
 	eventually(t, ctx, "reads recover with a new agent", func() (bool, string) {
-		return readOK.Load() >= okBefore+5, fmt.Sprintf("%d reads failed", readErr.Load())
+		return load.readOK.Load() >= okBefore+5, fmt.Sprintf("%d reads failed", load.readErr.Load())
 	})
-	stopLoad()
-	wg.Wait()
+	load.stop()
 
 	// The key's whole history, from the member itself.
 	tc, err := c.TLS.ClientConfig()
@@ -187,33 +152,7 @@ func TestTunnelListen(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer direct.Close()
-	cur, err := direct.Get(ctx, "w")
-	if err != nil {
-		t.Fatal(err)
-	}
-	applied := map[string]int{}
-	wctx, cancelWatch := context.WithCancel(ctx)
-	defer cancelWatch()
-	for wr := range direct.Watch(wctx, "w", clientv3.WithRev(1)) {
-		for _, ev := range wr.Events {
-			applied[string(ev.Kv.Value)]++
-		}
-		if len(wr.Events) > 0 && wr.Events[len(wr.Events)-1].Kv.ModRevision >= cur.Kvs[0].ModRevision {
-			break
-		}
-	}
-	for v, n := range applied {
-		if n > 1 {
-			t.Errorf("put %q applied %d times", v, n)
-		}
-	}
-	mu.Lock()
-	defer mu.Unlock()
-	for _, v := range acked {
-		if applied[v] != 1 {
-			t.Errorf("acknowledged put %q applied %d times", v, applied[v])
-		}
-	}
+	load.checkAppliedOnce(t, ctx, direct)
 	mf := scrape(t, metrics)
 	if n, _ := metricValue(mf, "etcd_proxy_proxy_tunnel_dials_total", map[string]string{"result": "ok"}); n < 2 {
 		t.Errorf("tunnel_dials_total{result=ok} = %v, want the connections of both agents", n)
@@ -221,5 +160,4 @@ func TestTunnelListen(t *testing.T) {
 	if n, _ := metricValue(mf, "etcd_proxy_proxy_tunnel_dials_total", map[string]string{"result": "failed"}); n < 1 {
 		t.Errorf("tunnel_dials_total{result=failed} = %v, want the dials without an agent", n)
 	}
-	t.Logf("%d puts acknowledged, %d applied; reads: %d ok, %d failed", len(acked), len(applied), readOK.Load(), readErr.Load())
 }
