@@ -240,6 +240,12 @@ func (a *Agent) keep(ctx context.Context, addr string, session func(context.Cont
 	}
 }
 
+// client is a connection to the server at addr, mTLS, with keepalives: both protocols' sessions use it.
+func (a *Agent) client(addr string) (*grpc.ClientConn, error) {
+	return grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(a.tls)),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}))
+}
+
 // connectDesc is AgentService.Connect: the konnectivity server's agent RPC, a bidirectional stream of the client
 // proto's Packets. Its proto (in the server module, whose Kubernetes dependencies stay out of ours) declares no
 // package, hence the path.
@@ -250,8 +256,7 @@ const connectMethod = "/AgentService/Connect"
 // session is one connection to a server: it serves dial requests until the stream ends, then closes every
 // destination connection it opened.
 func (a *Agent) session(ctx context.Context, addr string) (connected bool, err error) {
-	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(a.tls)),
-		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}))
+	cc, err := a.client(addr)
 	if err != nil {
 		return false, err
 	}
