@@ -44,23 +44,9 @@ func TestAgentServesStockServer(t *testing.T) {
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 
 	var logs harness.Buffer
-	a, err := agent.New(agent.Config{Servers: []string{"konnectivity://" + k.AgentAddr}, ID: "ours",
+	defer harness.RunAgent(t, agent.Config{Servers: []string{"konnectivity://" + k.AgentAddr}, ID: "ours",
 		Allow: []string{member.Host}, CAFile: k.AgentTLS.CAFile, CertFile: k.AgentTLS.CertFile, KeyFile: k.AgentTLS.KeyFile},
-		slog.New(slog.NewTextHandler(&logs, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	actx, acancel := context.WithCancel(context.Background())
-	stopped := make(chan struct{})
-	go func() { a.Run(actx); close(stopped) }()
-	defer func() {
-		acancel()
-		select {
-		case <-stopped:
-		case <-time.After(10 * time.Second):
-			t.Error("the agent did not stop within 10 s of its context's end")
-		}
-	}()
+		&logs)()
 	if err := k.WaitAgent(ctx); err != nil {
 		t.Fatalf("%v (agent log: %s)", err, logs.String())
 	}

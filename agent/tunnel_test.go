@@ -2,7 +2,6 @@ package agent_test
 
 import (
 	"context"
-	"log/slog"
 	"net/http"
 	"net/url"
 	"path/filepath"
@@ -68,24 +67,9 @@ func TestAgentServesProxyProxy(t *testing.T) {
 	}
 
 	var logs harness.Buffer
-	a, err := agent.New(agent.Config{ID: "a1", Allow: []string{member.Host},
+	defer harness.RunAgent(t, agent.Config{ID: "a1", Allow: []string{member.Host},
 		Servers: []string{"https://" + pp.Server.TunnelListenAddr(), "https://" + ppOther.Server.TunnelListenAddr()},
-		CAFile:  ca.CertFile, CertFile: agentFiles.CertFile, KeyFile: agentFiles.KeyFile},
-		slog.New(slog.NewTextHandler(&logs, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	actx, acancel := context.WithCancel(context.Background())
-	stopped := make(chan struct{})
-	go func() { a.Run(actx); close(stopped) }()
-	defer func() {
-		acancel()
-		select {
-		case <-stopped:
-		case <-time.After(10 * time.Second):
-			t.Error("the agent did not stop within 10 s of its context's end")
-		}
-	}()
+		CAFile:  ca.CertFile, CertFile: agentFiles.CertFile, KeyFile: agentFiles.KeyFile}, &logs)()
 
 	v3 := e.Etcdctl(3, pp.Endpoint)
 	for { // until the agent is connected: the first commands may find it not yet there

@@ -287,7 +287,7 @@ func testViaKonnectivity(t *testing.T, scheme string, ourAgent bool, opts ...har
 	if ourAgent {
 		member, _ := url.Parse(c.Members[0].ClientURL)
 		var logs harness.Buffer
-		runAgent(t, agent.Config{Servers: []string{"konnectivity://" + k.AgentAddr}, ID: "ours", Allow: []string{member.Host},
+		harness.RunAgent(t, agent.Config{Servers: []string{"konnectivity://" + k.AgentAddr}, ID: "ours", Allow: []string{member.Host},
 			CAFile: k.AgentTLS.CAFile, CertFile: k.AgentTLS.CertFile, KeyFile: k.AgentTLS.KeyFile}, &logs)
 		if err := k.WaitAgent(ctx); err != nil {
 			t.Fatalf("%v (agent log: %s)", err, logs.String())

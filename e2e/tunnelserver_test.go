@@ -1,13 +1,10 @@
 package e2e
 
 import (
-	"context"
 	"fmt"
-	"log/slog"
 	"net/url"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,31 +15,6 @@ import (
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
 )
-
-// runAgent runs our agent until the returned stop, which waits for its end.
-func runAgent(t *testing.T, cfg agent.Config, logs *harness.Buffer) (stop func()) {
-	t.Helper()
-	a, err := agent.New(cfg, slog.New(slog.NewTextHandler(logs, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { a.Run(ctx); close(done) }()
-	var once sync.Once
-	stop = func() {
-		once.Do(func() {
-			cancel()
-			select {
-			case <-done:
-			case <-time.After(10 * time.Second):
-				t.Error("the agent did not stop within 10 s")
-			}
-		})
-	}
-	t.Cleanup(stop)
-	return stop
-}
 
 // The two-piece deployment: our proxy (TLS listener; --tunnel-listen, mTLS) ← our agent → a TLS member, verified
 // end to end against the member's name; the golden cases give the direct topologies' output. An agent whose
@@ -92,7 +64,7 @@ func TestTunnelListen(t *testing.T) {
 
 	// A client certificate of another CA: the handshake fails, the agent retries.
 	var strangerLogs harness.Buffer
-	stopStranger := runAgent(t, cfg("a1", issueCert(t, e.PKI.Other, "stranger-agent", harness.ClientAuth())), &strangerLogs)
+	stopStranger := harness.RunAgent(t, cfg("a1", issueCert(t, e.PKI.Other, "stranger-agent", harness.ClientAuth())), &strangerLogs)
 	eventually(t, ctx, "the stranger refused", func() (bool, string) {
 		return strings.Count(strangerLogs.String(), "tunnel server connection ended") >= 2, strangerLogs.String()
 	})
@@ -105,7 +77,7 @@ func TestTunnelListen(t *testing.T) {
 	}
 
 	var logs harness.Buffer
-	stop := runAgent(t, cfg("a1", agentFiles), &logs)
+	stop := harness.RunAgent(t, cfg("a1", agentFiles), &logs)
 	eventually(t, ctx, "ready through the agent", func() (bool, string) { return pp.Server.Ready() })
 	if n := agents(); n != 1 {
 		t.Errorf("tunnel_agents_connected = %v, want 1", n)
@@ -135,7 +107,7 @@ func TestTunnelListen(t *testing.T) {
 	}
 	// Every tunnelled connection ended with the agent's control stream.
 	eventually(t, ctx, "tunnel_connections back to 0", func() (bool, string) { n := conns(); return n == 0, fmt.Sprint(n) })
-	runAgent(t, cfg("a1", agentFiles), &logs)
+	harness.RunAgent(t, cfg("a1", agentFiles), &logs)
 	okBefore := load.readOK.Load()
 	eventually(t, ctx, "reads recover with a new agent", func() (bool, string) {
 		return load.readOK.Load() >= okBefore+5, fmt.Sprintf("%d reads failed", load.readErr.Load())
