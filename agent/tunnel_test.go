@@ -31,15 +31,7 @@ func TestAgentServesProxyProxy(t *testing.T) {
 		t.Fatal(err)
 	}
 	member, _ := url.Parse(c.Members[0].ClientURL)
-	ca, err := harness.NewCA(filepath.Join(e.Dir, "tunnel-ca"), "tunnel-ca")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srvFiles, err := ca.Issue("tunnel-server", harness.ServerAuth())
-	if err != nil {
-		t.Fatal(err)
-	}
-	agentFiles, err := ca.Issue("agent", harness.ClientAuth())
+	srvFiles, agentFiles, err := harness.NewTunnelPKI(filepath.Join(e.Dir, "tunnel-ca"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,7 +41,7 @@ func TestAgentServesProxyProxy(t *testing.T) {
 		return harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
 			cfg.Upstreams = []string{upstream}
 			cfg.TunnelListen = "https://127.0.0.1:0"
-			cfg.TunnelTLS = proxy.TLSInfo{CAFile: ca.CertFile, CertFile: srvFiles.CertFile, KeyFile: srvFiles.KeyFile}
+			cfg.TunnelTLS = proxy.TLSInfo{CAFile: srvFiles.CAFile, CertFile: srvFiles.CertFile, KeyFile: srvFiles.KeyFile}
 			cfg.UpstreamKeepAliveTime = -1
 			cfg.DialTimeout = 2 * time.Second
 		}}
@@ -70,7 +62,7 @@ func TestAgentServesProxyProxy(t *testing.T) {
 	var logs harness.Buffer
 	defer harness.RunAgent(t, agent.Config{ID: "a1", Allow: []string{member.Host},
 		Servers: []string{"https://" + pp.Server.TunnelListenAddr(), "https://" + ppOther.Server.TunnelListenAddr()},
-		CAFile:  ca.CertFile, CertFile: agentFiles.CertFile, KeyFile: agentFiles.KeyFile}, &logs)()
+		CAFile:  agentFiles.CAFile, CertFile: agentFiles.CertFile, KeyFile: agentFiles.KeyFile}, &logs)()
 
 	v3 := e.Etcdctl(3, pp.Endpoint)
 	for { // until the agent is connected: the first commands may find it not yet there

@@ -30,16 +30,14 @@ func TestTunnelListen(t *testing.T) {
 		t.Fatal(err)
 	}
 	member, _ := url.Parse(c.Members[0].ClientURL)
-	ca, err := harness.NewCA(filepath.Join(e.Dir, "tunnel-ca"), "tunnel-ca")
+	srvFiles, agentFiles, err := harness.NewTunnelPKI(filepath.Join(e.Dir, "tunnel-ca"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	srvFiles := issueCert(t, ca, "tunnel-server", harness.ServerAuth())
-	agentFiles := issueCert(t, ca, "agent", harness.ClientAuth())
 	pp, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{TLS: true, Configure: func(cfg *proxy.Config) {
 		cfg.Upstreams = []string{"tunnel://a1/" + c.Members[0].ClientURL}
 		cfg.TunnelListen = "https://127.0.0.1:0"
-		cfg.TunnelTLS = proxy.TLSInfo{CAFile: ca.CertFile, CertFile: srvFiles.CertFile, KeyFile: srvFiles.KeyFile}
+		cfg.TunnelTLS = proxy.TLSInfo{CAFile: srvFiles.CAFile, CertFile: srvFiles.CertFile, KeyFile: srvFiles.KeyFile}
 		cfg.UpstreamHealthInterval = 50 * time.Millisecond
 		cfg.DialTimeout = time.Second
 		cfg.ListenMetricsURLs = []string{"http://127.0.0.1:0"}
@@ -59,7 +57,7 @@ func TestTunnelListen(t *testing.T) {
 	}
 	cfg := func(id string, f harness.TLSFiles) agent.Config {
 		return agent.Config{Servers: []string{tunnel}, ID: id, Allow: []string{member.Host},
-			CAFile: ca.CertFile, CertFile: f.CertFile, KeyFile: f.KeyFile}
+			CAFile: srvFiles.CAFile, CertFile: f.CertFile, KeyFile: f.KeyFile}
 	}
 
 	// A client certificate of another CA: the handshake fails, the agent retries.

@@ -338,3 +338,19 @@ func RunAgent(t testing.TB, cfg agent.Config, logs *Buffer) (stop func()) {
 	t.Cleanup(stop)
 	return stop
 }
+
+// NewTunnelPKI makes, in dir, a CA of its own for a proxy-proxy's --tunnel-listen and our agents, and issues the
+// server's certificate (server) and an agent's (agent); the CAFile of each is that CA's.
+func NewTunnelPKI(dir string) (server, agent TLSFiles, err error) {
+	ca, err := NewCA(dir, "tunnel-ca")
+	if err != nil {
+		return TLSFiles{}, TLSFiles{}, err
+	}
+	if server, err = ca.Issue("tunnel-server", ServerAuth()); err != nil {
+		return TLSFiles{}, TLSFiles{}, err
+	}
+	if agent, err = ca.Issue("agent", ClientAuth()); err != nil {
+		return TLSFiles{}, TLSFiles{}, err
+	}
+	return server, agent, nil
+}
