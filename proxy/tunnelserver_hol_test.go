@@ -78,16 +78,10 @@ func TestTunnelListenNoHeadOfLineBlocking(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer srv.Close()
-	a, err := agent.New(agent.Config{Servers: []string{"https://" + srv.TunnelListenAddr()}, ID: "a1",
+	var logs harness.Buffer
+	defer harness.RunAgent(t, agent.Config{Servers: []string{"https://" + srv.TunnelListenAddr()}, ID: "a1",
 		Allow: []string{dest.Addr().String()}, CAFile: agentFiles.CAFile, CertFile: agentFiles.CertFile, KeyFile: agentFiles.KeyFile},
-		slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	actx, acancel := context.WithCancel(context.Background())
-	stopped := make(chan struct{})
-	go func() { a.Run(actx); close(stopped) }()
-	defer func() { acancel(); <-stopped }()
+		&logs)()
 
 	dial := func() net.Conn {
 		t.Helper()
