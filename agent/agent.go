@@ -26,6 +26,8 @@ import (
 	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 	konnectivity "sigs.k8s.io/apiserver-network-proxy/konnectivity-client/proto/client"
+
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
 )
 
 // Defaults of Config.
@@ -67,25 +69,6 @@ type Config struct {
 	DialTimeout time.Duration
 }
 
-type listFlag struct{ p *[]string }
-
-func (l listFlag) String() string {
-	if l.p == nil {
-		return ""
-	}
-	return strings.Join(*l.p, ",")
-}
-
-func (l listFlag) Set(s string) error {
-	*l.p = nil
-	for _, v := range strings.Split(s, ",") {
-		if v = strings.TrimSpace(v); v != "" {
-			*l.p = append(*l.p, v)
-		}
-	}
-	return nil
-}
-
 // AddFlags registers the agent's flags on fs.
 func (c *Config) AddFlags(fs *flag.FlagSet) {
 	if c.MaxPendingDials == 0 {
@@ -94,10 +77,10 @@ func (c *Config) AddFlags(fs *flag.FlagSet) {
 	if c.DialTimeout == 0 {
 		c.DialTimeout = DefaultDialTimeout
 	}
-	fs.Var(listFlag{&c.Servers}, "tunnel-server", "tunnel servers to connect to, comma-separated: konnectivity://HOST:PORT (a konnectivity server's agent port) or https://HOST:PORT (a proxy-proxy's --tunnel-listen); a connection is kept to each (required)")
+	fs.Var(proxy.ListFlag(&c.Servers), "tunnel-server", "tunnel servers to connect to, comma-separated: konnectivity://HOST:PORT (a konnectivity server's agent port) or https://HOST:PORT (a proxy-proxy's --tunnel-listen); a connection is kept to each (required)")
 	fs.StringVar(&c.ID, "agent-id", "", "the agent ID the servers know this agent by (default: the host name)")
 	fs.StringVar(&c.Identifiers, "agent-identifiers", "", "agent identifiers, URL-encoded as the stock agent's (host=m1&host=m2), for a server's destHost strategy")
-	fs.Var(listFlag{&c.Allow}, "allow", "host:port destinations this agent dials, comma-separated, matched exactly before any name resolution; every other one is refused (required)")
+	fs.Var(proxy.ListFlag(&c.Allow), "allow", "host:port destinations this agent dials, comma-separated, matched exactly before any name resolution; every other one is refused (required)")
 	fs.StringVar(&c.CAFile, "tunnel-ca-file", "", "verify the tunnel servers' certificates with this CA bundle (default: the system roots)")
 	fs.StringVar(&c.CertFile, "tunnel-cert-file", "", "client certificate presented to the tunnel servers")
 	fs.StringVar(&c.KeyFile, "tunnel-key-file", "", "key of --tunnel-cert-file")
@@ -257,6 +240,12 @@ func (a *Agent) keep(ctx context.Context, addr string, session func(context.Cont
 	}
 }
 
+// client is a connection to the server at addr, mTLS, with keepalives: both protocols' sessions use it.
+func (a *Agent) client(addr string) (*grpc.ClientConn, error) {
+	return grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(a.tls)),
+		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}))
+}
+
 // connectDesc is AgentService.Connect: the konnectivity server's agent RPC, a bidirectional stream of the client
 // proto's Packets. Its proto (in the server module, whose Kubernetes dependencies stay out of ours) declares no
 // package, hence the path.
@@ -267,8 +256,7 @@ const connectMethod = "/AgentService/Connect"
 // session is one connection to a server: it serves dial requests until the stream ends, then closes every
 // destination connection it opened.
 func (a *Agent) session(ctx context.Context, addr string) (connected bool, err error) {
-	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(a.tls)),
-		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}))
+	cc, err := a.client(addr)
 	if err != nil {
 		return false, err
 	}

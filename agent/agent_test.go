@@ -44,23 +44,9 @@ func TestAgentServesStockServer(t *testing.T) {
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 
 	var logs harness.Buffer
-	a, err := agent.New(agent.Config{Servers: []string{"konnectivity://" + k.AgentAddr}, ID: "ours",
+	defer harness.RunAgent(t, agent.Config{Servers: []string{"konnectivity://" + k.AgentAddr}, ID: "ours",
 		Allow: []string{member.Host}, CAFile: k.AgentTLS.CAFile, CertFile: k.AgentTLS.CertFile, KeyFile: k.AgentTLS.KeyFile},
-		slog.New(slog.NewTextHandler(&logs, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	actx, acancel := context.WithCancel(context.Background())
-	stopped := make(chan struct{})
-	go func() { a.Run(actx); close(stopped) }()
-	defer func() {
-		acancel()
-		select {
-		case <-stopped:
-		case <-time.After(10 * time.Second):
-			t.Error("the agent did not stop within 10 s of its context's end")
-		}
-	}()
+		&logs)()
 	if err := k.WaitAgent(ctx); err != nil {
 		t.Fatalf("%v (agent log: %s)", err, logs.String())
 	}
@@ -150,35 +136,17 @@ func TestValidate(t *testing.T) {
 // and metadata the stock server expects (/AgentService/Connect, agentID, agentIdentifiers), and stops cleanly.
 func TestAgentReconnects(t *testing.T) {
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
-	ca, err := harness.NewCA(t.TempDir(), "tunnel-ca")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srvFiles, err := ca.Issue("server", harness.ServerAuth())
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := tls.LoadX509KeyPair(srvFiles.CertFile, srvFiles.KeyFile)
-	if err != nil {
-		t.Fatal(err)
-	}
 	sessions := make(chan string, 100)
-	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}})),
-		grpc.UnknownServiceHandler(func(_ any, stream grpc.ServerStream) error {
-			method, _ := grpc.MethodFromServerStream(stream)
-			md, _ := metadata.FromIncomingContext(stream.Context())
-			_ = stream.SendHeader(metadata.Pairs("serverID", "fake", "serverCount", "1"))
-			sessions <- method + " " + strings.Join(md.Get("agentID"), ",") + " " + strings.Join(md.Get("agentIdentifiers"), ",")
-			return status.Error(codes.Unavailable, "going away")
-		}))
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = srv.Serve(l) }()
-	defer srv.Stop()
-	a, err := agent.New(agent.Config{Servers: []string{"konnectivity://" + l.Addr().String()}, ID: "ours",
-		Identifiers: "host=m1", Allow: []string{"m1:2379"}, CAFile: ca.CertFile}, slog.New(slog.DiscardHandler))
+	addr, caFile, stopServer := fakeServer(t, func(_ any, stream grpc.ServerStream) error {
+		method, _ := grpc.MethodFromServerStream(stream)
+		md, _ := metadata.FromIncomingContext(stream.Context())
+		_ = stream.SendHeader(metadata.Pairs("serverID", "fake", "serverCount", "1"))
+		sessions <- method + " " + strings.Join(md.Get("agentID"), ",") + " " + strings.Join(md.Get("agentIdentifiers"), ",")
+		return status.Error(codes.Unavailable, "going away")
+	})
+	defer stopServer()
+	a, err := agent.New(agent.Config{Servers: []string{"konnectivity://" + addr}, ID: "ours",
+		Identifiers: "host=m1", Allow: []string{"m1:2379"}, CAFile: caFile}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -198,4 +166,31 @@ func TestAgentReconnects(t *testing.T) {
 	}
 	cancel()
 	<-stopped
+}
+
+// fakeServer is a konnectivity server of the test's own, for what the stock one cannot be made to do: TLS with a
+// certificate of a new CA, every stream served by handler. It gives its address, the CA file that verifies it,
+// and stop (to defer before goleak's check, which runs first).
+func fakeServer(t *testing.T, handler grpc.StreamHandler) (addr, caFile string, stop func()) {
+	t.Helper()
+	ca, err := harness.NewCA(t.TempDir(), "tunnel-ca")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srvFiles, err := ca.Issue("server", harness.ServerAuth())
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := tls.LoadX509KeyPair(srvFiles.CertFile, srvFiles.KeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}})),
+		grpc.UnknownServiceHandler(handler))
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = srv.Serve(l) }()
+	return l.Addr().String(), ca.CertFile, srv.Stop
 }

@@ -2,7 +2,6 @@ package agent_test
 
 import (
 	"context"
-	"crypto/tls"
 	"log/slog"
 	"net"
 	"strconv"
@@ -12,12 +11,10 @@ import (
 
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
 	konnectivity "sigs.k8s.io/apiserver-network-proxy/konnectivity-client/proto/client"
 
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/agent"
-	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
 )
 
 // blackhole is a TCP address whose dials neither succeed nor fail: a socket listening with a backlog of 0
@@ -63,36 +60,18 @@ func blackhole(t *testing.T) string {
 func TestAgentPendingDialBound(t *testing.T) {
 	defer goleak.VerifyNone(t, goleak.IgnoreCurrent())
 	dest := blackhole(t)
-	ca, err := harness.NewCA(t.TempDir(), "tunnel-ca")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srvFiles, err := ca.Issue("server", harness.ServerAuth())
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := tls.LoadX509KeyPair(srvFiles.CertFile, srvFiles.KeyFile)
-	if err != nil {
-		t.Fatal(err)
-	}
 	streams := make(chan grpc.ServerStream, 1)
 	done := make(chan struct{})
-	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(&tls.Config{Certificates: []tls.Certificate{cert}})),
-		grpc.UnknownServiceHandler(func(_ any, stream grpc.ServerStream) error {
-			_ = stream.SendHeader(metadata.Pairs("serverID", "fake", "serverCount", "1"))
-			streams <- stream
-			<-done
-			return nil
-		}))
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = srv.Serve(l) }()
-	defer srv.Stop()
+	addr, caFile, stopServer := fakeServer(t, func(_ any, stream grpc.ServerStream) error {
+		_ = stream.SendHeader(metadata.Pairs("serverID", "fake", "serverCount", "1"))
+		streams <- stream
+		<-done
+		return nil
+	})
+	defer stopServer()
 
-	a, err := agent.New(agent.Config{Servers: []string{"konnectivity://" + l.Addr().String()}, ID: "ours",
-		Allow: []string{dest}, CAFile: ca.CertFile, MaxPendingDials: 2, DialTimeout: time.Minute}, slog.New(slog.DiscardHandler))
+	a, err := agent.New(agent.Config{Servers: []string{"konnectivity://" + addr}, ID: "ours",
+		Allow: []string{dest}, CAFile: caFile, MaxPendingDials: 2, DialTimeout: time.Minute}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

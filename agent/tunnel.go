@@ -4,11 +4,8 @@ import (
 	"context"
 	"net"
 	"sync"
-	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/keepalive"
 	"google.golang.org/grpc/metadata"
 	konnectivity "sigs.k8s.io/apiserver-network-proxy/konnectivity-client/proto/client"
 
@@ -19,8 +16,7 @@ import (
 // proxy/tunnelserver.go): a control stream kept open, on which the proxy asks for dials, and one data stream
 // opened by us per dialled destination. It ends when the control stream does, after closing every destination.
 func (a *Agent) tunnelSession(ctx context.Context, addr string) (connected bool, err error) {
-	cc, err := grpc.NewClient(addr, grpc.WithTransportCredentials(credentials.NewTLS(a.tls)),
-		grpc.WithKeepaliveParams(keepalive.ClientParameters{Time: 30 * time.Second, Timeout: 10 * time.Second}))
+	cc, err := a.client(addr)
 	if err != nil {
 		return false, err
 	}

@@ -2,7 +2,7 @@ package agent_test
 
 import (
 	"context"
-	"log/slog"
+	"io"
 	"net/http"
 	"net/url"
 	"path/filepath"
@@ -31,15 +31,7 @@ func TestAgentServesProxyProxy(t *testing.T) {
 		t.Fatal(err)
 	}
 	member, _ := url.Parse(c.Members[0].ClientURL)
-	ca, err := harness.NewCA(filepath.Join(e.Dir, "tunnel-ca"), "tunnel-ca")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srvFiles, err := ca.Issue("tunnel-server", harness.ServerAuth())
-	if err != nil {
-		t.Fatal(err)
-	}
-	agentFiles, err := ca.Issue("agent", harness.ClientAuth())
+	srvFiles, agentFiles, err := harness.NewTunnelPKI(filepath.Join(e.Dir, "tunnel-ca"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -49,7 +41,7 @@ func TestAgentServesProxyProxy(t *testing.T) {
 		return harness.ProxyProxyHop{Configure: func(cfg *proxy.Config) {
 			cfg.Upstreams = []string{upstream}
 			cfg.TunnelListen = "https://127.0.0.1:0"
-			cfg.TunnelTLS = proxy.TLSInfo{CAFile: ca.CertFile, CertFile: srvFiles.CertFile, KeyFile: srvFiles.KeyFile}
+			cfg.TunnelTLS = proxy.TLSInfo{CAFile: srvFiles.CAFile, CertFile: srvFiles.CertFile, KeyFile: srvFiles.KeyFile}
 			cfg.UpstreamKeepAliveTime = -1
 			cfg.DialTimeout = 2 * time.Second
 		}}
@@ -68,24 +60,9 @@ func TestAgentServesProxyProxy(t *testing.T) {
 	}
 
 	var logs harness.Buffer
-	a, err := agent.New(agent.Config{ID: "a1", Allow: []string{member.Host},
+	defer harness.RunAgent(t, agent.Config{ID: "a1", Allow: []string{member.Host},
 		Servers: []string{"https://" + pp.Server.TunnelListenAddr(), "https://" + ppOther.Server.TunnelListenAddr()},
-		CAFile:  ca.CertFile, CertFile: agentFiles.CertFile, KeyFile: agentFiles.KeyFile},
-		slog.New(slog.NewTextHandler(&logs, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	actx, acancel := context.WithCancel(context.Background())
-	stopped := make(chan struct{})
-	go func() { a.Run(actx); close(stopped) }()
-	defer func() {
-		acancel()
-		select {
-		case <-stopped:
-		case <-time.After(10 * time.Second):
-			t.Error("the agent did not stop within 10 s of its context's end")
-		}
-	}()
+		CAFile:  agentFiles.CAFile, CertFile: agentFiles.CertFile, KeyFile: agentFiles.KeyFile}, &logs)()
 
 	v3 := e.Etcdctl(3, pp.Endpoint)
 	for { // until the agent is connected: the first commands may find it not yet there
@@ -116,15 +93,17 @@ func TestAgentServesProxyProxy(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		body := make([]byte, 4096)
-		n, _ := resp.Body.Read(body)
+		body, err := io.ReadAll(resp.Body) // the whole answer: one Read may return only its start
 		_ = resp.Body.Close()
-		if resp.StatusCode != http.StatusBadGateway || !strings.Contains(string(body[:n]), "tunnel") {
-			t.Errorf("GET through %s: %d %s, want 502 naming the tunnel", p.Config.Upstreams[0], resp.StatusCode, body[:n])
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.StatusCode != http.StatusBadGateway || !strings.Contains(string(body), "tunnel") {
+			t.Errorf("GET through %s: %d %s, want 502 naming the tunnel", p.Config.Upstreams[0], resp.StatusCode, body)
 		}
 		for _, leak := range []string{member.Port(), "nobody", "a1"} {
-			if strings.Contains(string(body[:n]), leak) {
-				t.Errorf("the answer names %q: %s", leak, body[:n])
+			if strings.Contains(string(body), leak) {
+				t.Errorf("the answer names %q: %s", leak, body)
 			}
 		}
 	}

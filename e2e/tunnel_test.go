@@ -287,7 +287,7 @@ func testViaKonnectivity(t *testing.T, scheme string, ourAgent bool, opts ...har
 	if ourAgent {
 		member, _ := url.Parse(c.Members[0].ClientURL)
 		var logs harness.Buffer
-		runAgent(t, agent.Config{Servers: []string{"konnectivity://" + k.AgentAddr}, ID: "ours", Allow: []string{member.Host},
+		harness.RunAgent(t, agent.Config{Servers: []string{"konnectivity://" + k.AgentAddr}, ID: "ours", Allow: []string{member.Host},
 			CAFile: k.AgentTLS.CAFile, CertFile: k.AgentTLS.CertFile, KeyFile: k.AgentTLS.KeyFile}, &logs)
 		if err := k.WaitAgent(ctx); err != nil {
 			t.Fatalf("%v (agent log: %s)", err, logs.String())
@@ -356,54 +356,21 @@ func TestKonnectivityAgentRestart(t *testing.T) {
 	}
 	defer cli.Close()
 
-	var (
-		mu      sync.Mutex
-		acked   []string
-		readOK  atomic.Int64
-		readErr atomic.Int64
-	)
-	lctx, stopLoad := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	wg.Go(func() { // writes, one at a time, each with a value of its own
-		for i := 0; lctx.Err() == nil; i++ {
-			v := strconv.Itoa(i)
-			cctx, cancel := context.WithTimeout(lctx, time.Second)
-			_, err := cli.Put(cctx, "w", v)
-			cancel()
-			if err == nil {
-				mu.Lock()
-				acked = append(acked, v)
-				mu.Unlock()
-			}
-		}
-	})
-	wg.Go(func() {
-		for lctx.Err() == nil {
-			cctx, cancel := context.WithTimeout(lctx, 500*time.Millisecond)
-			_, err := cli.Get(cctx, "w")
-			cancel()
-			if err == nil {
-				readOK.Add(1)
-			} else if lctx.Err() == nil {
-				readErr.Add(1)
-			}
-		}
-	})
-	defer func() { stopLoad(); wg.Wait() }()
-	eventually(t, ctx, "reads through the agent", func() (bool, string) { return readOK.Load() >= 5, "" })
+	load := startPutGetLoad(ctx, cli)
+	defer load.stop()
+	eventually(t, ctx, "reads through the agent", func() (bool, string) { return load.readOK.Load() >= 5, "" })
 	if err := kill(); err != nil {
 		t.Fatal(err)
 	}
-	eventually(t, ctx, "reads fail without an agent", func() (bool, string) { return readErr.Load() > 0, "" })
+	eventually(t, ctx, "reads fail without an agent", func() (bool, string) { return load.readErr.Load() > 0, "" })
 	if _, err := k.StartStockAgent(ctx, "agent-2"); err != nil {
 		t.Fatal(err)
 	}
-	okBefore := readOK.Load()
+	okBefore := load.readOK.Load()
 	eventually(t, ctx, "reads recover with a new agent", func() (bool, string) {
-		return readOK.Load() >= okBefore+5, fmt.Sprintf("%d reads failed", readErr.Load())
+		return load.readOK.Load() >= okBefore+5, fmt.Sprintf("%d reads failed", load.readErr.Load())
 	})
-	stopLoad()
-	wg.Wait()
+	load.stop()
 
 	// The key's whole history, from the member itself.
 	direct, err := clientv3.New(clientv3.Config{Endpoints: c.Endpoint().URLs, Logger: zap.NewNop()})
@@ -411,35 +378,7 @@ func TestKonnectivityAgentRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer direct.Close()
-	cur, err := direct.Get(ctx, "w")
-	if err != nil {
-		t.Fatal(err)
-	}
-	applied := map[string]int{}
-	wctx, cancelWatch := context.WithCancel(ctx)
-	defer cancelWatch()
-	for wr := range direct.Watch(wctx, "w", clientv3.WithRev(1)) {
-		for _, ev := range wr.Events {
-			applied[string(ev.Kv.Value)]++
-		}
-		if wr.Header.Revision >= cur.Header.Revision && len(wr.Events) > 0 &&
-			wr.Events[len(wr.Events)-1].Kv.ModRevision >= cur.Header.Revision {
-			break
-		}
-	}
-	for v, n := range applied {
-		if n > 1 {
-			t.Errorf("put %q applied %d times", v, n)
-		}
-	}
-	mu.Lock()
-	defer mu.Unlock()
-	for _, v := range acked {
-		if applied[v] != 1 {
-			t.Errorf("acknowledged put %q applied %d times", v, applied[v])
-		}
-	}
-	t.Logf("%d puts acknowledged, %d applied; reads: %d ok, %d failed", len(acked), len(applied), readOK.Load(), readErr.Load())
+	load.checkAppliedOnce(t, ctx, direct)
 }
 
 // tunnelGoldens runs the first etcdctl cases of TestV3 and TestV2 (puts, gets, a delete, a txn; sets, gets, a
@@ -517,4 +456,86 @@ func TestRewrapUpstreamVia(t *testing.T) {
 	if dials, other := cp.seen(); dials[target] < 2 || len(other) != 0 {
 		t.Errorf("the CONNECT proxy carried %v (unknown targets %v); want rewrap's connections to %s", dials, other, target)
 	}
+}
+
+// putGetLoad puts the key w, one put at a time with a value of its own, and gets it, both until stop: the load
+// of the agent-restart tests.
+type putGetLoad struct {
+	mu      sync.Mutex
+	acked   []string // the values of the acknowledged puts
+	readOK  atomic.Int64
+	readErr atomic.Int64
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+}
+
+func startPutGetLoad(ctx context.Context, cli *clientv3.Client) *putGetLoad {
+	l := &putGetLoad{}
+	lctx, cancel := context.WithCancel(ctx)
+	l.cancel = cancel
+	l.wg.Go(func() {
+		for i := 0; lctx.Err() == nil; i++ {
+			v := strconv.Itoa(i)
+			cctx, cancel := context.WithTimeout(lctx, time.Second)
+			_, err := cli.Put(cctx, "w", v)
+			cancel()
+			if err == nil {
+				l.mu.Lock()
+				l.acked = append(l.acked, v)
+				l.mu.Unlock()
+			}
+		}
+	})
+	l.wg.Go(func() {
+		for lctx.Err() == nil {
+			cctx, cancel := context.WithTimeout(lctx, 500*time.Millisecond)
+			_, err := cli.Get(cctx, "w")
+			cancel()
+			if err == nil {
+				l.readOK.Add(1)
+			} else if lctx.Err() == nil {
+				l.readErr.Add(1)
+			}
+		}
+	})
+	return l
+}
+
+// stop ends the load and waits for it; again is a no-op.
+func (l *putGetLoad) stop() { l.cancel(); l.wg.Wait() }
+
+// checkAppliedOnce reads the key's whole history from the member itself (direct), after stop: no put is applied
+// twice (each value appears at most once) and every acknowledged one is applied exactly once.
+func (l *putGetLoad) checkAppliedOnce(t *testing.T, ctx context.Context, direct *clientv3.Client) {
+	t.Helper()
+	cur, err := direct.Get(ctx, "w")
+	if err != nil {
+		t.Fatal(err)
+	}
+	applied := map[string]int{}
+	if len(cur.Kvs) > 0 { // no put applied at all: no history to read
+		wctx, cancelWatch := context.WithCancel(ctx)
+		defer cancelWatch()
+		for wr := range direct.Watch(wctx, "w", clientv3.WithRev(1)) {
+			for _, ev := range wr.Events {
+				applied[string(ev.Kv.Value)]++
+			}
+			if len(wr.Events) > 0 && wr.Events[len(wr.Events)-1].Kv.ModRevision >= cur.Kvs[0].ModRevision {
+				break
+			}
+		}
+	}
+	for v, n := range applied {
+		if n > 1 {
+			t.Errorf("put %q applied %d times", v, n)
+		}
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, v := range l.acked {
+		if applied[v] != 1 {
+			t.Errorf("acknowledged put %q applied %d times", v, applied[v])
+		}
+	}
+	t.Logf("%d puts acknowledged, %d applied; reads: %d ok, %d failed", len(l.acked), len(applied), l.readOK.Load(), l.readErr.Load())
 }

@@ -1,15 +1,10 @@
 package e2e
 
 import (
-	"context"
 	"fmt"
-	"log/slog"
 	"net/url"
 	"path/filepath"
-	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -20,31 +15,6 @@ import (
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/harness"
 	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/proxy"
 )
-
-// runAgent runs our agent until the returned stop, which waits for its end.
-func runAgent(t *testing.T, cfg agent.Config, logs *harness.Buffer) (stop func()) {
-	t.Helper()
-	a, err := agent.New(cfg, slog.New(slog.NewTextHandler(logs, nil)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { a.Run(ctx); close(done) }()
-	var once sync.Once
-	stop = func() {
-		once.Do(func() {
-			cancel()
-			select {
-			case <-done:
-			case <-time.After(10 * time.Second):
-				t.Error("the agent did not stop within 10 s")
-			}
-		})
-	}
-	t.Cleanup(stop)
-	return stop
-}
 
 // The two-piece deployment: our proxy (TLS listener; --tunnel-listen, mTLS) ← our agent → a TLS member, verified
 // end to end against the member's name; the golden cases give the direct topologies' output. An agent whose
@@ -60,16 +30,14 @@ func TestTunnelListen(t *testing.T) {
 		t.Fatal(err)
 	}
 	member, _ := url.Parse(c.Members[0].ClientURL)
-	ca, err := harness.NewCA(filepath.Join(e.Dir, "tunnel-ca"), "tunnel-ca")
+	srvFiles, agentFiles, err := harness.NewTunnelPKI(filepath.Join(e.Dir, "tunnel-ca"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	srvFiles := issueCert(t, ca, "tunnel-server", harness.ServerAuth())
-	agentFiles := issueCert(t, ca, "agent", harness.ClientAuth())
 	pp, err := e.StartProxyProxy(ctx, c.Endpoint(), harness.ProxyProxyHop{TLS: true, Configure: func(cfg *proxy.Config) {
 		cfg.Upstreams = []string{"tunnel://a1/" + c.Members[0].ClientURL}
 		cfg.TunnelListen = "https://127.0.0.1:0"
-		cfg.TunnelTLS = proxy.TLSInfo{CAFile: ca.CertFile, CertFile: srvFiles.CertFile, KeyFile: srvFiles.KeyFile}
+		cfg.TunnelTLS = proxy.TLSInfo{CAFile: srvFiles.CAFile, CertFile: srvFiles.CertFile, KeyFile: srvFiles.KeyFile}
 		cfg.UpstreamHealthInterval = 50 * time.Millisecond
 		cfg.DialTimeout = time.Second
 		cfg.ListenMetricsURLs = []string{"http://127.0.0.1:0"}
@@ -89,12 +57,12 @@ func TestTunnelListen(t *testing.T) {
 	}
 	cfg := func(id string, f harness.TLSFiles) agent.Config {
 		return agent.Config{Servers: []string{tunnel}, ID: id, Allow: []string{member.Host},
-			CAFile: ca.CertFile, CertFile: f.CertFile, KeyFile: f.KeyFile}
+			CAFile: srvFiles.CAFile, CertFile: f.CertFile, KeyFile: f.KeyFile}
 	}
 
 	// A client certificate of another CA: the handshake fails, the agent retries.
 	var strangerLogs harness.Buffer
-	stopStranger := runAgent(t, cfg("a1", issueCert(t, e.PKI.Other, "stranger-agent", harness.ClientAuth())), &strangerLogs)
+	stopStranger := harness.RunAgent(t, cfg("a1", issueCert(t, e.PKI.Other, "stranger-agent", harness.ClientAuth())), &strangerLogs)
 	eventually(t, ctx, "the stranger refused", func() (bool, string) {
 		return strings.Count(strangerLogs.String(), "tunnel server connection ended") >= 2, strangerLogs.String()
 	})
@@ -107,7 +75,7 @@ func TestTunnelListen(t *testing.T) {
 	}
 
 	var logs harness.Buffer
-	stop := runAgent(t, cfg("a1", agentFiles), &logs)
+	stop := harness.RunAgent(t, cfg("a1", agentFiles), &logs)
 	eventually(t, ctx, "ready through the agent", func() (bool, string) { return pp.Server.Ready() })
 	if n := agents(); n != 1 {
 		t.Errorf("tunnel_agents_connected = %v, want 1", n)
@@ -123,59 +91,26 @@ func TestTunnelListen(t *testing.T) {
 	}
 	defer cli.Close()
 
-	var (
-		mu      sync.Mutex
-		acked   []string
-		readOK  atomic.Int64
-		readErr atomic.Int64
-	)
-	lctx, stopLoad := context.WithCancel(ctx)
-	var wg sync.WaitGroup
-	wg.Go(func() { // writes, one at a time, each with a value of its own
-		for i := 0; lctx.Err() == nil; i++ {
-			v := strconv.Itoa(i)
-			cctx, cancel := context.WithTimeout(lctx, time.Second)
-			_, err := cli.Put(cctx, "w", v)
-			cancel()
-			if err == nil {
-				mu.Lock()
-				acked = append(acked, v)
-				mu.Unlock()
-			}
-		}
-	})
-	wg.Go(func() {
-		for lctx.Err() == nil {
-			cctx, cancel := context.WithTimeout(lctx, 500*time.Millisecond)
-			_, err := cli.Get(cctx, "w")
-			cancel()
-			if err == nil {
-				readOK.Add(1)
-			} else if lctx.Err() == nil {
-				readErr.Add(1)
-			}
-		}
-	})
-	defer func() { stopLoad(); wg.Wait() }()
-	eventually(t, ctx, "reads through the agent", func() (bool, string) { return readOK.Load() >= 5, "" })
+	load := startPutGetLoad(ctx, cli)
+	defer load.stop()
+	eventually(t, ctx, "reads through the agent", func() (bool, string) { return load.readOK.Load() >= 5, "" })
 	if n := conns(); n < 2 { // at least the clients' gRPC connection and the probes'
 		t.Errorf("tunnel_connections = %v with load through the agent, want ≥ 2", n)
 	}
 	stop()
-	eventually(t, ctx, "reads fail without an agent", func() (bool, string) { return readErr.Load() > 0, "" })
+	eventually(t, ctx, "reads fail without an agent", func() (bool, string) { return load.readErr.Load() > 0, "" })
 	eventually(t, ctx, "not ready without an agent", func() (bool, string) { ok, why := pp.Server.Ready(); return !ok, why })
 	if n := agents(); n != 0 {
 		t.Errorf("tunnel_agents_connected = %v after the agent stopped, want 0", n)
 	}
 	// Every tunnelled connection ended with the agent's control stream.
 	eventually(t, ctx, "tunnel_connections back to 0", func() (bool, string) { n := conns(); return n == 0, fmt.Sprint(n) })
-	runAgent(t, cfg("a1", agentFiles), &logs)
-	okBefore := readOK.Load()
+	harness.RunAgent(t, cfg("a1", agentFiles), &logs)
+	okBefore := load.readOK.Load()
 	eventually(t, ctx, "reads recover with a new agent", func() (bool, string) {
-		return readOK.Load() >= okBefore+5, fmt.Sprintf("%d reads failed", readErr.Load())
+		return load.readOK.Load() >= okBefore+5, fmt.Sprintf("%d reads failed", load.readErr.Load())
 	})
-	stopLoad()
-	wg.Wait()
+	load.stop()
 
 	// The key's whole history, from the member itself.
 	tc, err := c.TLS.ClientConfig()
@@ -187,33 +122,7 @@ func TestTunnelListen(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer direct.Close()
-	cur, err := direct.Get(ctx, "w")
-	if err != nil {
-		t.Fatal(err)
-	}
-	applied := map[string]int{}
-	wctx, cancelWatch := context.WithCancel(ctx)
-	defer cancelWatch()
-	for wr := range direct.Watch(wctx, "w", clientv3.WithRev(1)) {
-		for _, ev := range wr.Events {
-			applied[string(ev.Kv.Value)]++
-		}
-		if len(wr.Events) > 0 && wr.Events[len(wr.Events)-1].Kv.ModRevision >= cur.Kvs[0].ModRevision {
-			break
-		}
-	}
-	for v, n := range applied {
-		if n > 1 {
-			t.Errorf("put %q applied %d times", v, n)
-		}
-	}
-	mu.Lock()
-	defer mu.Unlock()
-	for _, v := range acked {
-		if applied[v] != 1 {
-			t.Errorf("acknowledged put %q applied %d times", v, applied[v])
-		}
-	}
+	load.checkAppliedOnce(t, ctx, direct)
 	mf := scrape(t, metrics)
 	if n, _ := metricValue(mf, "etcd_proxy_proxy_tunnel_dials_total", map[string]string{"result": "ok"}); n < 2 {
 		t.Errorf("tunnel_dials_total{result=ok} = %v, want the connections of both agents", n)
@@ -221,5 +130,4 @@ func TestTunnelListen(t *testing.T) {
 	if n, _ := metricValue(mf, "etcd_proxy_proxy_tunnel_dials_total", map[string]string{"result": "failed"}); n < 1 {
 		t.Errorf("tunnel_dials_total{result=failed} = %v, want the dials without an agent", n)
 	}
-	t.Logf("%d puts acknowledged, %d applied; reads: %d ok, %d failed", len(acked), len(applied), readOK.Load(), readErr.Load())
 }

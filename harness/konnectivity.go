@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -14,7 +15,11 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"testing"
 	"time"
+
+	"github.com/etcd-proxy-proxy/etcd-proxy-proxy/agent"
 )
 
 // Konnectivity is a stock konnectivity server (apiserver-network-proxy, the version tools/konnectivity pins) in
@@ -306,4 +311,46 @@ func (k *Konnectivity) Metric(ctx context.Context, name string) float64 {
 		}
 	}
 	return sum
+}
+
+// RunAgent runs our agent (package agent) of cfg, logging to logs, until the returned stop, which waits for its
+// end and fails t if it does not come within 10 s; stop again is a no-op, and it is called at t's cleanup.
+func RunAgent(t testing.TB, cfg agent.Config, logs *Buffer) (stop func()) {
+	t.Helper()
+	a, err := agent.New(cfg, slog.New(slog.NewTextHandler(logs, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { a.Run(ctx); close(done) }()
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			select {
+			case <-done:
+			case <-time.After(10 * time.Second):
+				t.Error("the agent did not stop within 10 s of its context's end")
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return stop
+}
+
+// NewTunnelPKI makes, in dir, a CA of its own for a proxy-proxy's --tunnel-listen and our agents, and issues the
+// server's certificate (server) and an agent's (agent); the CAFile of each is that CA's.
+func NewTunnelPKI(dir string) (server, agent TLSFiles, err error) {
+	ca, err := NewCA(dir, "tunnel-ca")
+	if err != nil {
+		return TLSFiles{}, TLSFiles{}, err
+	}
+	if server, err = ca.Issue("tunnel-server", ServerAuth()); err != nil {
+		return TLSFiles{}, TLSFiles{}, err
+	}
+	if agent, err = ca.Issue("agent", ClientAuth()); err != nil {
+		return TLSFiles{}, TLSFiles{}, err
+	}
+	return server, agent, nil
 }

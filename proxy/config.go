@@ -216,6 +216,9 @@ func (l listFlag) Set(s string) error {
 	return nil
 }
 
+// ListFlag is a comma-separated list flag over p, as --upstream's: for the agent's flags (agent.Config).
+func ListFlag(p *[]string) flag.Value { return listFlag{p} }
+
 // repeatFlag is a flag given once per value, taken as it is (a key prefix may hold commas, or be empty). From
 // the environment it takes one value.
 type repeatFlag struct{ p *[]string }

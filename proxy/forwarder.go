@@ -145,16 +145,7 @@ func newForwarder(cfg *Config, rs []rules.Rule, log *slog.Logger, ops forwarderO
 		return nil, err
 	}
 	if f.tunnelServer != nil { // a dialer like --upstream-via's, and reached through the same code below
-		ts := f.tunnelServer
-		f.tunnel = &tunnelDialer{close: ts.close, dial: func(ctx context.Context, addr string) (net.Conn, error) {
-			ctx, cancel := context.WithTimeout(ctx, dialTimeout)
-			defer cancel()
-			c, err := ts.dial(ctx, addr)
-			if err != nil {
-				return nil, dialFailed(err)
-			}
-			return c, nil
-		}}
+		f.tunnel = &tunnelDialer{close: f.tunnelServer.close, dial: boundedDial(f.tunnelServer.dial, dialTimeout)}
 	}
 	if f.tunnel != nil {
 		var ok, failed func() // the tunnel's dials by result (metrics)

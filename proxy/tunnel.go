@@ -209,8 +209,14 @@ func newTunnelDialer(cfg *TunnelConfig, base *net.Dialer, timeout time.Duration)
 	default:
 		return nil, fmt.Errorf("--upstream-via: unknown scheme %q", u.Scheme)
 	}
-	dial := d.dial
-	d.dial = func(ctx context.Context, addr string) (net.Conn, error) {
+	d.dial = boundedDial(d.dial, timeout)
+	return d, nil
+}
+
+// boundedDial is dial with each dial bounded by timeout (--proxy-dial-timeout) and its failure a failed dial
+// (dialFailed): for --upstream-via's dialers and --tunnel-listen's.
+func boundedDial(dial func(context.Context, string) (net.Conn, error), timeout time.Duration) func(context.Context, string) (net.Conn, error) {
+	return func(ctx context.Context, addr string) (net.Conn, error) {
 		ctx, cancel := context.WithTimeout(ctx, timeout)
 		defer cancel()
 		c, err := dial(ctx, addr)
@@ -219,7 +225,6 @@ func newTunnelDialer(cfg *TunnelConfig, base *net.Dialer, timeout time.Duration)
 		}
 		return c, nil
 	}
-	return d, nil
 }
 
 // tunnelClientTLS is the TLS toward the tunnel, verified against its host name.

@@ -65,37 +65,23 @@ func TestTunnelListenNoHeadOfLineBlocking(t *testing.T) {
 	defer func() { _ = dest.Close(); dwg.Wait() }()
 
 	dir := t.TempDir()
-	ca, err := harness.NewCA(filepath.Join(dir, "ca"), "tunnel-ca")
-	if err != nil {
-		t.Fatal(err)
-	}
-	srvFiles, err := ca.Issue("server", harness.ServerAuth())
-	if err != nil {
-		t.Fatal(err)
-	}
-	agentFiles, err := ca.Issue("agent", harness.ClientAuth())
+	srvFiles, agentFiles, err := harness.NewTunnelPKI(filepath.Join(dir, "ca"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	srv, err := proxy.New(proxy.Config{Upstreams: []string{"tunnel://a1/http://" + dest.Addr().String()},
 		ListenClientURLs: []string{"http://127.0.0.1:0"},
 		TunnelConfig: proxy.TunnelConfig{TunnelListen: "https://127.0.0.1:0",
-			TunnelTLS: proxy.TLSInfo{CAFile: ca.CertFile, CertFile: srvFiles.CertFile, KeyFile: srvFiles.KeyFile}}},
+			TunnelTLS: proxy.TLSInfo{CAFile: srvFiles.CAFile, CertFile: srvFiles.CertFile, KeyFile: srvFiles.KeyFile}}},
 		proxy.WithLogger(slog.New(slog.DiscardHandler)))
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer srv.Close()
-	a, err := agent.New(agent.Config{Servers: []string{"https://" + srv.TunnelListenAddr()}, ID: "a1",
-		Allow: []string{dest.Addr().String()}, CAFile: ca.CertFile, CertFile: agentFiles.CertFile, KeyFile: agentFiles.KeyFile},
-		slog.New(slog.DiscardHandler))
-	if err != nil {
-		t.Fatal(err)
-	}
-	actx, acancel := context.WithCancel(context.Background())
-	stopped := make(chan struct{})
-	go func() { a.Run(actx); close(stopped) }()
-	defer func() { acancel(); <-stopped }()
+	var logs harness.Buffer
+	defer harness.RunAgent(t, agent.Config{Servers: []string{"https://" + srv.TunnelListenAddr()}, ID: "a1",
+		Allow: []string{dest.Addr().String()}, CAFile: agentFiles.CAFile, CertFile: agentFiles.CertFile, KeyFile: agentFiles.KeyFile},
+		&logs)()
 
 	dial := func() net.Conn {
 		t.Helper()
