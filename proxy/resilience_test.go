@@ -679,9 +679,11 @@ func TestWatchUpstreamStatusPassed(t *testing.T) {
 func TestWatchCancelReasonScrubbed(t *testing.T) {
 	t.Parallel()
 	for reason, want := range map[string]string{
-		"dial tcp 10.1.2.3:2379: connect: connection refused": rules.TransportFailure,
-		"member m2 (10.1.2.3) says no":                        rules.WithheldMessage(int(codes.Canceled)),
-		"etcdserver: permission denied":                       "etcdserver: permission denied",
+		"dial tcp 10.1.2.3:2379: connect: connection refused":                     rules.TransportFailure,
+		"member m2 (10.1.2.3) says no":                                            rules.WithheldMessage(int(codes.Canceled)),
+		"etcdserver: permission denied":                                           "etcdserver: permission denied",
+		"rpc error: code = PermissionDenied desc = etcdserver: permission denied": "rpc error: code = PermissionDenied desc = etcdserver: permission denied",
+		"rpc error: code = Unavailable desc = dial tcp 10.1.2.3:2379":             rules.TransportFailure,
 	} {
 		answer, _ := (&pb.WatchResponse{Header: &pb.ResponseHeader{Revision: 1}, WatchId: -1, Created: true,
 			Canceled: true, CancelReason: reason}).Marshal()

@@ -508,6 +508,18 @@ func (g *watchGroup) run(ctx context.Context) {
 	}
 }
 
+// scrubCancelReason is a cancel reason from below as a client may see it: known, as a status message
+// (rules.ScrubGRPCMessage), or withheld. etcd writes some as a whole gRPC error ("rpc error: code = PermissionDenied
+// desc = etcdserver: permission denied"): those pass when their message is known.
+func scrubCancelReason(r string) string {
+	if rest, ok := strings.CutPrefix(r, "rpc error: code = "); ok {
+		if code, msg, ok := strings.Cut(rest, " desc = "); ok && !strings.Contains(code, " ") && rules.KnownGRPCMessage(msg) {
+			return r
+		}
+	}
+	return rules.ScrubGRPCMessage(int(codes.Canceled), r)
+}
+
 // errGroupDone: the group's upstream watch ended for good (compacted, cancelled); its entry is in the log.
 var errGroupDone = errors.New("watch ended")
 
@@ -579,7 +591,7 @@ func (g *watchGroup) attempt(ctx context.Context, e *endpoint) (got bool, err er
 		// A cancel reason from below passes only when it is known, as statuses do (rules.ScrubGRPCMessage): an
 		// upstream of another kind may say anything there, an address included.
 		if resp.CancelReason != "" {
-			resp.CancelReason = rules.ScrubGRPCMessage(int(codes.Canceled), resp.CancelReason)
+			resp.CancelReason = scrubCancelReason(resp.CancelReason)
 		}
 		switch {
 		case resp.Created:
